@@ -1,0 +1,94 @@
+"""Command line: argv (+ --config YAML) -> Config -> engine. The only module that knows argparse.
+
+Precedence: dataclass defaults < --config YAML < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from trainer import __version__
+from trainer.config import MIXED_PRECISION, SECTIONS, Config, UserError, _coerce, build_config, field_docs, load_yaml
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage dump
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, dataclasses.Field]]:
+    """One flag per config field, named after it (`batch_size` -> `--batch-size`), help from its docstring."""
+    dests = {}
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict = dict(
+                dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {f.default})"
+            )
+            if isinstance(f.default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.name == "pretrained":
+                kwargs.update(nargs="?", const="default", metavar="PATH")
+            elif f.name == "mixed_precision":
+                kwargs["choices"] = MIXED_PRECISION
+            else:
+                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
+            group.add_argument(flag, **kwargs)
+            dests[f.name] = (section, f)
+    return dests
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = _Parser(prog="trainer", description="Train timm image classifiers with Accelerate.")
+    parser.add_argument("--version", action="version", version=f"trainer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser(
+        "train",
+        help="train a classifier",
+        description="Train a timm classifier. Run plainly, under `accelerate launch`, or under `torchrun`.",
+    )
+    train.add_argument(
+        "--config", metavar="YAML", help="run config (sections: data, model, optim, train, run); flags override it"
+    )
+    dests = _add_config_flags(train)
+    return parser, dests
+
+
+def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
+    """Merge defaults, the YAML file and the flags given, then validate."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for name, (section, f) in dests.items():
+        if name in vars(args):
+            flag = "--" + name.replace("_", "-")
+            values.setdefault(section, {})[name] = _coerce(f, getattr(args, name), flag)
+    return build_config(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        parser, dests = build_parser()
+        args = parser.parse_args(argv)
+        cfg = resolve_config(args, dests)
+        if not cfg.run.allow_download:
+            # Offline-first: hub libraries read these at import, so set them before anything imports them.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        from trainer.engine import train
+
+        train(cfg)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"trainer: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("trainer: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0

@@ -1,0 +1,302 @@
+"""Training: set up the components, then fit() = train_one_epoch() + evaluate() per epoch. No rank checks here."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+
+from trainer import checkpoint, data, optim
+from trainer.config import Config, TrainConfig, UserError
+from trainer.model import apply_sync_bn, build_model, has_batchnorm
+from trainer.tracking import Reporter
+
+WORKING_CPU_LAUNCH = (
+    "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m trainer train ..., "
+    "or torchrun --nproc_per_node N -m trainer train ..."
+)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """One Accelerator; the launcher decides processes and precision, --mixed-precision may override it."""
+    handlers = [InitProcessGroupKwargs(backend=cfg.run.dist_backend)] if cfg.run.dist_backend else []
+    try:
+        accelerator = Accelerator(
+            # Without a GPU, cpu=True makes torchrun/launch ranks join one gloo group instead of each
+            # becoming its own world-1 run.
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.train.mixed_precision or None,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            log_with=cfg.run.trackers() or None,
+            # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # The schedule counts optimizer updates; we step it once per update, not once per process.
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=handlers,
+        )
+    except ValueError as e:  # e.g. fp16 requested where it cannot run
+        raise UserError(f"cannot set up Accelerate: {e}".split("\n")[0]) from e
+    check_launch(accelerator)
+    return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse launches that asked for N processes but got fewer, instead of silently training alone."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world != accelerator.num_processes:
+        raise UserError(
+            f"the launcher started {env_world} processes but Accelerate formed a group of "
+            f"{accelerator.num_processes}; launch with {WORKING_CPU_LAUNCH}"
+        )
+    # accelerate's single-process launcher (--cpu, or distributed_type MULTI_CPU without mpirun) sets
+    # MASTER_ADDR only when more than one process was requested, then starts just one.
+    if (
+        accelerator.num_processes == 1
+        and "WORLD_SIZE" not in os.environ
+        and "ACCELERATE_USE_CPU" in os.environ
+        and "MASTER_ADDR" in os.environ
+    ):
+        raise UserError(
+            "accelerate launch was asked for several processes but started only one (its --cpu and MULTI_CPU "
+            f"launchers do that without mpirun); launch with {WORKING_CPU_LAUNCH}"
+        )
+
+
+def train(cfg: Config) -> dict:
+    """Run one training job from a validated Config. Returns the final summary."""
+    start = time.time()
+    accelerator = build_accelerator(cfg)
+    reporter = Reporter(accelerator)
+    set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
+    world = accelerator.num_processes
+    per_device_batch_size = cfg.train.per_device_batch_size(world)
+
+    with accelerator.main_process_first():  # the main process fills dataset caches first; the others reuse them
+        splits, info = data.load_splits(cfg.data)
+    if info.train_size < per_device_batch_size * world:
+        raise UserError(
+            f"--batch-size {cfg.train.batch_size} needs at least {per_device_batch_size * world} training images per "
+            f"step but the data has {info.train_size}; lower --batch-size"
+        )
+
+    in_chans = cfg.model.in_chans or info.channels
+    model = build_model(cfg.model, num_classes=len(info.class_names), in_chans=in_chans)
+    # SyncBN before the optimizer and prepare(), so both see the final layer types.
+    model, sync_bn = apply_sync_bn(model, cfg.model.sync_bn, world, accelerator.device.type)
+    if cfg.model.sync_bn and not sync_bn.applied:
+        reporter.print_once(f"--sync-bn skipped: {sync_bn.reason}; training with plain BatchNorm")
+    pre = data.resolve_preprocess(cfg.data, model, in_chans)
+    train_loader, val_loader = data.build_dataloaders(
+        splits,
+        info,
+        cfg.data,
+        pre,
+        per_device_batch_size,
+        seed=cfg.train.seed,
+        rank=accelerator.process_index,
+        local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    # Loaders first: the schedule's length comes from this rank's shard of the data.
+    train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
+    optimizer = optim.build_optimizer(cfg.optim, model)
+    scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    record = cfg.to_dict()
+    record["launch"] = {
+        "num_processes": world,
+        "distributed_type": str(accelerator.distributed_type).removeprefix("DistributedType."),
+        "mixed_precision": accelerator.mixed_precision,
+        "device": accelerator.device.type,
+        "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
+        "backend": accelerator.state.backend or "",
+        "sync_bn": sync_bn.applied,
+        "sync_bn_reason": sync_bn.reason,
+        "per_device_batch_size": per_device_batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "workers": train_loader.num_workers,
+        "versions": _versions(),
+    }
+    record["dataset"] = {
+        "source": info.source,
+        "train_size": info.train_size,
+        "val_size": info.val_size,
+        "num_classes": len(info.class_names),
+        "class_names": info.class_names,
+        "in_chans": in_chans,
+        "hflip": info.default_hflip if cfg.data.hflip < 0 else cfg.data.hflip,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+    }
+    reporter.start(run_dir, record, cfg.run.trackers(), cfg.run.project)
+    reporter.print(
+        f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
+        f"{len(info.class_names)} classes), {world} process(es) on {accelerator.device.type}, "
+        f"global batch {cfg.train.batch_size} = {per_device_batch_size} x {world} x {cfg.train.grad_accum}, "
+        f"precision {accelerator.mixed_precision}"
+    )
+    meta = checkpoint.weights_metadata(cfg.model.model, info.class_names, pre)
+    best = fit(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        cfg.train,
+        cfg.optim.label_smoothing,
+        cfg.optim.clip_grad,
+        num_classes=len(info.class_names),
+        reporter=reporter,
+        run_dir=run_dir,
+        metadata=meta,
+    )
+    summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
+    reporter.finish(summary)
+    return summary
+
+
+def fit(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    train_loader,
+    val_loader,
+    cfg: TrainConfig,
+    label_smoothing: float,
+    clip_grad: float,
+    *,
+    num_classes: int,
+    reporter: Reporter,
+    run_dir,
+    metadata: dict,
+) -> tuple[float, int]:
+    """Train for cfg.epochs; evaluate and save weights after each epoch. Returns (best top-1, its epoch)."""
+    best_top1, best_epoch, step = -1.0, 0, 0
+    average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
+    for epoch in range(1, cfg.epochs + 1):
+        train_loader.set_epoch(epoch)
+        stats, step = train_one_epoch(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            train_loader,
+            label_smoothing,
+            clip_grad,
+            step,
+            cfg.log_every,
+            reporter,
+        )
+        if average_bn:
+            sync_bn_stats(accelerator, model)
+        metrics = evaluate(accelerator, model, val_loader, num_classes)
+        metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
+        is_best = metrics["val/top1"] > best_top1
+        if is_best:
+            best_top1, best_epoch = metrics["val/top1"], epoch
+        reporter.log({**metrics, "epoch": epoch}, step=step)
+        reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best)
+        # Every rank: get_state_dict gathers sharded (FSDP/DeepSpeed) weights. Main process: the file writes.
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}"}
+            checkpoint.save_weights(state_dict, run_dir / "weights" / "last.safetensors", meta)
+            if is_best:
+                checkpoint.save_weights(state_dict, run_dir / "weights" / "best.safetensors", meta)
+    return best_top1, best_epoch
+
+
+def train_one_epoch(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    label_smoothing: float,
+    clip_grad: float,
+    step: int,
+    log_every: int,
+    reporter: Reporter,
+) -> tuple[EpochStats, int]:
+    """One pass over this rank's shard. Returns the epoch's mean loss over all ranks and the new step count."""
+    model.train()
+    start = time.time()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    for images, labels in loader:
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip_grad > 0:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach() * labels.shape[0]
+        seen += labels.shape[0]
+        if accelerator.sync_gradients:
+            scheduler.step()
+            step += 1
+            if step % log_every == 0:
+                reporter.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+    # Collective: every rank contributes its sums.
+    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
+    return EpochStats(loss=(loss_sum / seen).item(), images=int(seen.item()), seconds=time.time() - start), step
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, loader, num_classes: int) -> dict[str, float]:
+    """Loss, top-1 and top-5 over the whole validation set, each sample counted once across ranks."""
+    model.eval()
+    k = min(5, num_classes)
+    loss_sum = top1 = topk = count = 0.0
+    for images, labels in loader:
+        logits = model(images).float()
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        correct = logits.topk(k, dim=1).indices.eq(labels[:, None])
+        # Collective: gather_for_metrics drops the samples padded onto the last batch of the shards.
+        loss, hit1, hitk = accelerator.gather_for_metrics((loss, correct[:, 0], correct.any(dim=1)))
+        loss_sum += loss.sum().item()
+        top1 += hit1.sum().item()
+        topk += hitk.sum().item()
+        count += loss.numel()
+    return {"val/loss": loss_sum / count, "val/top1": top1 / count, "val/top5": topk / count}
+
+
+def sync_bn_stats(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks so every rank evaluates and saves the same model."""
+    from timm.utils import distribute_bn
+
+    # Collective (all_reduce): every rank calls it.
+    distribute_bn(model, accelerator.num_processes, reduce=True)
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import timm
+
+    return {
+        "torch": str(torch.__version__),
+        "timm": timm.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }

@@ -1,0 +1,96 @@
+"""timm model creation and the SyncBatchNorm decision."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config import ModelConfig, UserError
+
+
+@dataclass(frozen=True)
+class SyncBNDecision:
+    applied: bool
+    reason: str
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+    """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights."""
+    import timm
+
+    if not timm.is_model(cfg.model):
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise UserError(f"--model {cfg.model!r} is not a timm model{hint}")
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans)
+    if cfg.drop_path > 0:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if not cfg.pretrained:
+        return timm.create_model(cfg.model, **kwargs)
+    if cfg.pretrained == "default":
+        try:
+            # HF_HUB_OFFLINE=1 (set by the CLI unless --allow-download) keeps this to the local cache.
+            return timm.create_model(cfg.model, pretrained=True, **kwargs)
+        except Exception as e:  # timm raises several hub/cache error types; all mean "not available here"
+            raise UserError(
+                f"--pretrained: no pretrained weights for {cfg.model!r} in the local HF cache ({type(e).__name__}); "
+                "run once with --allow-download, or pass --pretrained PATH to a weights file"
+            ) from e
+    state_dict = load_weights(cfg.pretrained)
+    # timm handles the rest as for hub weights: a new classifier for our class count, an adapted first conv.
+    return timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict), **kwargs)
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """Load a state dict safely: safetensors, or torch.load(weights_only=True), which refuses pickled code."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--pretrained {path}: no such file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(file)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"--pretrained {path}: not a readable weights file ({type(e).__name__}: {e})".split("\n")[0]
+        ) from e
+    for key in ("state_dict", "model", "state_dict_ema"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--pretrained {path}: expected a state dict of tensors")
+    return state
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def decide_sync_bn(requested: bool, num_processes: int, device_type: str) -> SyncBNDecision:
+    """Whether SyncBatchNorm is applied, and why (recorded in config.yaml)."""
+    if not requested:
+        return SyncBNDecision(False, "not requested")
+    if num_processes < 2:
+        return SyncBNDecision(False, "one process: plain BatchNorm already sees the whole batch")
+    if device_type != "cuda":
+        return SyncBNDecision(False, f"device is {device_type}: PyTorch's SyncBatchNorm runs only on CUDA")
+    return SyncBNDecision(True, f"{num_processes} processes on CUDA")
+
+
+def apply_sync_bn(model: torch.nn.Module, requested: bool, num_processes: int, device_type: str):
+    """The one place SyncBN is decided and applied. Call before building the optimizer and before `prepare`.
+
+    Returns (model, decision). Uses timm's converter: torch's drops the activation of timm's BatchNormAct2d.
+    """
+    decision = decide_sync_bn(requested, num_processes, device_type)
+    if decision.applied:
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    return model, decision
