@@ -80,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
             # Offline-first: hub libraries read these at import, so set them before anything imports them.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        if "wandb" not in cfg.run.trackers():
+            # timm.data imports timm.utils, which imports wandb "in case" (0.7 s here): keep an unused tracker out.
+            sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
         from trainer.engine import train
 
         train(cfg)
     except UserError as e:
         if debug:
             raise
-        print(f"trainer: error: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # every rank fails alike; one line per machine is enough
+            print(f"trainer: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr, flush=True)

@@ -199,11 +199,15 @@ class Config:
         }
 
 
+# Facts a run writes into its config.yaml next to the settings; not settings themselves.
+RECORD_SECTIONS = ("launch", "dataset")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 def build_config(values: dict[str, dict[str, Any]]) -> Config:
     """Build a validated Config from nested section dicts; unknown sections or keys are errors."""
+    unknown_sections = sorted(set(values) - set(SECTIONS))
+    _check(not unknown_sections, f"unknown section(s) {', '.join(unknown_sections)}; valid: {', '.join(SECTIONS)}")
     sections = {}
     for name, cls in SECTIONS.items():
         section = dict(values.get(name) or {})
@@ -235,6 +239,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
                 if isinstance(value, bool | None)
                 else str(value)
             )
+        if isinstance(value, bool):  # YAML `epochs: true` is a mistake, not 1
+            raise ValueError
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -248,7 +254,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
 
 
 def load_yaml(path: str) -> dict[str, dict[str, Any]]:
-    """Read a run YAML (nested by section). A `launch:` section, as written into run folders, is ignored."""
+    """Read a run YAML (nested by section). `launch:` and `dataset:`, records written into run folders, are ignored."""
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}
@@ -259,12 +265,13 @@ def load_yaml(path: str) -> dict[str, dict[str, Any]]:
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"--config {path}: not valid YAML{where}; fix the syntax") from None
     _check(isinstance(values, dict), f"--config {path}: expected a mapping of sections ({', '.join(SECTIONS)})")
-    values.pop("launch", None)
+    for record in RECORD_SECTIONS:
+        values.pop(record, None)
     unknown = sorted(set(values) - set(SECTIONS))
     _check(not unknown, f"--config {path}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
     for name, section in values.items():
         _check(section is None or isinstance(section, dict), f"--config {path}: section {name} must be a mapping")
-    return values
+    return {name: section or {} for name, section in values.items()}
 
 
 @functools.cache

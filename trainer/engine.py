@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from trainer import checkpoint, data, optim
 from trainer.config import Config, TrainConfig, UserError
@@ -41,6 +41,8 @@ def build_accelerator(cfg: Config) -> Accelerator:
             mixed_precision=cfg.train.mixed_precision or None,
             gradient_accumulation_steps=cfg.train.grad_accum,
             log_with=cfg.run.trackers() or None,
+            # TensorBoard wants a logging dir up front; Reporter.start points it into the run folder.
+            project_config=ProjectConfiguration(project_dir=cfg.run.project),
             # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             # The schedule counts optimizer updates; we step it once per update, not once per process.
@@ -128,6 +130,7 @@ def train(cfg: Config) -> dict:
         "backend": accelerator.state.backend or "",
         "sync_bn": sync_bn.applied,
         "sync_bn_reason": sync_bn.reason,
+        "sync_bn_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),  # after prepare
         "per_device_batch_size": per_device_batch_size,
         "steps_per_epoch": steps_per_epoch,
         "workers": train_loader.num_workers,

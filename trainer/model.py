@@ -40,8 +40,16 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.M
                 "run once with --allow-download, or pass --pretrained PATH to a weights file"
             ) from e
     state_dict = load_weights(cfg.pretrained)
-    # timm handles the rest as for hub weights: a new classifier for our class count, an adapted first conv.
-    return timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict), **kwargs)
+    overlay = dict(state_dict=state_dict)
+    # timm keeps the file's classifier only when its class count equals the overlay's num_classes (else it
+    # re-initialises the head, as for ImageNet weights on new classes): tell it the file's real count.
+    from timm.models import get_pretrained_cfg
+
+    classifier = getattr(get_pretrained_cfg(cfg.model), "classifier", None)
+    if isinstance(classifier, str) and f"{classifier}.weight" in state_dict:
+        overlay["num_classes"] = state_dict[f"{classifier}.weight"].shape[0]
+    # Otherwise as for hub weights: timm adapts the first conv to in_chans.
+    return timm.create_model(cfg.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:

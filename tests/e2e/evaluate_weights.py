@@ -1,0 +1,48 @@
+"""Evaluate a saved weights file on the embedded validation split with trainer's own components.
+
+Run plainly (1 rank) or under torchrun (N ranks); rank 0 writes the metrics and world size as JSON.
+Usage: python evaluate_weights.py WEIGHTS OUT_JSON
+"""
+
+import json
+import sys
+
+from safetensors.torch import load_file
+
+from trainer import data
+from trainer.checkpoint import read_metadata
+from trainer.config import Config, DataConfig, ModelConfig, build_config
+from trainer.engine import build_accelerator, evaluate
+from trainer.model import build_model
+
+
+def main(weights: str, out: str) -> None:
+    meta = read_metadata(weights)
+    cfg: Config = build_config({"run": {"tracker": "none"}, "data": {"imgsz": int(meta["imgsz"])}})
+    accelerator = build_accelerator(cfg)
+    splits, info = data.load_splits(DataConfig(imgsz=int(meta["imgsz"])))
+    model = build_model(ModelConfig(model=meta["model_name"]), len(info.class_names), int(meta["in_chans"]))
+    model.load_state_dict(load_file(weights))
+    pre = data.resolve_preprocess(cfg.data, model, int(meta["in_chans"]))
+    # Val batches of 20 per rank: with 2 ranks the 500 images end in a padded batch that gather_for_metrics must drop.
+    _, val_loader = data.build_dataloaders(
+        splits,
+        info,
+        DataConfig(workers=0),
+        pre,
+        10,
+        seed=0,
+        rank=accelerator.process_index,
+        local_processes=accelerator.num_processes,
+        pin_memory=False,
+    )
+    model, val_loader = accelerator.prepare(model, val_loader)
+    metrics = evaluate(accelerator, model, val_loader, len(info.class_names))
+    if accelerator.is_main_process:
+        with open(out, "w") as f:
+            json.dump({**metrics, "world_size": accelerator.num_processes}, f)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

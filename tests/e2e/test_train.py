@@ -1,0 +1,149 @@
+"""Real runs of `trainer train` on the embedded data: 1 process, and 2 gloo ranks on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CPU_2PROC, accelerate_launch, check, config_of, results, run, torchrun, trainer
+from safetensors import safe_open
+
+from trainer.tracking import RESULTS_COLUMNS
+
+FAST = ("--data", "digits", "--imgsz", "16", "--epochs", "1", "--batch-size", "64")
+
+
+def test_default_run_reaches_accuracy(workdir: Path):
+    """`trainer train` with no arguments: the embedded MNIST digits, >= 95 % top-1, wandb offline, one run."""
+    proc = check(run(trainer("train"), workdir))
+    run_dir = workdir / "runs" / "train" / "exp"
+    assert f"Results saved to {Path('runs/train/exp')}" in proc.stdout
+    rows = results(run_dir)
+    assert list(rows[0]) == list(RESULTS_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    best = max(float(r["val/top1"]) for r in rows)
+    assert best >= 0.95, rows
+    assert all(0.0 <= float(r["val/top5"]) <= 1.0 and float(r["val/top5"]) >= float(r["val/top1"]) for r in rows)
+
+    with safe_open(str(run_dir / "weights" / "best.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["model_name"] == "resnet10t"
+        assert json.loads(meta["class_names"]) == [str(i) for i in range(10)]
+        assert meta["imgsz"] == "32" and len(json.loads(meta["mean"])) == 1
+        assert float(meta["val_top1"]) == pytest.approx(best, abs=1e-6)
+    assert (run_dir / "weights" / "last.safetensors").is_file()
+
+    launch = config_of(run_dir)["launch"]
+    assert launch["num_processes"] == 1 and launch["device"] == "cpu"
+    assert launch["sync_bn"] is False
+    # No credentials in the test's HOME: wandb goes offline by itself and says how to upload.
+    assert "wandb sync" in proc.stdout
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_two_ranks_accelerate_launch_wandb_and_sync_bn(workdir: Path):
+    """2 real gloo ranks through accelerate launch: one wandb run, SyncBN skipped on CPU with the reason given once."""
+    proc = check(run(accelerate_launch(CPU_2PROC, "train", *FAST, "--sync-bn"), workdir))
+    run_dir = workdir / "runs" / "train" / "exp"
+    cfg = config_of(run_dir)
+    assert cfg["launch"]["num_processes"] == 2
+    assert cfg["launch"]["backend"] == "gloo"
+    assert cfg["launch"]["per_device_batch_size"] == 32
+    assert cfg["model"]["sync_bn"] is True and cfg["launch"]["sync_bn"] is False
+    assert "CUDA" in cfg["launch"]["sync_bn_reason"]
+    assert proc.stdout.count("--sync-bn skipped") == 1
+    assert len(results(run_dir)) == 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert not (workdir / "runs" / "train" / "exp2").exists()  # both ranks wrote into one run folder
+
+
+def test_two_ranks_torchrun_grad_accum_tensorboard(workdir: Path):
+    """The same command under torchrun, with accumulation and TensorBoard: one group of 2, not two world-1 runs."""
+    check(run(torchrun(2, "train", *FAST, "--grad-accum", "2", "--tracker", "tensorboard"), workdir))
+    run_dir = workdir / "runs" / "train" / "exp"
+    launch = config_of(run_dir)["launch"]
+    assert launch["num_processes"] == 2
+    assert launch["per_device_batch_size"] == 16
+    # 1,617 training digits / (16 per rank x 2 ranks) = 50 micro-batches per rank -> 25 optimizer steps.
+    assert launch["steps_per_epoch"] == 25
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not (workdir / "runs" / "train" / "exp2").exists()
+
+
+def test_two_rank_evaluation_equals_one_rank(workdir: Path):
+    """Fixed weights evaluated by 2 ranks give exactly the 1-rank metrics (no sample lost or counted twice)."""
+    check(run(trainer("train", *FAST, "--data", "mnist", "--tracker", "none"), workdir))
+    weights = workdir / "runs" / "train" / "exp" / "weights" / "last.safetensors"
+    script = str(Path(__file__).with_name("evaluate_weights.py"))
+    check(run([sys.executable, script, str(weights), "one.json"], workdir))
+    check(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                script,
+                str(weights),
+                "two.json",
+            ],
+            workdir,
+        )
+    )
+    one = json.loads((workdir / "one.json").read_text())
+    two = json.loads((workdir / "two.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["val/top1"] == one["val/top1"] and two["val/top5"] == one["val/top5"]
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
+
+
+def test_silent_single_process_launch_is_refused(workdir: Path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process; we stop and name the config that works."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "trainer",
+        "train",
+        *FAST,
+    ]
+    proc = run(cmd, workdir)
+    assert proc.returncode != 0
+    assert "started only one" in proc.stderr and "accelerate_configs/cpu_2proc.yaml" in proc.stderr
+    assert not (workdir / "runs").exists()
+
+
+def test_tracker_none_imports_no_tracker(workdir: Path):
+    code = (
+        "import sys; from trainer.cli import main; "
+        f"rc = main(['train', *{list(FAST)!r}, '--tracker', 'none']); "
+        "mods = ('wandb', 'tensorboard', 'torch.utils.tensorboard'); "
+        "print('IMPORTED', [m for m in mods if sys.modules.get(m) is not None]); "
+        "sys.exit(rc)"
+    )
+    proc = check(run([sys.executable, "-c", code], workdir))
+    assert "IMPORTED []" in proc.stdout
+    assert not list(workdir.rglob("wandb"))
+
+
+def test_bad_input_is_one_line_exit_2(workdir: Path):
+    proc = run(trainer("train", "--model", "resnet181"), workdir)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "resnet18" in lines[0] and "Traceback" not in proc.stderr
+    assert not (workdir / "runs").exists()
+
+
+def test_run_folders_increment(workdir: Path):
+    for _ in range(2):
+        check(run(trainer("train", *FAST, "--tracker", "none"), workdir))
+    check(run(trainer("train", *FAST, "--tracker", "none", "--exist-ok"), workdir))
+    assert sorted(p.name for p in (workdir / "runs" / "train").iterdir()) == ["exp", "exp2"]
