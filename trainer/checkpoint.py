@@ -58,6 +58,16 @@ def weights_metadata(model_name: str, class_names: list[str], pre: Preprocess, *
     return meta
 
 
+def save_epoch_weights(accelerator: Accelerator, model, weights_dir: Path, metadata: dict[str, str], is_best: bool):
+    """Every rank calls this: get_state_dict gathers sharded (FSDP/DeepSpeed) weights; the main process writes
+    last.safetensors, and best.safetensors when `is_best`."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        save_weights(state_dict, weights_dir / "last.safetensors", metadata)
+        if is_best:
+            save_weights(state_dict, weights_dir / "best.safetensors", metadata)
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Main process only. Writes to a temporary name first so a kill mid-write never leaves a torn file."""
     from safetensors.torch import save_file

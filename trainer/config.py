@@ -93,18 +93,12 @@ class OptimConfig:
     """Linear warmup length in epochs (fractions allowed), then cosine decay to --min-lr."""
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine schedule."""
-    label_smoothing: float = 0.1
-    """Label smoothing of the cross-entropy loss."""
-    clip_grad: float = 0.0
-    """Clip the gradient norm to this value; 0 disables."""
 
     def __post_init__(self):
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _check(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr must be between 0 and --lr, got {self.min_lr}")
-        _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        _check(self.clip_grad >= 0, f"--clip-grad must be 0 (off) or positive, got {self.clip_grad}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +115,10 @@ class TrainConfig:
     """Use deterministic algorithms (slower on GPU); with --seed makes runs repeatable."""
     mixed_precision: str = ""
     """Override the launcher's mixed precision: no, fp16 or bf16. Empty: keep the launcher's."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy loss."""
+    clip_grad: float = 0.0
+    """Clip the gradient norm to this value; 0 disables."""
     log_every: int = 20
     """Log train/loss and train/lr to trackers every N optimizer steps."""
 
@@ -132,6 +130,8 @@ class TrainConfig:
             self.mixed_precision in ("", *MIXED_PRECISION),
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
         )
+        _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.clip_grad >= 0, f"--clip-grad must be 0 (off) or positive, got {self.clip_grad}")
         _check(self.log_every > 0, f"--log-every must be a positive integer, got {self.log_every}")
 
     def per_device_batch_size(self, num_processes: int) -> int:

@@ -163,8 +163,6 @@ def train(cfg: Config) -> dict:
         train_loader,
         val_loader,
         cfg.train,
-        cfg.optim.label_smoothing,
-        cfg.optim.clip_grad,
         num_classes=len(info.class_names),
         reporter=reporter,
         run_dir=run_dir,
@@ -183,8 +181,6 @@ def fit(
     train_loader,
     val_loader,
     cfg: TrainConfig,
-    label_smoothing: float,
-    clip_grad: float,
     *,
     num_classes: int,
     reporter: Reporter,
@@ -196,18 +192,7 @@ def fit(
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(1, cfg.epochs + 1):
         train_loader.set_epoch(epoch)
-        stats, step = train_one_epoch(
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            train_loader,
-            label_smoothing,
-            clip_grad,
-            step,
-            cfg.log_every,
-            reporter,
-        )
+        stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter)
         if average_bn:
             sync_bn_stats(accelerator, model)
         metrics = evaluate(accelerator, model, val_loader, num_classes)
@@ -217,13 +202,8 @@ def fit(
             best_top1, best_epoch = metrics["val/top1"], epoch
         reporter.log({**metrics, "epoch": epoch}, step=step)
         reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best)
-        # Every rank: get_state_dict gathers sharded (FSDP/DeepSpeed) weights. Main process: the file writes.
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}"}
-            checkpoint.save_weights(state_dict, run_dir / "weights" / "last.safetensors", meta)
-            if is_best:
-                checkpoint.save_weights(state_dict, run_dir / "weights" / "best.safetensors", meta)
+        meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}"}
+        checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best)
     return best_top1, best_epoch
 
 
@@ -233,10 +213,8 @@ def train_one_epoch(
     optimizer,
     scheduler,
     loader,
-    label_smoothing: float,
-    clip_grad: float,
+    cfg: TrainConfig,
     step: int,
-    log_every: int,
     reporter: Reporter,
 ) -> tuple[EpochStats, int]:
     """One pass over this rank's shard. Returns the epoch's mean loss over all ranks and the new step count."""
@@ -247,10 +225,10 @@ def train_one_epoch(
     for images, labels in loader:
         with accelerator.accumulate(model):
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            if accelerator.sync_gradients and cfg.clip_grad > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach() * labels.shape[0]
@@ -258,7 +236,7 @@ def train_one_epoch(
         if accelerator.sync_gradients:
             scheduler.step()
             step += 1
-            if step % log_every == 0:
+            if step % cfg.log_every == 0:
                 reporter.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
     # Collective: every rank contributes its sums.
     loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")

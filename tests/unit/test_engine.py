@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, TrainConfig
 from trainer.engine import evaluate, train_one_epoch
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.tracking import Reporter
@@ -38,9 +38,8 @@ def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches):
     raw_optimizer.register_step_post_hook(lambda *_: optimizer_steps.append(1))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    stats, step = train_one_epoch(
-        accelerator, model, optimizer, scheduler, loader, 0.0, 0.0, 0, log_every=100, reporter=Reporter(accelerator)
-    )
+    train_cfg = TrainConfig(grad_accum=grad_accum, label_smoothing=0.0, log_every=100)
+    stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, loader, train_cfg, 0, Reporter(accelerator))
 
     assert step == steps_per_epoch
     assert len(optimizer_steps) == steps_per_epoch
