@@ -45,7 +45,7 @@ class DataConfig:
     """Seed of the validation hold-out, kept apart from --seed so that runs with different seeds share one val set."""
     hflip: float = -1.0
     """Horizontal flip probability during training; -1 picks the dataset's default (0 for digits, 0.5 otherwise)."""
-    scale: tuple[float, float] = (0.6, 1.0)
+    scale: tuple[float, float] = (0.8, 1.0)
     """Random-resized-crop area range for training augmentation, as `min,max`."""
 
     def __post_init__(self):
@@ -89,7 +89,7 @@ class OptimConfig:
     """Weight decay (not applied to norm and bias parameters)."""
     momentum: float = 0.9
     """Momentum for SGD-type optimizers."""
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.5
     """Linear warmup length in epochs (fractions allowed), then cosine decay to --min-lr."""
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine schedule."""

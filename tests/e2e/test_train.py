@@ -101,6 +101,27 @@ def test_two_rank_evaluation_equals_one_rank(workdir: Path):
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
 
 
+def test_config_written_by_accelerate_config_default(workdir: Path):
+    """A launch config made by `accelerate config default` (what the wizard writes on a CPU machine) just works."""
+    config = workdir / "default_config.yaml"
+    check(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.accelerate_cli",
+                "config",
+                "default",
+                "--config_file",
+                str(config),
+            ],
+            workdir,
+        )
+    )
+    check(run(accelerate_launch(config, "train", *FAST, "--tracker", "none"), workdir))
+    assert config_of(workdir / "runs" / "train" / "exp")["launch"]["num_processes"] == 1
+
+
 def test_silent_single_process_launch_is_refused(workdir: Path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process; we stop and name the config that works."""
     cmd = [
