@@ -129,6 +129,11 @@ class ImageTransform:
         }
 
 
+def resolve_hflip(cfg: DataConfig, info: DataInfo) -> float:
+    """The flip probability in force: the flag's, or the dataset's default when the flag is -1."""
+    return info.default_hflip if cfg.hflip < 0 else cfg.hflip
+
+
 def _collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([e["image"] for e in examples])
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
@@ -167,8 +172,7 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
-    hflip = info.default_hflip if cfg.hflip < 0 else cfg.hflip
-    train_ds = splits["train"].with_transform(ImageTransform(pre, True, hflip, cfg.scale))
+    train_ds = splits["train"].with_transform(ImageTransform(pre, True, resolve_hflip(cfg, info), cfg.scale))
     val_ds = splits["val"].with_transform(ImageTransform(pre, False, 0.0, cfg.scale))
     workers = num_workers(cfg, local_processes)
     common = dict(

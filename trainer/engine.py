@@ -128,33 +128,7 @@ def train(cfg: Config) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
-    record = cfg.to_dict()
-    record["launch"] = {
-        "num_processes": world,
-        "distributed_type": str(accelerator.distributed_type).removeprefix("DistributedType."),
-        "mixed_precision": accelerator.mixed_precision,
-        "device": accelerator.device.type,
-        "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
-        "backend": accelerator.state.backend or "",
-        "sync_bn": sync_bn.applied,
-        "sync_bn_reason": sync_bn.reason,
-        "sync_bn_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),  # after prepare
-        "per_device_batch_size": per_device_batch_size,
-        "steps_per_epoch": steps_per_epoch,
-        "workers": train_loader.num_workers,
-        "versions": _versions(),
-    }
-    record["dataset"] = {
-        "source": info.source,
-        "train_size": info.train_size,
-        "val_size": info.val_size,
-        "num_classes": len(info.class_names),
-        "class_names": info.class_names,
-        "in_chans": in_chans,
-        "hflip": info.default_hflip if cfg.data.hflip < 0 else cfg.data.hflip,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-    }
+    record = run_record(cfg, accelerator, model, train_loader, info, pre, per_device_batch_size, sync_bn)
     reporter.start(run_dir, record, cfg.run.trackers(), cfg.run.project)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
@@ -182,6 +156,38 @@ def train(cfg: Config) -> dict:
     summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
     reporter.finish(summary)
     return summary
+
+
+def run_record(cfg: Config, accelerator, model, train_loader, info, pre, per_device_batch_size: int, sync_bn) -> dict:
+    """The resolved config plus the facts of this launch and dataset, as written to config.yaml and trackers."""
+    record = cfg.to_dict()
+    record["launch"] = {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).removeprefix("DistributedType."),
+        "mixed_precision": accelerator.mixed_precision,
+        "device": accelerator.device.type,
+        "device_name": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu",
+        "backend": accelerator.state.backend or "",
+        "sync_bn": sync_bn.applied,
+        "sync_bn_reason": sync_bn.reason,
+        "sync_bn_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),  # after prepare
+        "per_device_batch_size": per_device_batch_size,
+        "steps_per_epoch": math.ceil(len(train_loader) / cfg.train.grad_accum),
+        "workers": train_loader.num_workers,
+        "versions": _versions(),
+    }
+    record["dataset"] = {
+        "source": info.source,
+        "train_size": info.train_size,
+        "val_size": info.val_size,
+        "num_classes": len(info.class_names),
+        "class_names": info.class_names,
+        "in_chans": pre.in_chans,
+        "hflip": data.resolve_hflip(cfg.data, info),
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+    }
+    return record
 
 
 def fit(
