@@ -11,7 +11,16 @@ import os
 import sys
 
 from trainer import __version__
-from trainer.config import MIXED_PRECISION, SECTIONS, Config, UserError, _coerce, build_config, field_docs, load_yaml
+from trainer.config import (
+    MIXED_PRECISION,
+    SECTIONS,
+    Config,
+    UserError,
+    build_config,
+    coerce_value,
+    field_docs,
+    load_yaml,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +74,7 @@ def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
     for name, (section, f) in dests.items():
         if name in vars(args):
             flag = "--" + name.replace("_", "-")
-            values.setdefault(section, {})[name] = _coerce(f, getattr(args, name), flag)
+            values.setdefault(section, {})[name] = coerce_value(f, getattr(args, name), flag)
     return build_config(values)
 
 

@@ -215,12 +215,12 @@ def build_config(values: dict[str, dict[str, Any]]) -> Config:
         unknown = sorted(set(section) - set(known))
         _check(not unknown, f"unknown key(s) in {name}: {', '.join(unknown)}; valid keys: {', '.join(known)}")
         for key, value in section.items():
-            section[key] = _coerce(known[key], value, f"{name}.{key}")
+            section[key] = coerce_value(known[key], value, f"{name}.{key}")
         sections[name] = cls(**section)
     return Config(**sections)
 
 
-def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
     """Convert a YAML or CLI value to the field's type, or raise a one-line UserError."""
     default = f.default
     try:

@@ -15,8 +15,8 @@ from trainer.config import (
     OptimConfig,
     TrainConfig,
     UserError,
-    _coerce,
     build_config,
+    coerce_value,
     field_docs,
     load_yaml,
 )
@@ -93,22 +93,22 @@ def test_bad_values_raise_user_error_naming_the_flag(values, flag):
 
 def test_coerce_int_field():
     epochs = _field(TrainConfig, "epochs")
-    assert _coerce(epochs, "12", "train.epochs") == 12
-    assert type(_coerce(epochs, "12", "train.epochs")) is int
-    assert _coerce(epochs, 3.0, "train.epochs") == 3  # YAML `3.0` is still a whole number
+    assert coerce_value(epochs, "12", "train.epochs") == 12
+    assert type(coerce_value(epochs, "12", "train.epochs")) is int
+    assert coerce_value(epochs, 3.0, "train.epochs") == 3  # YAML `3.0` is still a whole number
     with pytest.raises(UserError, match=r"^train\.epochs expects int, got 'abc'$"):
-        _coerce(epochs, "abc", "train.epochs")
+        coerce_value(epochs, "abc", "train.epochs")
     with pytest.raises(UserError, match="expects int"):
-        _coerce(epochs, 2.5, "train.epochs")  # would silently truncate
+        coerce_value(epochs, 2.5, "train.epochs")  # would silently truncate
 
 
 def test_coerce_bool_field():
     sync_bn = _field(ModelConfig, "sync_bn")
-    assert _coerce(sync_bn, "yes", "x") is True
-    assert _coerce(sync_bn, "False", "x") is False
-    assert _coerce(sync_bn, True, "x") is True
+    assert coerce_value(sync_bn, "yes", "x") is True
+    assert coerce_value(sync_bn, "False", "x") is False
+    assert coerce_value(sync_bn, True, "x") is True
     with pytest.raises(UserError, match="expects bool"):
-        _coerce(sync_bn, "maybe", "x")
+        coerce_value(sync_bn, "maybe", "x")
 
 
 def test_scale_parsing():
