@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import netrc
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +111,3 @@ class Reporter:
             f"best val/top1 {summary['best/val_top1']:.4f} at epoch {summary['best/epoch']}, "
             f"{summary['time_s']:.0f}s in all. Results saved to {self.run_dir}"
         )
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
