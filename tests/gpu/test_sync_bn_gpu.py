@@ -30,7 +30,7 @@ def test_sync_bn_two_ranks_on_one_gpu(tmp_path: Path):
     port = str(_free_port())
     args = [
         "--data",
-        "mnist",
+        "digits",
         "--epochs",
         "1",
         "--tracker",
