@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -52,6 +53,8 @@ def test_sync_bn_two_ranks_on_one_gpu(tmp_path: Path):
             "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
+            # The repo root, so `python -m trainer` works where the package is not pip-installed.
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
         procs.append(
             subprocess.Popen(
