@@ -128,7 +128,9 @@ def train(cfg: Config) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
-    record = run_record(cfg, accelerator, model, train_loader, info, pre, per_device_batch_size, sync_bn)
+    record = run_record(
+        cfg, accelerator, model, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
+    )
     reporter.start(run_dir, record, cfg.run.trackers(), cfg.run.project)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
@@ -158,7 +160,9 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def run_record(cfg: Config, accelerator, model, train_loader, info, pre, per_device_batch_size: int, sync_bn) -> dict:
+def run_record(
+    cfg: Config, accelerator, model, train_loader, info, pre, per_device_batch_size: int, steps_per_epoch: int, sync_bn
+) -> dict:
     """The resolved config plus the facts of this launch and dataset, as written to config.yaml and trackers."""
     record = cfg.to_dict()
     record["launch"] = {
@@ -172,7 +176,7 @@ def run_record(cfg: Config, accelerator, model, train_loader, info, pre, per_dev
         "sync_bn_reason": sync_bn.reason,
         "sync_bn_layers": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),  # after prepare
         "per_device_batch_size": per_device_batch_size,
-        "steps_per_epoch": math.ceil(len(train_loader) / cfg.train.grad_accum),
+        "steps_per_epoch": steps_per_epoch,
         "workers": train_loader.num_workers,
         "versions": _versions(),
     }
