@@ -12,6 +12,7 @@ import functools
 import inspect
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -149,13 +150,21 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RunConfig:
     project: str = "runs/train"
-    """Parent folder of run folders; also the wandb project name (its last path part)."""
+    """Parent folder of run folders; its last part is also the wandb project unless --wandb-project is given."""
     name: str = "exp"
     """Run folder name under --project; incremented (exp2, exp3, ...) unless --exist-ok."""
     exist_ok: bool = False
     """Reuse {project}/{name} if it exists instead of incrementing."""
     tracker: str = "wandb"
     """Experiment trackers, comma-separated: wandb, tensorboard, none."""
+    wandb_project: str = ""
+    """wandb project; empty: the last part of --project (runs/train -> train)."""
+    entity: str = ""
+    """wandb entity (user or team); empty: your default entity."""
+    tags: str = ""
+    """wandb run tags, comma-separated."""
+    notes: str = ""
+    """wandb run notes: a sentence on what this run tries."""
     dist_backend: str = ""
     """torch.distributed backend (nccl, gloo); empty lets Accelerate choose."""
     allow_download: bool = False
@@ -173,6 +182,13 @@ class RunConfig:
         _check(
             self.dist_backend in ("", "nccl", "gloo"), f"--dist-backend must be nccl or gloo, got {self.dist_backend!r}"
         )
+
+    def wandb_project_name(self) -> str:
+        """The wandb project: --wandb-project, else the last part of --project."""
+        return self.wandb_project or Path(self.project).name or "trainer"
+
+    def tag_list(self) -> list[str]:
+        return [t.strip() for t in self.tags.split(",") if t.strip()]
 
     def trackers(self) -> list[str]:
         """Tracker names without `none`."""

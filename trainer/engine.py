@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 
 from trainer import checkpoint, data, optim
 from trainer.config import Config, TrainConfig, UserError
@@ -42,9 +42,6 @@ def build_accelerator(cfg: Config) -> Accelerator:
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.train.mixed_precision or None,
             gradient_accumulation_steps=cfg.train.grad_accum,
-            log_with=cfg.run.trackers() or None,
-            # TensorBoard wants a logging dir up front; Reporter.start points it into the run folder.
-            project_config=ProjectConfiguration(project_dir=cfg.run.project),
             # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             # The schedule counts optimizer updates; we step it once per update, not once per process.
@@ -133,7 +130,7 @@ def train(cfg: Config) -> dict:
     record = run_record(
         cfg, accelerator, model, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
     )
-    reporter.start(run_dir, record, cfg.run.trackers(), cfg.run.project)
+    reporter.start(run_dir, record, cfg.run)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
         f"{len(info.class_names)} classes), {world} process(es) on {accelerator.device.type}, "
@@ -158,7 +155,7 @@ def train(cfg: Config) -> dict:
     # was seen to abort in gloo at exit ("terminate called without an active exception").
     accelerator.wait_for_everyone()
     summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
-    reporter.finish(summary)
+    reporter.finish(summary, val_split=splits["val"])
     return summary
 
 
@@ -215,16 +212,17 @@ def fit(
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(1, cfg.epochs + 1):
         train_loader.set_epoch(epoch)
+        reporter.epoch_start(epoch, cfg.epochs, len(train_loader))
         stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter)
         if average_bn:
             sync_bn_stats(accelerator, model)
-        metrics, _ = evaluate(accelerator, model, val_loader, num_classes)
+        metrics, preds = evaluate(accelerator, model, val_loader, num_classes)
         metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
         is_best = metrics["val/top1"] > best_top1
         if is_best:
             best_top1, best_epoch = metrics["val/top1"], epoch
         reporter.log({**metrics, "epoch": epoch}, step=step)
-        reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best)
+        reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best, preds)
         meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}"}
         checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best)
     return best_top1, best_epoch
@@ -256,11 +254,12 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach() * labels.shape[0]
         seen += labels.shape[0]
+        reporter.advance(labels.shape[0] * accelerator.num_processes)
         if accelerator.sync_gradients:
             scheduler.step()
             step += 1
             if step % cfg.log_every == 0:
-                reporter.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                reporter.log_train(step, loss.item(), scheduler.get_last_lr()[0])
     # Collective: every rank contributes its sums.
     loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
     return EpochStats(loss=(loss_sum / seen).item(), images=int(seen.item()), seconds=time.time() - start), step

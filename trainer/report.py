@@ -127,3 +127,63 @@ def save_confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def sample_indices(preds: Predictions, n: int) -> np.ndarray:
+    """Up to n samples to show: half spread evenly over the set (sorted sets show every class), half mistakes."""
+    spread = np.unique(np.linspace(0, len(preds) - 1, num=min(n - n // 2, len(preds))).round().astype(np.int64))
+    wrong = np.flatnonzero(preds.predicted != preds.labels)
+    wrong = wrong[~np.isin(wrong, spread)][: n - len(spread)]
+    return np.sort(np.concatenate([spread, wrong]))
+
+
+def save_prediction_grid(
+    images: list, labels: np.ndarray, predicted: np.ndarray, class_names: list[str], path: str | Path
+) -> None:
+    """A grid of images titled `true -> predicted`, mistakes in red (YOLOv5's val_batch_pred, for classifiers)."""
+    plt = pyplot()
+    n = len(images)
+    cols = int(np.ceil(np.sqrt(n))) or 1
+    rows = int(np.ceil(n / cols)) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, true, pred in zip(axes.flat, images, labels, predicted, strict=False):
+        array = np.asarray(image)
+        ax.imshow(array, cmap="gray" if array.ndim == 2 else None)
+        ax.set_title(
+            f"{class_names[true]} -> {class_names[pred]}", fontsize=7, color="black" if true == pred else "red"
+        )
+    fig.suptitle("validation: true -> predicted", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_results_png(results_csv: str | Path, path: str | Path) -> None:
+    """Curves of results.csv by epoch: losses, accuracies and learning rate (whatever columns the file has)."""
+    with open(results_csv) as f:
+        table = list(csv.DictReader(f))
+    if not table:
+        return
+    epochs = [float(r["epoch"]) for r in table]
+    columns = [c for c in table[0] if c != "epoch"]
+    panels = {
+        "loss": [c for c in columns if "loss" in c],
+        "accuracy": [c for c in columns if "top" in c],
+        "learning rate": [c for c in columns if c.endswith("lr")],
+    }
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=100)
+    for ax, (title, names) in zip(axes, panels.items(), strict=True):
+        for name in names:
+            values = [float(r[name]) if r[name] not in ("", None) else np.nan for r in table]
+            ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if names:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

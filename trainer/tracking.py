@@ -1,7 +1,8 @@
-"""Console output, results.csv, config.yaml and experiment trackers.
+"""Console output, progress, the run folder's reports and experiment trackers.
 
 Main-process-only side effects live here, so the engine never checks ranks: every method may be called on
-every rank and does nothing where it should not.
+every rank and does nothing where it should not. A tracker that fails (network, quota, a broken install) is
+reported once and dropped; it never stops training.
 """
 
 from __future__ import annotations
@@ -9,13 +10,25 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import secrets
+import string
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from accelerate import Accelerator
 
+from trainer import report
+from trainer.config import RunConfig
+
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
+WANDB_ID_FILE = "wandb_id.txt"
+ID_ALPHABET = string.ascii_lowercase + string.digits
+PLAIN_PROGRESS_SECONDS = 30.0  # without a terminal, one progress line this often instead of a redrawn bar
+PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
+GRID_IMAGES = 25
 
 
 def wandb_has_credentials() -> bool:
@@ -41,13 +54,54 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (CI, log files) a plain line every PLAIN_PROGRESS_SECONDS."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = self.last_line = time.monotonic()
+        self.postfix: dict[str, str] = {}
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, file=sys.stdout, leave=False, dynamic_ncols=True, unit="batch")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.monotonic() - self.last_line >= PLAIN_PROGRESS_SECONDS:
+            self.last_line = now = time.monotonic()
+            eta = (now - self.start) / self.done * (self.total - self.done)
+            fields = "  ".join(f"{k} {v}" for k, v in self.postfix.items())
+            print(f"  {self.desc}  {self.done}/{self.total}  {fields}  eta {eta:.0f}s", flush=True)
+
+    def set_postfix(self, **values: str) -> None:
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Reporter:
-    """What the user sees: terminal lines, the run folder's text files and the trackers."""
+    """What the user sees: terminal lines, the run folder's files and the trackers."""
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.run_dir: Path | None = None
+        self.record: dict[str, Any] = {}
+        self.progress: Progress | None = None
+        self.epoch = 0
+        self.best: tuple[int, report.Predictions] | None = None
+        self.train_images = 0
+        self.train_seconds = 0.0
+        self._interval_images = 0
+        self._interval_start = time.monotonic()
         self._said: set[str] = set()
 
     def print(self, message: str) -> None:
@@ -60,54 +114,240 @@ class Reporter:
             self._said.add(message)
             self.print(message)
 
-    def start(self, run_dir: Path, record: dict[str, Any], trackers: list[str], project: str) -> None:
-        """Write config.yaml and start trackers. Every rank calls this (init_trackers is main-only inside)."""
-        self.run_dir = run_dir
-        if self.is_main:
-            with open(run_dir / "config.yaml", "w") as f:
-                yaml.safe_dump(record, f, sort_keys=False)
+    # ---- start -------------------------------------------------------------------------------------------
+
+    def start(self, run_dir: Path, record: dict[str, Any], run: RunConfig, resume: bool = False) -> None:
+        """Write config.yaml, start results.csv and the trackers (main process only).
+
+        With `resume`, results.csv is appended to and the wandb run stored in the run folder is continued.
+        """
+        self.run_dir, self.record = run_dir, record
+        if not self.is_main:
+            return
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(record, f, sort_keys=False)
+        if not (resume and (run_dir / "results.csv").exists()):
             with open(run_dir / "results.csv", "w", newline="") as f:
                 csv.writer(f).writerow(RESULTS_COLUMNS)
-        if not trackers:
-            return
-        init_kwargs: dict[str, dict] = {}
+        trackers = run.trackers()
         if "wandb" in trackers:
-            wandb_kwargs: dict[str, Any] = {"name": run_dir.name, "dir": str(run_dir)}
-            if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
-                wandb_kwargs["mode"] = "offline"
-                self.print(
-                    f"wandb: no API key found, logging offline to {run_dir}/wandb; "
-                    f"upload later with: wandb sync {run_dir}/wandb/offline-run-*"
-                )
-            init_kwargs["wandb"] = wandb_kwargs
-        # TensorBoard writes under {logging_dir}/{project name}.
-        self.accelerator.project_configuration.logging_dir = str(run_dir / "tensorboard")
-        wandb_project = Path(project).name or "trainer"
-        self.accelerator.init_trackers(wandb_project, config=flatten(record), init_kwargs=init_kwargs)
+            self._guard("wandb", lambda: self._start_wandb(run, resume))
+        if "tensorboard" in trackers:
+            self._guard("tensorboard", lambda: self._start_tensorboard(run))
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.accelerator.log(metrics, step=step)  # main process only, inside accelerate
+    def _start_wandb(self, run: RunConfig, resume: bool) -> None:
+        from accelerate.tracking import WandBTracker
+
+        id_file = self.run_dir / WANDB_ID_FILE
+        resuming = resume and id_file.exists()
+        # wandb's own id format (8 lowercase letters and digits), chosen here so it can be stored before init.
+        run_id = id_file.read_text().strip() if resuming else "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
+        id_file.write_text(run_id + "\n")
+        kwargs: dict[str, Any] = {"name": self.run_dir.name, "dir": str(self.run_dir), "id": run_id}
+        kwargs.update(entity=run.entity or None, tags=run.tag_list() or None, notes=run.notes or None)
+        if resuming:
+            kwargs["resume"] = "allow"
+        if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+            kwargs["mode"] = "offline"
+            self.print(
+                f"wandb: no API key found, logging offline to {self.run_dir}/wandb; "
+                f"upload later with: wandb sync {self.run_dir}/wandb/offline-run-*"
+            )
+        tracker = WandBTracker(run.wandb_project_name(), **kwargs)
+        tracker.start()
+        self.accelerator.trackers.append(tracker)
+        tracker.store_init_configuration(flatten(self.record))
+        # Validation charts default to epochs on the x-axis; the summary keeps the best, not the last, value.
+        tracker.run.define_metric("epoch")
+        tracker.run.define_metric("val/*", step_metric="epoch")
+        tracker.run.define_metric("val/top1", summary="max")
+        tracker.run.define_metric("val/loss", summary="min")
+
+    def _start_tensorboard(self, run: RunConfig) -> None:
+        from accelerate.tracking import TensorBoardTracker
+
+        tracker = TensorBoardTracker(run.wandb_project_name(), self.run_dir / "tensorboard")
+        tracker.start()
+        self.accelerator.trackers.append(tracker)
+        tracker.store_init_configuration(flatten(self.record))
+
+    def _guard(self, name: str, action) -> bool:
+        """Run a tracker action; on any failure warn once, drop that tracker and carry on training."""
+        try:
+            action()
+            return True
+        except Exception as e:  # a tracker is never worth a lost training run
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.print(f"warning: {name} failed ({type(e).__name__}: {first_line}); training continues without it")
+            self.accelerator.trackers[:] = [t for t in self.accelerator.trackers if t.name != name]
+            return False
+
+    def _tracker(self, name: str):
+        return next((t for t in self.accelerator.trackers if t.name == name), None)
+
+    # ---- during training ---------------------------------------------------------------------------------
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Log to every tracker (main process only; trackers exist nowhere else)."""
+        for tracker in list(self.accelerator.trackers):
+            self._guard(tracker.name, lambda t=tracker: t.log(metrics, step=step))
+
+    def epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        """Open the progress display for one epoch of `batches` micro-batches on this rank."""
+        self.epoch = epoch
+        self._interval_images, self._interval_start = 0, time.monotonic()
+        if self.is_main:
+            self.progress = Progress(batches, f"epoch {epoch}/{epochs}")
+
+    def advance(self, images: int) -> None:
+        """One micro-batch done; `images` counts all ranks."""
+        self._interval_images += images
+        if self.progress is not None:
+            self.progress.update()
+
+    def log_train(self, step: int, loss: float, lr: float) -> None:
+        """Every --log-every optimizer steps: trackers get loss, lr, throughput and the fractional epoch."""
+        now = time.monotonic()
+        imgs_per_sec = self._interval_images / max(now - self._interval_start, 1e-9)
+        self._interval_images, self._interval_start = 0, now
+        done = self.progress.done / self.progress.total if self.progress and self.progress.total else 0.0
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/imgs_per_sec": imgs_per_sec,
+            "epoch": self.epoch - 1 + done,
+        }
+        self.log(metrics, step=step)
+        if self.progress is not None:
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "img/s": f"{imgs_per_sec:.0f}"}
+            if self.accelerator.device.type == "cuda":
+                import torch
+
+                postfix["mem"] = f"{torch.cuda.max_memory_reserved() / 2**30:.1f}G"
+            self.progress.set_postfix(**postfix)
 
     def epoch_end(
-        self, epoch: int, epochs: int, metrics: dict[str, float], seconds: float, imgs_per_sec: float, best: bool
+        self,
+        epoch: int,
+        epochs: int,
+        metrics: dict[str, float],
+        seconds: float,
+        imgs_per_sec: float,
+        best: bool,
+        preds: report.Predictions | None = None,
     ) -> None:
+        """results.csv row and the epoch line; keeps the best epoch's predictions for the final reports."""
+        self.train_images += round(imgs_per_sec * seconds)
+        self.train_seconds += seconds
+        if not self.is_main:
+            return
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        if best and preds is not None:
+            self.best = (epoch, preds)
         row = [epoch, *(metrics[c] for c in RESULTS_COLUMNS[1:])]
-        if self.is_main:
-            with open(self.run_dir / "results.csv", "a", newline="") as f:
-                csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
-            print(
-                f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
-                f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}  lr {metrics['lr']:.2e}  "
-                f"{seconds:.1f}s  {imgs_per_sec:.0f} img/s{'  *best' if best else ''}",
-                flush=True,
-            )
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Every rank calls this: end_training closes trackers on the main process."""
-        if self.is_main and any(t.name == "wandb" for t in self.accelerator.trackers):
-            self.accelerator.get_tracker("wandb", unwrap=True).summary.update(summary)
-        self.accelerator.end_training()
-        self.print(
-            f"best val/top1 {summary['best/val_top1']:.4f} at epoch {summary['best/epoch']}, "
-            f"{summary['time_s']:.0f}s in all. Results saved to {self.run_dir}"
+        with open(self.run_dir / "results.csv", "a", newline="") as f:
+            csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+        print(
+            f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
+            f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}  lr {metrics['lr']:.2e}  "
+            f"{seconds:.1f}s  {imgs_per_sec:.0f} img/s{'  *best' if best else ''}",
+            flush=True,
         )
+
+    # ---- end -----------------------------------------------------------------------------------------------
+
+    def finish(self, summary: dict[str, Any], val_split=None) -> None:
+        """Every rank calls this. The main process writes the final reports and media and closes the trackers.
+
+        Args:
+            summary: best/val_top1, best/epoch, time_s and run_dir from the engine.
+            val_split: the raw validation dataset (an "image" per row, dataset order) for the prediction grid.
+        """
+        if self.is_main:
+            written = self._write_reports(val_split)
+            summary = {**summary, "train/imgs_per_sec": self.train_images / max(self.train_seconds, 1e-9)}
+            wandb_tracker = self._tracker("wandb")
+            if wandb_tracker is not None:
+                self._guard("wandb", lambda: self._log_wandb_media(wandb_tracker.run, summary, val_split))
+            for tracker in list(self.accelerator.trackers):
+                self._guard(tracker.name, tracker.finish)
+            self.accelerator.trackers.clear()
+            self._print_summary(summary, written)
+        # Collective: ranks leave together, after the main process has written everything (a rank that tears
+        # the gloo group down while rank 0 still works was seen to abort it).
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+    def _write_reports(self, val_split) -> list[str]:
+        """results.png, and from the best epoch's predictions: per-class table, confusion matrix, image grid."""
+        written = []
+        report.save_results_png(self.run_dir / "results.csv", self.run_dir / "results.png")
+        written.append("results.png")
+        if self.best is None:
+            return written
+        epoch, preds = self.best
+        names = self.record["dataset"]["class_names"]
+        rows = report.per_class_rows(preds, names)
+        report.save_per_class_csv(rows, self.run_dir / "per_class.csv")
+        shown = rows
+        if len(rows) > PRINTED_CLASSES + 1:
+            shown = [*sorted(rows[:-1], key=lambda r: r["top1"])[:20], rows[-1]]
+        more = "" if shown is rows else f", the 20 worst of {len(rows) - 1} classes (all in per_class.csv)"
+        print(f"per-class accuracy at the best epoch ({epoch}){more}:\n{report.format_per_class(shown)}", flush=True)
+        cm = report.confusion_matrix(preds, len(names))
+        report.save_confusion_matrix_png(cm, names, self.run_dir / "confusion_matrix.png")
+        written += ["per_class.csv", "confusion_matrix.png"]
+        if val_split is not None:
+            index = report.sample_indices(preds, GRID_IMAGES)
+            images = [val_split[int(i)]["image"] for i in index]
+            report.save_prediction_grid(
+                images, preds.labels[index], preds.predicted[index], names, self.run_dir / "val_predictions.png"
+            )
+            written.append("val_predictions.png")
+        return written
+
+    def _log_wandb_media(self, run, summary: dict[str, Any], val_split) -> None:
+        import wandb
+
+        run.summary.update({k: v for k, v in summary.items() if k != "run_dir"})
+        media = {
+            name.removesuffix(".png"): wandb.Image(str(self.run_dir / name))
+            for name in ("results.png", "confusion_matrix.png", "val_predictions.png")
+            if (self.run_dir / name).exists()
+        }
+        if self.best is not None:
+            _, preds = self.best
+            names = self.record["dataset"]["class_names"]
+            media["val/confusion_matrix"] = wandb.plot.confusion_matrix(
+                y_true=preds.labels.tolist(), preds=preds.predicted.tolist(), class_names=names
+            )
+            if val_split is not None:
+                table = wandb.Table(columns=["index", "image", "true", "predicted", "confidence", "correct"])
+                for i in report.sample_indices(preds, 96):
+                    true, pred = int(preds.labels[i]), int(preds.predicted[i])
+                    confidence = float(preds.probs[i, 0]) if preds.probs is not None else float("nan")
+                    image = wandb.Image(val_split[int(i)]["image"])
+                    table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
+                media["val/predictions"] = table
+        run.log(media)
+        best_weights = self.run_dir / "weights" / "best.safetensors"
+        if best_weights.exists():
+            artifact = wandb.Artifact(
+                f"model-{run.id}",
+                type="model",
+                metadata={"val_top1": summary.get("best/val_top1"), "epoch": summary.get("best/epoch")},
+            )
+            artifact.add_file(str(best_weights))
+            run.log_artifact(artifact, aliases=["best", f"epoch-{summary.get('best/epoch')}"])
+
+    def _print_summary(self, summary: dict[str, Any], written: list[str]) -> None:
+        print(
+            f"best val/top1 {summary['best/val_top1']:.4f} at epoch {summary['best/epoch']}, "
+            f"{summary['time_s']:.0f}s in all, {summary['train/imgs_per_sec']:.0f} img/s training. "
+            f"Results saved to {self.run_dir}",
+            flush=True,
+        )
+        print(f"  weights: {self.run_dir / 'weights'}/best.safetensors, last.safetensors", flush=True)
+        print(f"  reports: results.csv, {', '.join(written)}", flush=True)
