@@ -313,7 +313,7 @@ class Reporter:
 
         run.summary.update({k: v for k, v in summary.items() if k != "run_dir"})
         media = {
-            name.removesuffix(".png"): wandb.Image(str(self.run_dir / name))
+            f"plots/{name.removesuffix('.png')}": wandb.Image(str(self.run_dir / name))
             for name in ("results.png", "confusion_matrix.png", "val_predictions.png")
             if (self.run_dir / name).exists()
         }

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import CPU_2PROC, accelerate_launch, check, config_of, results, run, torchrun, trainer
+from PIL import Image
 from safetensors import safe_open
+from wandb_file import read_run
 
 from trainer.tracking import RESULTS_COLUMNS
 
@@ -44,8 +47,10 @@ def test_default_run_reaches_accuracy(workdir: Path):
 
 
 def test_two_ranks_accelerate_launch_wandb_and_sync_bn(workdir: Path):
-    """2 real gloo ranks through accelerate launch: one wandb run, SyncBN skipped on CPU with the reason given once."""
-    proc = check(run(accelerate_launch(CPU_2PROC, "train", *FAST, "--sync-bn"), workdir))
+    """2 real gloo ranks through accelerate launch: SyncBN skipped on CPU with the reason given once, and exactly
+    one wandb run (read back from its offline file) with what a dashboard shows, plus the run folder's reports."""
+    wandb_flags = ("--log-every", "5", "--wandb-project", "digits-e2e", "--tags", "e2e,cpu", "--notes", "two ranks")
+    proc = check(run(accelerate_launch(CPU_2PROC, "train", *FAST, "--sync-bn", *wandb_flags), workdir))
     run_dir = workdir / "runs" / "train" / "exp"
     cfg = config_of(run_dir)
     assert cfg["launch"]["num_processes"] == 2
@@ -55,8 +60,51 @@ def test_two_ranks_accelerate_launch_wandb_and_sync_bn(workdir: Path):
     assert "CUDA" in cfg["launch"]["sync_bn_reason"]
     assert proc.stdout.count("--sync-bn skipped") == 1
     assert len(results(run_dir)) == 1
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     assert not (workdir / "runs" / "train" / "exp2").exists()  # both ranks wrote into one run folder
+
+    # The wandb run: one offline run with one run record, whose id is stored for --resume.
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    wandb_run = read_run(next(offline[0].glob("run-*.wandb")))
+    assert len(wandb_run.runs) == 1
+    meta = wandb_run.runs[0]
+    assert meta.run_id == (run_dir / "wandb_id.txt").read_text().strip()
+    assert meta.project == "digits-e2e" and meta.display_name == "exp"
+    assert list(meta.tags) == ["e2e", "cpu"] and meta.notes == "two ranks"
+    assert wandb_run.config["launch.num_processes"] == 2 and wandb_run.config["launch.distributed_type"]
+    assert wandb_run.config["dataset.val_size"] == 180 and wandb_run.config["train.epochs"] == 1
+    assert {"train/loss", "train/lr", "train/imgs_per_sec", "val/loss", "val/top1", "val/top5", "epoch"} <= (
+        wandb_run.history_keys
+    )
+    # 25 optimizer steps logged every 5: five train rows, each with throughput and a fractional epoch.
+    train_rows = [row for row in wandb_run.history if "train/loss" in row]
+    assert [row["_step"] for row in train_rows] == [5, 10, 15, 20, 25]
+    assert all(row["train/imgs_per_sec"] > 0 and 0 < row["epoch"] <= 1 for row in train_rows)
+    best_top1 = float(results(run_dir)[0]["val/top1"])
+    assert wandb_run.summary["best/val_top1"] == pytest.approx(best_top1, abs=1e-6)
+    assert wandb_run.summary["best/epoch"] == 1
+    for media in (
+        "images/plots/results_",
+        "images/plots/confusion_matrix_",
+        "images/plots/val_predictions_",
+        "table/val/predictions_",
+        "table/val/confusion_matrix_table_",
+    ):
+        assert any(p.startswith(f"media/{media}") for p in wandb_run.files), (media, wandb_run.files)
+    for path in wandb_run.files:
+        assert (offline[0] / "files" / path).is_file()
+    models = [a for a in wandb_run.artifacts if a.type == "model"]
+    assert len(models) == 1 and "best" in models[0].aliases
+
+    # Run folder reports, written once by the main process.
+    for name in ("results.png", "confusion_matrix.png", "val_predictions.png"):
+        with Image.open(run_dir / name) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+    per_class = list(csv.DictReader((run_dir / "per_class.csv").read_text().splitlines()))
+    assert sum(int(r["images"]) for r in per_class if r["class"] != "all") == 180 == int(per_class[-1]["images"])
+    assert proc.stdout.count("per-class accuracy at the best epoch") == 1
+    assert "\r" not in proc.stdout  # not a terminal: plain lines, no redrawn bar
+    assert "Results saved to" in proc.stdout and "val_predictions.png" in proc.stdout
 
 
 def test_two_ranks_torchrun_grad_accum_tensorboard(workdir: Path):

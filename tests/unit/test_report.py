@@ -12,8 +12,11 @@ from trainer.report import (
     confusion_matrix,
     format_per_class,
     per_class_rows,
+    sample_indices,
     save_confusion_matrix_png,
     save_per_class_csv,
+    save_prediction_grid,
+    save_results_png,
 )
 
 NAMES = ["cat", "dog", "bird"]
@@ -84,3 +87,40 @@ def test_confusion_matrix_png_is_a_real_image(tmp_path):
         assert image.width >= 400 and image.height >= 400
         pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 10  # drawn, not blank
+
+
+def _png(path, min_width: int, min_height: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width >= min_width and image.height >= min_height
+        return np.asarray(image.convert("L"))
+
+
+def test_results_png_plots_every_column(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text(
+        "epoch,train/loss,val/loss,val/top1,val/top5,lr\n1,2.0,1.5,0.4,0.8,0.01\n2,1.0,0.9,0.7,0.95,0.005\n"
+    )
+    save_results_png(csv_path, tmp_path / "results.png")
+    assert _png(tmp_path / "results.png", 800, 300).std() > 10
+
+
+def test_sample_indices_spread_over_the_set_and_include_mistakes():
+    labels = np.repeat(np.arange(10), 10)  # sorted by class, as folder datasets often are
+    predicted = labels.copy()
+    predicted[[5, 6, 7]] = 9  # three mistakes, all in class 0
+    preds = Predictions(labels=labels, topk=predicted[:, None], loss=np.zeros(100, np.float32))
+    index = sample_indices(preds, 20)
+    assert len(index) == 13 and len(set(index.tolist())) == 13 and (np.diff(index) > 0).all()
+    assert set(labels[index]) == set(range(10))  # every class shown
+    assert {5, 6, 7} <= set(index.tolist())  # and every mistake, while there is room
+
+
+def test_prediction_grid_is_a_real_image(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (8, 8), dtype=np.uint8) for _ in range(7)]
+    labels, predicted = np.arange(7) % 3, np.array([0, 1, 2, 0, 0, 2, 0])
+    save_prediction_grid(images, labels, predicted, NAMES, tmp_path / "grid.png")
+    assert _png(tmp_path / "grid.png", 300, 300).std() > 10
