@@ -116,7 +116,14 @@ def test_two_ranks_torchrun_grad_accum_tensorboard(workdir: Path):
     assert launch["per_device_batch_size"] == 16
     # 1,617 training digits / (16 per rank x 2 ranks) = 50 micro-batches per rank -> 25 optimizer steps.
     assert launch["steps_per_epoch"] == 25
-    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for path in events:
+        tags |= set(EventAccumulator(str(path)).Reload().Tags()["scalars"])
+    # The same keys as on wandb.
+    assert {"train/loss", "train/lr", "train/imgs_per_sec", "val/loss", "val/top1", "val/top5", "epoch"} <= tags
     assert not (workdir / "runs" / "train" / "exp2").exists()
 
 
