@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from accelerate import Accelerator
 
+from trainer import progress as progress_module
 from trainer import tracking
 from trainer.config import RunConfig
 from trainer.report import Predictions
@@ -113,8 +114,8 @@ def test_failing_tracker_log_is_dropped_not_raised(tmp_path, capsys):
 
 
 def test_progress_without_terminal_prints_plain_lines(monkeypatch, capsys):
-    monkeypatch.setattr(tracking, "PLAIN_PROGRESS_SECONDS", 0.0)
-    progress = tracking.Progress(total=4, desc="epoch 1/2")
+    monkeypatch.setattr(progress_module, "PLAIN_PROGRESS_SECONDS", 0.0)
+    progress = progress_module.Progress(total=4, desc="epoch 1/2")
     progress.set_postfix(loss="0.5000")
     for _ in range(4):
         progress.update()
