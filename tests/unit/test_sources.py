@@ -180,9 +180,9 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path):
     trailing = root / "train" / "a" / "trailing.jpg"
     picture(10).save(trailing, format="JPEG")
     trailing.write_bytes(trailing.read_bytes() + b"\x00" * 100 + b"camera maker notes")
-    broken = write_broken_files(root / "train" / "b") + [root / "val" / "a" / "empty.png"]
+    broken = [*write_broken_files(root / "train" / "b"), root / "val" / "a" / "empty.png"]
     broken[-1].write_bytes(b"")
-    splits, info = load_splits(DataConfig(data=str(root)))
+    _, info = load_splits(DataConfig(data=str(root)))
     assert info.train_size == 13 and info.val_size == 4
     reasons = dict(info.skipped)
     assert sorted(reasons) == sorted(str(p) for p in broken)
