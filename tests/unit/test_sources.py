@@ -228,3 +228,27 @@ def test_mixup_targets_with_loss_smoothing_equal_timm_soft_target_loss():
             torch.nn.functional.cross_entropy(logits, ours, label_smoothing=0.1),
             SoftTargetCrossEntropy()(logits, timms),
         )
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        ({"train": {"a": 2, "b": 0}}, "class folder train/b/ has no images"),
+        ({"train": {"a": 2, "b": 2}, "val": {"a": 1, "zebra": 1}}, "val/ has class folder(s) zebra that train/ lacks"),
+        ({"train": {"a": 3}}, "only one class (a)"),
+        ({"train": {}}, "no images found"),
+    ],
+)
+def test_bad_data_exits_2_with_one_line_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, fresh_accelerate_state, layout, expected
+):
+    from trainer.cli import main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "bad", layout)
+    (tmp_path / "bad").mkdir(exist_ok=True)
+    assert main(["train", "--data", "bad", "--tracker", "none", "--epochs", "1"]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("trainer: error: --data bad: ") and expected in err, err
+    assert not (tmp_path / "runs").exists()
