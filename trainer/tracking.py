@@ -16,6 +16,7 @@ import yaml
 from accelerate import Accelerator
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
+EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
 
 
 def wandb_has_credentials() -> bool:
@@ -48,6 +49,7 @@ class Reporter:
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.run_dir: Path | None = None
+        self.columns = RESULTS_COLUMNS
         self._said: set[str] = set()
 
     def print(self, message: str) -> None:
@@ -63,11 +65,12 @@ class Reporter:
     def start(self, run_dir: Path, record: dict[str, Any], trackers: list[str], project: str) -> None:
         """Write config.yaml and start trackers. Every rank calls this (init_trackers is main-only inside)."""
         self.run_dir = run_dir
+        self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if record["optim"]["ema"] else ())
         if self.is_main:
             with open(run_dir / "config.yaml", "w") as f:
                 yaml.safe_dump(record, f, sort_keys=False)
             with open(run_dir / "results.csv", "w", newline="") as f:
-                csv.writer(f).writerow(RESULTS_COLUMNS)
+                csv.writer(f).writerow(self.columns)
         if not trackers:
             return
         init_kwargs: dict[str, dict] = {}
@@ -91,13 +94,14 @@ class Reporter:
     def epoch_end(
         self, epoch: int, epochs: int, metrics: dict[str, float], seconds: float, imgs_per_sec: float, best: bool
     ) -> None:
-        row = [epoch, *(metrics[c] for c in RESULTS_COLUMNS[1:])]
+        row = [epoch, *(metrics[c] for c in self.columns[1:])]
         if self.is_main:
             with open(self.run_dir / "results.csv", "a", newline="") as f:
                 csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+            ema = f"  top1_ema {metrics['val/top1_ema']:.4f}" if "val/top1_ema" in metrics else ""
             print(
                 f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
-                f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}  lr {metrics['lr']:.2e}  "
+                f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}{ema}  lr {metrics['lr']:.2e}  "
                 f"{seconds:.1f}s  {imgs_per_sec:.0f} img/s{'  *best' if best else ''}",
                 flush=True,
             )
