@@ -42,7 +42,8 @@ def test_warmup_steps_replace_warmup_epochs():
 
 def test_step_schedule_decays_every_decay_epochs():
     cfg = OptimConfig(lr=0.1, warmup_epochs=0, sched="step", decay_epochs=1, decay_rate=0.5)
-    assert _run_schedule(cfg, steps_per_epoch=2, epochs=3) == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125])
+    lrs = _run_schedule(cfg, steps_per_epoch=2, epochs=3)
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125])
 
 
 def test_plateau_decays_after_patience_and_its_state_round_trips(tmp_path):
