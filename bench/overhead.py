@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per side (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per side (after one warm-up round)")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
