@@ -132,7 +132,7 @@ def train(cfg: Config) -> dict:
     # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
     ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model)) if cfg.optim.ema else None
     # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap).
-    accelerator.register_for_checkpointing(scheduler, *[ema] * (ema is not None))
+    accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None else []))
 
     run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
     record = run_record(
