@@ -58,14 +58,25 @@ def weights_metadata(model_name: str, class_names: list[str], pre: Preprocess, *
     return meta
 
 
-def save_epoch_weights(accelerator: Accelerator, model, weights_dir: Path, metadata: dict[str, str], is_best: bool):
+def save_epoch_weights(
+    accelerator: Accelerator,
+    model,
+    weights_dir: Path,
+    metadata: dict[str, str],
+    is_best: bool,
+    best_model=None,
+    best_metadata: dict[str, str] | None = None,
+):
     """Every rank calls this: get_state_dict gathers sharded (FSDP/DeepSpeed) weights; the main process writes
-    last.safetensors, and best.safetensors when `is_best`."""
+    last.safetensors, and best.safetensors when `is_best` (from `best_model`, e.g. the EMA, when given)."""
     state_dict = accelerator.get_state_dict(model)
+    # is_best is the same on every rank (metrics are gathered), so all ranks make this call or none.
+    other_best = is_best and best_model is not None and best_model is not model
+    best_state = accelerator.get_state_dict(best_model) if other_best else state_dict
     if accelerator.is_main_process:
         save_weights(state_dict, weights_dir / "last.safetensors", metadata)
         if is_best:
-            save_weights(state_dict, weights_dir / "best.safetensors", metadata)
+            save_weights(best_state, weights_dir / "best.safetensors", best_metadata or metadata)
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

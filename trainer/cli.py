@@ -12,6 +12,7 @@ import sys
 
 from trainer import __version__
 from trainer.config import (
+    COMPILE_MODES,
     MIXED_PRECISION,
     SECTIONS,
     Config,
@@ -21,6 +22,9 @@ from trainer.config import (
     field_docs,
     load_yaml,
 )
+
+# Second names users of timm's train.py already type.
+ALIASES = {"label_smoothing": ("--smoothing",)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,11 +47,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif f.name == "pretrained":
                 kwargs.update(nargs="?", const="default", metavar="PATH")
-            elif f.name == "mixed_precision":
-                kwargs["choices"] = MIXED_PRECISION
+            elif f.name in ("mixed_precision", "compile_mode"):
+                kwargs["choices"] = MIXED_PRECISION if f.name == "mixed_precision" else COMPILE_MODES
             else:
                 kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
-            group.add_argument(flag, **kwargs)
+            group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
             dests[f.name] = (section, f)
     return dests
 

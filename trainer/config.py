@@ -24,6 +24,8 @@ class UserError(Exception):
 
 TRACKERS = ("wandb", "tensorboard", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SCHEDULES = ("cosine", "tanh", "step", "constant", "plateau")  # timm.scheduler.create_scheduler_v2 names
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -103,11 +105,16 @@ class ModelConfig:
     """Convert BatchNorm to SyncBatchNorm (only applied with more than one process on CUDA)."""
     drop_path: float = 0.0
     """Stochastic depth rate, for models that support it."""
+    drop: float = 0.0
+    """Dropout rate before the classifier (timm's drop_rate)."""
+    channels_last: bool = False
+    """Keep weights and activations in channels-last (NHWC) memory layout; faster convolutions on most GPUs."""
 
     def __post_init__(self):
         _check(bool(self.model.strip()), "--model must name a timm model, e.g. resnet18")
         _check(self.in_chans >= 0, f"--in-chans must be 0 (follow the data) or positive, got {self.in_chans}")
         _check(0.0 <= self.drop_path < 1.0, f"--drop-path must be in [0, 1), got {self.drop_path}")
+        _check(0.0 <= self.drop < 1.0, f"--drop must be in [0, 1), got {self.drop}")
 
 
 @dataclass(frozen=True)
@@ -120,16 +127,50 @@ class OptimConfig:
     """Weight decay (not applied to norm and bias parameters)."""
     momentum: float = 0.9
     """Momentum for SGD-type optimizers."""
+    layer_decay: float = 0.0
+    """Layer-wise lr decay (e.g. 0.75 for ViT fine-tunes): lr x this factor per layer below the head; 0: off."""
+    fused: bool = True
+    """Use the optimizer's fused kernel where PyTorch has one (SGD, Adam, AdamW, ...); else timm's default kernel."""
+    sched: str = "cosine"
+    """Learning-rate schedule (timm): cosine, tanh, step, constant (after warmup), plateau (per epoch on val top-1)."""
     warmup_epochs: float = 0.5
-    """Linear warmup length in epochs (fractions allowed), then cosine decay to --min-lr."""
+    """Linear warmup length in epochs (fractions allowed)."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer steps; replaces --warmup-epochs when positive."""
+    warmup_lr: float = 1e-5
+    """Learning rate at the start of the warmup."""
     min_lr: float = 1e-5
-    """Learning rate at the end of the cosine schedule."""
+    """Lowest learning rate: where cosine and tanh end, the floor of plateau decay."""
+    decay_epochs: float = 30.0
+    """step: epochs between lr decays."""
+    decay_rate: float = 0.1
+    """step, plateau: factor applied to the lr at each decay."""
+    patience_epochs: int = 10
+    """plateau: epochs without val top-1 improvement before the lr decays."""
+    ema: bool = False
+    """Keep an exponential moving average of the weights (timm ModelEmaV3), evaluated every epoch as val/top1_ema."""
+    ema_decay: float = 0.9998
+    """EMA decay per optimizer step (the ceiling of the decay when --ema-warmup is on)."""
+    ema_warmup: bool = True
+    """Ramp the EMA decay up from 0 over the first steps, so short runs get a useful average."""
 
     def __post_init__(self):
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _check(self.weight_decay >= 0, f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        _check(0 <= self.layer_decay <= 1, f"--layer-decay must be in (0, 1], or 0 for off, got {self.layer_decay}")
+        _check(self.sched in SCHEDULES, f"--sched must be one of {', '.join(SCHEDULES)}, got {self.sched!r}")
         _check(self.warmup_epochs >= 0, f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        _check(self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        _check(
+            not (self.sched == "plateau" and self.warmup_steps),
+            "--sched plateau steps once per epoch; give its warmup with --warmup-epochs instead of --warmup-steps",
+        )
+        _check(self.warmup_lr >= 0, f"--warmup-lr must be 0 or more, got {self.warmup_lr}")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr must be between 0 and --lr, got {self.min_lr}")
+        _check(self.decay_epochs > 0, f"--decay-epochs must be positive, got {self.decay_epochs}")
+        _check(0 < self.decay_rate <= 1, f"--decay-rate must be in (0, 1], got {self.decay_rate}")
+        _check(self.patience_epochs >= 0, f"--patience-epochs must be 0 or more, got {self.patience_epochs}")
+        _check(0 < self.ema_decay < 1, f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +193,10 @@ class TrainConfig:
     """Clip the gradient norm to this value; 0 disables."""
     log_every: int = 20
     """Log train/loss and train/lr to trackers every N optimizer steps."""
+    compile: bool = False
+    """torch.compile the model (inductor, through Accelerate, after prepare). The first steps wait for compilation."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
 
     def __post_init__(self):
         _check(self.epochs > 0, f"--epochs must be a positive integer, got {self.epochs}")
@@ -164,6 +209,10 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         _check(self.clip_grad >= 0, f"--clip-grad must be 0 (off) or positive, got {self.clip_grad}")
         _check(self.log_every > 0, f"--log-every must be a positive integer, got {self.log_every}")
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}",
+        )
 
     def per_device_batch_size(self, num_processes: int) -> int:
         """Micro-batch size of one forward pass on one process."""

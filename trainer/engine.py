@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from trainer import checkpoint, data, optim
 from trainer.config import Config, TrainConfig, UserError
@@ -35,6 +35,8 @@ class EpochStats:
 def build_accelerator(cfg: Config) -> Accelerator:
     """One Accelerator; the launcher decides processes and precision, --mixed-precision may override it."""
     handlers = [InitProcessGroupKwargs(backend=cfg.run.dist_backend)] if cfg.run.dist_backend else []
+    # prepare() compiles the model after wrapping it; without --compile a launcher's dynamo config still applies.
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode) if cfg.train.compile else None
     try:
         accelerator = Accelerator(
             # Without a GPU, cpu=True makes torchrun/launch ranks join one gloo group instead of each
@@ -47,6 +49,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
             # The schedule counts optimizer updates; we step it once per update, not once per process.
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
+            dynamo_plugin=dynamo,
         )
     except ValueError as e:  # e.g. fp16 requested where it cannot run
         raise UserError(f"cannot set up Accelerate: {e}".split("\n")[0]) from e
@@ -126,11 +129,15 @@ def train(cfg: Config) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     optimizer = optim.build_optimizer(cfg.optim, model)
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
+    ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model)) if cfg.optim.ema else None
+    # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap).
+    accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None else []))
 
     run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
     record = run_record(
-        cfg, accelerator, model, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
+        cfg, accelerator, model, optimizer, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
     )
     reporter.start(run_dir, record, cfg.run)
     reporter.print(
@@ -152,6 +159,7 @@ def train(cfg: Config) -> dict:
         reporter=reporter,
         run_dir=run_dir,
         metadata=meta,
+        ema=ema,
     )
     # Collective: tear the process group down together; a rank that leaves while rank 0 still writes files
     # was seen to abort in gloo at exit ("terminate called without an active exception").
@@ -162,7 +170,16 @@ def train(cfg: Config) -> dict:
 
 
 def run_record(
-    cfg: Config, accelerator, model, train_loader, info, pre, per_device_batch_size: int, steps_per_epoch: int, sync_bn
+    cfg: Config,
+    accelerator,
+    model,
+    optimizer,
+    train_loader,
+    info,
+    pre,
+    per_device_batch_size: int,
+    steps_per_epoch: int,
+    sync_bn,
 ) -> dict:
     """The resolved config plus the facts of this launch and dataset, as written to config.yaml and trackers."""
     record = cfg.to_dict()
@@ -179,6 +196,8 @@ def run_record(
         "per_device_batch_size": per_device_batch_size,
         "steps_per_epoch": steps_per_epoch,
         "workers": train_loader.num_workers,
+        "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),
+        "fused_optimizer": any(g.get("fused") for g in optimizer.param_groups),
         "versions": _versions(),
     }
     record["dataset"] = data.dataset_record(cfg.data, info, pre)
@@ -198,25 +217,41 @@ def fit(
     reporter: Reporter,
     run_dir,
     metadata: dict,
+    ema=None,
 ) -> tuple[float, int]:
-    """Train for cfg.epochs; evaluate and save weights after each epoch. Returns (best top-1, its epoch)."""
+    """Train for cfg.epochs; evaluate and save weights after each epoch. Returns (best top-1, its epoch).
+
+    With `ema`, the average is evaluated too and best.safetensors takes whichever of the two scores higher."""
     best_top1, best_epoch, step = -1.0, 0, 0
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(1, cfg.epochs + 1):
         train_loader.set_epoch(epoch)
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader))
-        stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter)
+        stats, step = train_one_epoch(
+            accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter, ema=ema
+        )
         if average_bn:
             sync_bn_stats(accelerator, model)
+            if ema is not None:  # each rank averaged its own running statistics into its EMA
+                sync_bn_stats(accelerator, ema.module)
         metrics, preds = evaluate(accelerator, model, val_loader, num_classes)
+        if ema is not None:
+            ema_metrics, ema_preds = evaluate(accelerator, ema.module, val_loader, num_classes)
+            metrics |= {f"{k}_ema": v for k, v in ema_metrics.items()}
+        scheduler.end_epoch(epoch, metrics["val/top1"])
         metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
-        is_best = metrics["val/top1"] > best_top1
+        source = "ema" if ema is not None and metrics["val/top1_ema"] > metrics["val/top1"] else "model"
+        top1 = metrics["val/top1_ema" if source == "ema" else "val/top1"]
+        is_best = top1 > best_top1
         if is_best:
-            best_top1, best_epoch = metrics["val/top1"], epoch
+            best_top1, best_epoch = top1, epoch
         reporter.log({**metrics, "epoch": epoch}, step=step)
-        reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best, preds)
-        meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}"}
-        checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best)
+        best_preds = ema_preds if source == "ema" else preds
+        reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best, best_preds)
+        meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}", "weights": "model"}
+        best_meta = {**meta, "val_top1": f"{top1:.6f}", "weights": source}
+        best_model = ema.module if source == "ema" else model
+        checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best, best_model, best_meta)
     return best_top1, best_epoch
 
 
@@ -229,6 +264,7 @@ def train_one_epoch(
     cfg: TrainConfig,
     step: int,
     reporter: Reporter,
+    ema=None,
 ) -> tuple[EpochStats, int]:
     """One pass over this rank's shard. Returns the epoch's mean loss over all ranks and the new step count."""
     model.train()
@@ -251,6 +287,8 @@ def train_one_epoch(
         if accelerator.sync_gradients:
             scheduler.step()
             step += 1
+            if ema is not None:  # once per optimizer update, not per accumulation micro-step
+                ema.update(accelerator.unwrap_model(model), step=step)
             if step % cfg.log_every == 0:
                 reporter.log_train(step, loss.item(), scheduler.get_last_lr()[0])
     # Collective: every rank contributes its sums.
@@ -268,7 +306,8 @@ def evaluate(accelerator, model, loader, num_classes: int) -> tuple[dict[str, fl
     k = min(5, num_classes)
     parts: list[tuple[torch.Tensor, ...]] = []
     for images, labels in loader:
-        logits = model(images).float()
+        with accelerator.autocast():  # the EMA copy is not prepared, so it has no autocast of its own
+            logits = model(images).float()
         loss = F.cross_entropy(logits, labels, reduction="none")
         probs, topk = logits.softmax(dim=1).topk(k, dim=1)
         # Collective: gather_for_metrics drops the samples padded onto the last batch of the shards; the

@@ -19,6 +19,12 @@ class SyncBNDecision:
 
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
     """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights."""
+    model = _create(cfg, num_classes, in_chans)
+    # Inputs need no conversion: a convolution with channels-last weights returns channels-last activations.
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def _create(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
     import timm
 
     if not timm.is_model(cfg.model):
@@ -28,6 +34,8 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.M
     kwargs = dict(num_classes=num_classes, in_chans=in_chans)
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.drop > 0:
+        kwargs["drop_rate"] = cfg.drop
     if not cfg.pretrained:
         return timm.create_model(cfg.model, **kwargs)
     if cfg.pretrained == "default":

@@ -24,6 +24,7 @@ from trainer.config import RunConfig
 from trainer.progress import Progress
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
+EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
 WANDB_ID_FILE = "wandb_id.txt"
 ID_ALPHABET = string.ascii_lowercase + string.digits
 PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
@@ -61,6 +62,7 @@ class Reporter:
         self.is_main = accelerator.is_main_process
         self.run_dir: Path | None = None
         self.record: dict[str, Any] = {}
+        self.columns = RESULTS_COLUMNS
         self.progress: Progress | None = None
         self.epoch = 0
         self.best: tuple[int, report.Predictions] | None = None
@@ -88,13 +90,14 @@ class Reporter:
         With `resume`, results.csv is appended to and the wandb run stored in the run folder is continued.
         """
         self.run_dir, self.record = run_dir, record
+        self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if record.get("optim", {}).get("ema") else ())
         if not self.is_main:
             return
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(record, f, sort_keys=False)
         if not (resume and (run_dir / "results.csv").exists()):
             with open(run_dir / "results.csv", "w", newline="") as f:
-                csv.writer(f).writerow(RESULTS_COLUMNS)
+                csv.writer(f).writerow(self.columns)
         trackers = run.trackers()
         if "wandb" in trackers:
             self._guard("wandb", lambda: self._start_wandb(run, resume))
@@ -212,12 +215,13 @@ class Reporter:
             self.progress = None
         if best and preds is not None:
             self.best = (epoch, preds)
-        row = [epoch, *(metrics[c] for c in RESULTS_COLUMNS[1:])]
+        row = [epoch, *(metrics[c] for c in self.columns[1:])]
         with open(self.run_dir / "results.csv", "a", newline="") as f:
             csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+        ema = f"  top1_ema {metrics['val/top1_ema']:.4f}" if "val/top1_ema" in metrics else ""
         print(
             f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
-            f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}  lr {metrics['lr']:.2e}  "
+            f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}{ema}  lr {metrics['lr']:.2e}  "
             f"{seconds:.1f}s  {imgs_per_sec:.0f} img/s{'  *best' if best else ''}",
             flush=True,
         )

@@ -98,3 +98,8 @@ def test_flag_overrides_empty_yaml_section(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n")
     assert _resolve(["train", "--config", str(path), "--epochs", "7"]).train.epochs == 7
+
+
+def test_smoothing_is_an_alias_of_label_smoothing():
+    assert _resolve(["train", "--smoothing", "0.2"]).train.label_smoothing == 0.2
+    assert _resolve(["train", "--compile", "--compile-mode", "max-autotune"]).train.compile_mode == "max-autotune"

@@ -188,3 +188,17 @@ def test_every_field_has_a_docstring(section):
     docs = field_docs(cls)
     missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name, "").strip()]
     assert not missing, f"{section} fields without help text: {missing}"
+
+
+def test_plateau_refuses_warmup_in_steps():
+    with pytest.raises(UserError, match="--sched plateau steps once per epoch"):
+        OptimConfig(sched="plateau", warmup_steps=10)
+
+
+def test_every_preset_builds_a_config():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert len(presets) >= 2
+    for preset in presets:
+        assert build_config(load_yaml(str(preset))).optim.ema is True

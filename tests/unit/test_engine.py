@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainer.config import OptimConfig, TrainConfig
 from trainer.engine import evaluate, train_one_epoch
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_ema, build_optimizer, build_scheduler
 from trainer.tracking import Reporter
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -34,19 +34,52 @@ def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches):
     optimizer = build_optimizer(cfg, model)
     raw_optimizer = optimizer
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, epochs=1)
-    raw_scheduler = scheduler
     optimizer_steps = []
     raw_optimizer.register_step_post_hook(lambda *_: optimizer_steps.append(1))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # As engine.train: the EMA of the prepared model's unwrapped module; count its updates.
+    ema = build_ema(OptimConfig(ema=True, ema_decay=0.5, ema_warmup=False), accelerator.unwrap_model(model))
+    ema_steps = []
+    update = ema.update
+    ema.update = lambda m, step: (ema_steps.append(step), update(m, step=step))
 
     train_cfg = TrainConfig(grad_accum=grad_accum, label_smoothing=0.0, log_every=100)
-    stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, loader, train_cfg, 0, Reporter(accelerator))
+    reporter = Reporter(accelerator)
+    stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, loader, train_cfg, 0, reporter, ema=ema)
 
     assert step == steps_per_epoch
     assert len(optimizer_steps) == steps_per_epoch
-    assert raw_scheduler.last_epoch == steps_per_epoch
+    assert scheduler.updates == steps_per_epoch
     assert scheduler.get_last_lr()[0] == pytest.approx(cfg.min_lr)  # the schedule ran exactly to its end
     assert stats.images == num_batches * batch
+    # The EMA moved once per optimizer update, never on accumulation micro-steps, and lags the trained weights.
+    assert ema_steps == list(range(1, steps_per_epoch + 1))
+    assert not torch.allclose(ema.module.weight, model.weight)
+
+
+def test_save_state_carries_schedule_and_ema(tmp_path):
+    """What resume relies on: the registered schedule and EMA come back from accelerator.load_state."""
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    model = torch.nn.Linear(4, 3)
+    cfg = OptimConfig(optimizer="sgd", lr=0.1, warmup_epochs=0, ema=True, ema_warmup=False)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=10, epochs=1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = build_ema(cfg, accelerator.unwrap_model(model))
+    accelerator.register_for_checkpointing(scheduler, ema)
+    for step in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        scheduler.step()
+        ema.update(model, step=step)
+    saved_ema, saved_lr = ema.module.weight.detach().clone(), scheduler.get_last_lr()
+    accelerator.save_state(str(tmp_path / "state"))
+    for _ in range(3):
+        scheduler.step()
+    ema.set(torch.nn.Linear(4, 3))
+    accelerator.load_state(str(tmp_path / "state"))
+    assert scheduler.updates == 3 and scheduler.get_last_lr() == pytest.approx(saved_lr)
+    torch.testing.assert_close(ema.module.weight, saved_ema)
 
 
 def test_evaluate_matches_plain_torch():

@@ -1,0 +1,113 @@
+"""Start-up time: how long `trainer train ...` takes to its first optimizer step, and where that time goes.
+
+Runs the real CLI in a fresh process (HOME and the working folder in a temporary directory, as a new user would)
+and stops it at the first optimizer step. Prints the time at the end of each start-up phase, and the slowest
+top-level imports of the whole start-up (python -X importtime; lazy imports are counted where they happen).
+
+    python bench/startup.py                          # the default run: MNIST, resnet10t, wandb offline
+    python bench/startup.py --tracker none --data digits
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in the child: wraps the engine's phase boundaries with timers and stops at the first optimizer step.
+DRIVER = r"""
+import time
+t0, t0_wall = time.perf_counter(), time.time()
+import json, sys
+marks = [("imports (torch, accelerate, trainer)", 0.0)]
+def mark(label):
+    marks.append((label, time.perf_counter() - t0))
+
+class FirstStep(Exception):
+    pass
+
+def timed(owner, name, label):
+    fn = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        mark(label)
+        return out
+    setattr(owner, name, wrapper)
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from trainer import cli, engine, tracking
+marks[0] = (marks[0][0], time.perf_counter() - t0)
+timed(engine, "build_accelerator", "Accelerator")
+timed(engine.data, "load_splits", "dataset (imports datasets)")
+timed(engine, "build_model", "model (imports timm)")
+timed(engine.data, "build_dataloaders", "transforms and DataLoaders")
+timed(engine.optim, "build_scheduler", "prepare loaders, optimizer, schedule")
+timed(tracking.Reporter, "start", "prepare model, run folder, config.yaml, trackers")
+def first_step(*args):
+    mark("first batch + forward/backward + optimizer step")
+    raise FirstStep
+register_optimizer_step_post_hook(first_step)
+try:
+    cli.main(sys.argv[1:])
+except FirstStep:
+    pass
+print("MARKS " + json.dumps({"start": t0_wall, "marks": marks}), flush=True)
+"""
+
+
+def top_imports(stderr: str, n: int = 8) -> list[tuple[str, float]]:
+    """Top-level packages by cumulative import time (ms), from python -X importtime output."""
+    totals: dict[str, float] = {}
+    for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \| ( *)(\S+)", stderr):
+        cumulative_us, indent, name = int(m.group(1)), m.group(2), m.group(3)
+        if not indent:
+            package = name.split(".")[0]
+            totals[package] = totals.get(package, 0.0) + cumulative_us / 1000
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "HF_"))}
+        env.update(HOME=tmp, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+        start = time.time()
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", DRIVER, "train", *args],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        wall = time.time() - start
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("MARKS ")), None)
+    if line is None:
+        sys.exit(f"the run did not reach a training step (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    record = json.loads(line.removeprefix("MARKS "))
+    marks, interpreter = record["marks"], record["start"] - start
+    print(f"trainer train {' '.join(args)}".rstrip())
+    print(f"{'phase':<52} {'ends at':>8} {'takes':>7}")
+    print(f"{'python interpreter start':<52} {interpreter:>7.2f}s {interpreter:>6.2f}s")
+    previous = 0.0
+    for label, at in marks:
+        print(f"{label:<52} {interpreter + at:>7.2f}s {at - previous:>6.2f}s")
+        previous = at
+    first_step = interpreter + marks[-1][1]
+    print(f"time to first training step: {first_step:.2f} s (process start to first optimizer step)")
+    print(f"(stopping the process then took {wall - first_step:.2f} s more)")
+    print("slowest top-level imports (cumulative, including lazy ones):")
+    for package, ms in top_imports(proc.stderr):
+        print(f"  {package:<24} {ms / 1000:6.2f}s")
+
+
+if __name__ == "__main__":
+    main()
