@@ -7,6 +7,7 @@ normalised tensors. Moving the pipeline to the GPU later means replacing that cl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 import random
@@ -134,6 +135,54 @@ def resolve_hflip(cfg: DataConfig, info: DataInfo) -> float:
     return info.default_hflip if cfg.hflip < 0 else cfg.hflip
 
 
+class SeededBatches(torch.utils.data.Dataset):
+    """Seeds the augmentation of every batch from (seed, epoch, the batch's indices), not from a running stream.
+
+    The same batch then gets the same crops whichever process or worker loads it and whatever ran before it, so a
+    run resumed mid-epoch (its first batches skipped, workers restarted) continues bitwise as if never stopped.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        # Shared memory: persistent DataLoader workers see the epoch the main process sets.
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        key = f"{self.seed}/{int(self.epoch)}/{','.join(map(str, indices))}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        py_state, np_state = random.getstate(), np.random.get_state()
+        # fork_rng restores the CPU generator afterwards: the training process's own stream (dropout, drop-path)
+        # stays untouched when batches load in-process (--workers 0).
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)  # CPU only: leave the CUDA generators alone
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                fetch = getattr(self.dataset, "__getitems__", None)
+                return fetch(indices) if fetch else [self.dataset[i] for i in indices]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
+    runs one process)."""
+    loader.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 def _collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.stack([e["image"] for e in examples])
     labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
@@ -172,7 +221,9 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
-    train_ds = splits["train"].with_transform(ImageTransform(pre, True, resolve_hflip(cfg, info), cfg.scale))
+    train_ds = SeededBatches(
+        splits["train"].with_transform(ImageTransform(pre, True, resolve_hflip(cfg, info), cfg.scale)), seed
+    )
     val_ds = splits["val"].with_transform(ImageTransform(pre, False, 0.0, cfg.scale))
     workers = num_workers(cfg, local_processes)
     common = dict(

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwa
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from trainer import checkpoint, data, optim
+from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.model import apply_sync_bn, build_model, has_batchnorm
 from trainer.tracking import Reporter
@@ -43,8 +45,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
             log_with=cfg.run.trackers() or None,
             # TensorBoard wants a logging dir up front; Reporter.start points it into the run folder.
             project_config=ProjectConfiguration(project_dir=cfg.run.project),
-            # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank. Without data_seed it
+            # seeds from torch.initial_seed(), which set_seed(device_specific=True) makes differ between ranks.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
             # The schedule counts optimizer updates; we step it once per update, not once per process.
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
@@ -77,8 +80,8 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
-def train(cfg: Config) -> dict:
-    """Run one training job from a validated Config. Returns the final summary."""
+def train(cfg: Config, resume_dir: Path | None = None) -> dict:
+    """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary."""
     start = time.time()
     accelerator = build_accelerator(cfg)
     reporter = Reporter(accelerator)
@@ -127,35 +130,49 @@ def train(cfg: Config) -> dict:
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    if resume_dir is None:
+        run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    else:
+        run_dir = resume_dir
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint)
+    # After everything stateful is prepared or registered for checkpointing: load_state restores exactly those.
+    state = checkpointer.restore(cfg.train.epochs) if resume_dir else TrainState()
     record = run_record(
         cfg, accelerator, model, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
     )
-    reporter.start(run_dir, record, cfg.run.trackers(), cfg.run.project)
+    reporter.start(run_dir, record, cfg.run.trackers(), cfg.run.project, resume=resume_dir is not None)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
         f"{len(info.class_names)} classes), {world} process(es) on {accelerator.device.type}, "
         f"global batch {cfg.train.batch_size} = {per_device_batch_size} x {world} x {cfg.train.grad_accum}, "
         f"precision {accelerator.mixed_precision}"
     )
+    if resume_dir:
+        reporter.keep_results(state.epoch)  # rows written after the checkpoint are trained again
+        reporter.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
     meta = checkpoint.weights_metadata(cfg.model.model, info.class_names, pre)
-    best = fit(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        val_loader,
-        cfg.train,
-        num_classes=len(info.class_names),
-        reporter=reporter,
-        run_dir=run_dir,
-        metadata=meta,
-    )
+    with checkpointer:  # SIGTERM/SIGINT from here on: finish the step, save, exit
+        best = fit(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            train_loader,
+            val_loader,
+            cfg.train,
+            num_classes=len(info.class_names),
+            reporter=reporter,
+            run_dir=run_dir,
+            metadata=meta,
+            state=state,
+            checkpointer=checkpointer,
+        )
     # Collective: tear the process group down together; a rank that leaves while rank 0 still writes files
     # was seen to abort in gloo at exit ("terminate called without an active exception").
     accelerator.wait_for_everyone()
     summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
+    if state.skipped_steps:
+        summary["train/skipped_steps"] = state.skipped_steps
     reporter.finish(summary)
     return summary
 
@@ -207,25 +224,33 @@ def fit(
     reporter: Reporter,
     run_dir,
     metadata: dict,
+    state: TrainState,
+    checkpointer: Checkpointer,
 ) -> tuple[float, int]:
-    """Train for cfg.epochs; evaluate and save weights after each epoch. Returns (best top-1, its epoch)."""
-    best_top1, best_epoch, step = -1.0, 0, 0
+    """Train from `state` to cfg.epochs; evaluate, save weights and a checkpoint after each epoch.
+
+    Returns (best top-1, its epoch)."""
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
-    for epoch in range(1, cfg.epochs + 1):
-        train_loader.set_epoch(epoch)
-        stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        data.set_epoch(train_loader, epoch)
+        stats = train_one_epoch(
+            accelerator, model, optimizer, scheduler, train_loader, cfg, state, reporter, checkpointer
+        )
         if average_bn:
             sync_bn_stats(accelerator, model)
         metrics = evaluate(accelerator, model, val_loader, num_classes)
         metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
-        is_best = metrics["val/top1"] > best_top1
+        is_best = metrics["val/top1"] > state.best_top1
         if is_best:
-            best_top1, best_epoch = metrics["val/top1"], epoch
-        reporter.log({**metrics, "epoch": epoch}, step=step)
+            state.best_top1, state.best_epoch = metrics["val/top1"], epoch
+        reporter.log({**metrics, "epoch": epoch}, step=state.step)
         reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best)
         meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}"}
         checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best)
-    return best_top1, best_epoch
+        state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
+        # Collective: every rank saves its part; then all stop together if any of them got a signal.
+        checkpointer.end_epoch(state)
+    return state.best_top1, state.best_epoch
 
 
 def train_one_epoch(
@@ -235,33 +260,58 @@ def train_one_epoch(
     scheduler,
     loader,
     cfg: TrainConfig,
-    step: int,
+    state: TrainState,
     reporter: Reporter,
-) -> tuple[EpochStats, int]:
-    """One pass over this rank's shard. Returns the epoch's mean loss over all ranks and the new step count."""
+    checkpointer: Checkpointer,
+) -> EpochStats:
+    """One pass over this rank's shard (its rest, when resumed mid-epoch), advancing `state`.
+
+    Returns the epoch's mean loss over all ranks."""
     model.train()
     start = time.time()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    # Resumed mid-epoch: this rank's partial sums come from the checkpoint and its first batches are skipped.
+    loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
+    seen = torch.tensor(state.seen, device=accelerator.device)
+    trained = torch.zeros((), device=accelerator.device)  # images this session, for img/s
+    if state.batches_in_epoch:
+        loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+    nonfinite = torch.zeros((), device=accelerator.device)
+    stop = False
     for images, labels in loader:
         with accelerator.accumulate(model):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach() * labels.shape[0]
-        seen += labels.shape[0]
+            finite = torch.isfinite(loss.detach())
+            nonfinite += ~finite
+            if accelerator.sync_gradients:
+                # Collective: all ranks agree whether to skip this update and whether to stop after it.
+                skip, stop = checkpointer.check_step(nonfinite, state.step + 1, cfg.skip_nonfinite)
+                if skip:
+                    state.skipped_steps += 1
+                    reporter.print(f"step {state.step + 1}: non-finite loss, update skipped ({state.skipped_steps})")
+                else:
+                    if cfg.clip_grad > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite.zero_()
+        loss_sum += torch.where(finite, loss.detach(), 0.0) * labels.shape[0]
+        seen += finite * labels.shape[0]
+        trained += labels.shape[0]
+        state.batches_in_epoch += 1
         if accelerator.sync_gradients:
             scheduler.step()
-            step += 1
-            if step % cfg.log_every == 0:
-                reporter.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            state.step += 1
+            if state.step % cfg.log_every == 0:
+                reporter.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
+            if stop:  # Collective: every rank saves its part, then raises Stopped
+                checkpointer.stop(state, loss_sum, seen)
+            if checkpointer.due(state.step, accelerator.gradient_state.end_of_dataloader):
+                checkpointer.save(state, loss_sum, seen)  # Collective: every rank saves its part
     # Collective: every rank contributes its sums.
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
-    return EpochStats(loss=(loss_sum / seen).item(), images=int(seen.item()), seconds=time.time() - start), step
+    loss_sum, seen, trained = accelerator.reduce(torch.stack([loss_sum, seen, trained]), reduction="sum")
+    return EpochStats(loss=(loss_sum / seen).item(), images=int(trained.item()), seconds=time.time() - start)
 
 
 @torch.no_grad()

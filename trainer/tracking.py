@@ -60,10 +60,14 @@ class Reporter:
             self._said.add(message)
             self.print(message)
 
-    def start(self, run_dir: Path, record: dict[str, Any], trackers: list[str], project: str) -> None:
-        """Write config.yaml and start trackers. Every rank calls this (init_trackers is main-only inside)."""
+    def start(
+        self, run_dir: Path, record: dict[str, Any], trackers: list[str], project: str, resume: bool = False
+    ) -> None:
+        """Write config.yaml and start trackers. Every rank calls this (init_trackers is main-only inside).
+
+        `resume`: the run folder exists and continues; its config.yaml and results.csv are kept."""
         self.run_dir = run_dir
-        if self.is_main:
+        if self.is_main and not resume:
             with open(run_dir / "config.yaml", "w") as f:
                 yaml.safe_dump(record, f, sort_keys=False)
             with open(run_dir / "results.csv", "w", newline="") as f:
@@ -84,6 +88,19 @@ class Reporter:
         self.accelerator.project_configuration.logging_dir = str(run_dir / "tensorboard")
         wandb_project = Path(project).name or "trainer"
         self.accelerator.init_trackers(wandb_project, config=flatten(record), init_kwargs=init_kwargs)
+
+    def keep_results(self, epochs: int) -> None:
+        """On resume: keep the results.csv rows of the first `epochs` epochs; later ones are trained again."""
+        path = self.run_dir / "results.csv"
+        if not self.is_main or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epochs]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        tmp.replace(path)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.accelerator.log(metrics, step=step)  # main process only, inside accelerate
