@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import random
+import signal
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -196,6 +197,10 @@ def _seed_worker(rank: int, worker_id: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+    # Ctrl-C and `kill -TERM` of a process group reach the workers too; the training process handles them
+    # (finish the step, checkpoint, shut its workers down), and a worker dying first would abort that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def num_workers(cfg: DataConfig, local_processes: int) -> int:

@@ -78,9 +78,10 @@ def test_kill_anywhere_and_resume_is_bitwise_exact(workdir: Path):
     else:
         raise AssertionError("never killed during a save")
     assert len(steps(cut)) == 2  # --keep-checkpoints 2
-    # 3. SIGTERM: the current step finishes, a checkpoint is saved, exit 128 + 15.
+    # 3. SIGTERM to every process, DataLoader workers included: the current step finishes, a checkpoint is saved,
+    #    exit 128 + 15.
     before = steps(cut)[-1]
-    proc = start(trainer("train", "--resume", "--project", str(runs), "--name", "cut"), workdir)
+    proc = start(trainer("train", "--resume", "--project", str(runs), "--name", "cut", "--workers", "2"), workdir)
     out = kill_when(proc, lambda: steps(cut)[-1] > before, signal.SIGTERM)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "stopped by SIGTERM" in out and f"--resume {cut}" in out
@@ -91,9 +92,19 @@ def test_kill_anywhere_and_resume_is_bitwise_exact(workdir: Path):
 
     assert_same_weights(runs / "ref", cut)
     assert (cut / "results.csv").read_text() == (runs / "ref" / "results.csv").read_text()
-    # A finished run has nothing left to resume.
-    proc = run(trainer("train", "--resume", str(cut)), workdir)
-    assert proc.returncode == 2 and "already finished" in proc.stderr
+
+
+def rank_pid(launcher: subprocess.Popen, local_rank: int) -> int:
+    """The pid of one rank under torchrun (its children carry LOCAL_RANK in their environment)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher.pid and f"LOCAL_RANK={local_rank}".encode() in env:
+            return int(stat.parent.name)
+    raise AssertionError(f"no rank {local_rank} under {launcher.pid}")
 
 
 def test_two_ranks_killed_and_resumed_is_bitwise_exact(workdir: Path):
@@ -101,11 +112,21 @@ def test_two_ranks_killed_and_resumed_is_bitwise_exact(workdir: Path):
     check(run(torchrun(2, "train", *ARGS, "--name", "ref"), workdir))
     assert config_of(runs / "ref")["launch"]["num_processes"] == 2
     cut = runs / "cut"
-    kill_when(start(torchrun(2, "train", *ARGS, "--name", "cut"), workdir), lambda: 15 in steps(cut))
-    check(run(torchrun(2, "train", "--resume", str(cut)), workdir))
-    assert_same_weights(runs / "ref", cut)
-    assert (cut / "results.csv").read_text() == (runs / "ref" / "results.csv").read_text()
-    assert sorted(p.name for p in (cut / "checkpoints" / f"step-{steps(cut)[-1]}").glob("trainer_state_*.json")) == [
+    kill_when(start(torchrun(2, "train", *ARGS, "--name", "cut"), workdir), lambda: 10 in steps(cut))
+    # SIGTERM reaching one rank only: both agree on the step, save, and stop.
+    proc = start(torchrun(2, "train", "--resume", str(cut)), workdir)
+    deadline = time.time() + 600
+    while 15 not in steps(cut):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.01)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "stopped by SIGTERM" in out, out[-3000:]
+    stopped_at = steps(cut)[-1]
+    assert stopped_at > 15 and sorted(p.name for p in (cut / "checkpoints" / f"step-{stopped_at}").glob("*.json")) == [
         "trainer_state_0.json",
         "trainer_state_1.json",
     ]
+    check(run(torchrun(2, "train", "--resume", str(cut)), workdir))
+    assert_same_weights(runs / "ref", cut)
+    assert (cut / "results.csv").read_text() == (runs / "ref" / "results.csv").read_text()

@@ -6,6 +6,9 @@ import errno
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +244,21 @@ def test_seeded_batches_repeat_whatever_ran_before():
     ds.set_epoch(2)
     assert ds.__getitems__([3, 7]) != first
     assert SeededBatches(_RandomRows(), seed=2).__getitems__([3, 7]) != first
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    """The first Ctrl-C is noted (the loop finishes its step and saves); the second one ends the process now."""
+    code = (
+        "import os, signal, time\n"
+        "from accelerate import Accelerator\n"
+        "from trainer.checkpoint import Checkpointer\n"
+        "from trainer.config import CheckpointConfig\n"
+        f"with Checkpointer(Accelerator(cpu=True), {str(tmp_path)!r}, CheckpointConfig()) as c:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('noted', c.signum == signal.SIGINT, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "noted True"
+    assert proc.returncode == 128 + signal.SIGINT
