@@ -139,9 +139,11 @@ class Checkpointer:
             self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+        if exc_type is Stopped:
+            self.accelerator.end_training()  # close the trackers cleanly; --resume continues the run
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.signum:  # the second Ctrl-C: leave now, the last complete checkpoint stays

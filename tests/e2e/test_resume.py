@@ -3,6 +3,7 @@ uninterrupted run bit for bit: 1 process (resumed with --workers 2 once) and 2 g
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,6 @@ ARGS += ("--tracker", "none", "--checkpoint-every", "5", "--workers", "0")
 
 
 def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
-    # Own session: a kill reaches the launcher and every rank, as a node going away would.
     return subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -29,6 +29,41 @@ def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+def children(pid: int) -> dict[int, bytes]:
+    """Child pids of `pid` with their environment (torchrun starts its ranks in sessions of their own)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "environ").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def kill_all(proc: subprocess.Popen, sig: int) -> None:
+    """`sig` to the launch and all its processes at once, as when a node goes away."""
+    pids, todo = [], [proc.pid]
+    while todo:
+        pids.append(todo.pop())
+        todo.extend(children(pids[-1]))
+    for pid in reversed(pids):  # ranks and workers first, the launcher last
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    if sig == signal.SIGKILL:  # nothing may go on writing checkpoints behind the next run's back
+        deadline = time.time() + 60
+        while any(_alive(pid) for pid in pids):
+            assert time.time() < deadline, "a killed process lives on"
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def steps(run_dir: Path) -> list[int]:
@@ -48,7 +83,7 @@ def kill_when(proc: subprocess.Popen, ready, sig: int = signal.SIGKILL, timeout:
         assert proc.poll() is None, f"finished before the kill point:\n{proc.communicate()[0][-3000:]}"
         assert time.time() < deadline, "kill point never reached"
         time.sleep(0.002)
-    os.killpg(proc.pid, sig)
+    kill_all(proc, sig)
     return proc.communicate(timeout=120)[0]
 
 
@@ -95,15 +130,10 @@ def test_kill_anywhere_and_resume_is_bitwise_exact(workdir: Path):
 
 
 def rank_pid(launcher: subprocess.Popen, local_rank: int) -> int:
-    """The pid of one rank under torchrun (its children carry LOCAL_RANK in their environment)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            env = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == launcher.pid and f"LOCAL_RANK={local_rank}".encode() in env:
-            return int(stat.parent.name)
+    """The pid of one rank under torchrun."""
+    for pid, env in children(launcher.pid).items():
+        if f"LOCAL_RANK={local_rank}".encode() in env.split(b"\0"):
+            return pid
     raise AssertionError(f"no rank {local_rank} under {launcher.pid}")
 
 
