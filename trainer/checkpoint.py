@@ -182,10 +182,11 @@ class Checkpointer:
         signum = self.signum or signal.SIGTERM  # another rank got it: exit as if we had too
         raise Stopped(signum, path, self.run_dir)
 
-    def end_epoch(self, state: TrainState) -> None:
-        """The epoch-end save; then all ranks stop together if any of them got a signal meanwhile."""
+    def end_epoch(self, state: TrainState, final: bool) -> None:
+        """The epoch-end save; then all ranks stop together if any of them got a signal meanwhile (unless this was
+        the last epoch: the run is complete, it finishes normally)."""
         path = self.save(state)
-        if self.stop_requested():
+        if not final and self.stop_requested():
             raise Stopped(self.signum or signal.SIGTERM, path, self.run_dir)
 
     def due(self, step: int, end_of_epoch: bool) -> bool:

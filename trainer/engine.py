@@ -249,7 +249,7 @@ def fit(
         checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best)
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
-        checkpointer.end_epoch(state)
+        checkpointer.end_epoch(state, final=epoch == cfg.epochs)
     return state.best_top1, state.best_epoch
 
 
