@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from trainer import __version__
 from trainer.config import (
@@ -16,12 +18,14 @@ from trainer.config import (
     MIXED_PRECISION,
     SECTIONS,
     Config,
+    RunConfig,
     UserError,
     build_config,
     coerce_value,
     field_docs,
     load_yaml,
 )
+from trainer.resume import LATEST, find_run_dir, resume_config
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
@@ -68,18 +72,39 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     train.add_argument(
         "--config", metavar="YAML", help="run config (sections: data, model, optim, train, run); flags override it"
     )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (e.g. runs/train/exp) from its newest checkpoint to its original epoch "
+        "count; alone: the most recent run under --project ({project}/{name} with --name)",
+    )
     dests = _add_config_flags(train)
     return parser, dests
 
 
-def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
-    """Merge defaults, the YAML file and the flags given, then validate."""
+def given_values(args: argparse.Namespace, dests: dict) -> dict[str, dict[str, Any]]:
+    """The settings the user gave: the YAML file, then the flags on the command line (typed, not yet validated)."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     for name, (section, f) in dests.items():
         if name in vars(args):
             flag = "--" + name.replace("_", "-")
             values.setdefault(section, {})[name] = coerce_value(f, getattr(args, name), flag)
-    return build_config(values)
+    return values
+
+
+def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
+    """Merge defaults, the YAML file and the flags given, then validate."""
+    return build_config(given_values(args, dests))
+
+
+def resolve_resume(args: argparse.Namespace, dests: dict) -> tuple[Config, Path]:
+    """--resume: the run folder, and its stored config with the harmless settings given now."""
+    values = given_values(args, dests)
+    run = values.get("run") or {}
+    run_dir = find_run_dir(args.resume, run.get("project", RunConfig.project), run.get("name"))
+    return resume_config(run_dir, values), run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser, dests = build_parser()
         args = parser.parse_args(argv)
-        cfg = resolve_config(args, dests)
+        cfg, resume_dir = resolve_resume(args, dests) if args.resume else (resolve_config(args, dests), None)
         if not cfg.run.allow_download:
             # Offline-first: hub libraries read these at import, so set them before anything imports them.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,16 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         if "wandb" not in cfg.run.trackers():
             # timm.data imports timm.utils, which imports wandb "in case" (0.7 s here): keep an unused tracker out.
             sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+        from trainer.checkpoint import Stopped
         from trainer.engine import train
 
-        train(cfg)
+        try:
+            train(cfg, resume_dir)
+        except Stopped as e:
+            _say(f"trainer: {e}; continue with: trainer train --resume {e.run_dir}")
+            return 128 + e.signum
     except UserError as e:
         if debug:
             raise
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # every rank fails alike; one line per machine is enough
-            print(f"trainer: error: {e}", file=sys.stderr, flush=True)
+        _say(f"trainer: error: {e}")
         return 2
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def _say(line: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # every rank fails or stops alike; one line per machine is enough
+        print(line, file=sys.stderr, flush=True)

@@ -197,6 +197,8 @@ class TrainConfig:
     """torch.compile the model (inductor, through Accelerate, after prepare). The first steps wait for compilation."""
     compile_mode: str = "default"
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    skip_nonfinite: bool = False
+    """Skip (and count) optimizer steps whose loss is NaN or inf instead of stopping the run at the first one."""
 
     def __post_init__(self):
         _check(self.epochs > 0, f"--epochs must be a positive integer, got {self.epochs}")
@@ -224,6 +226,19 @@ class TrainConfig:
             f"{max(divisor, self.batch_size // divisor * divisor)}",
         )
         return self.batch_size // divisor
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    checkpoint_every: int = 0
+    """Also save a resumable checkpoint every N optimizer steps (one is always saved at each epoch end); 0: epoch ends
+    only."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep in {run}/checkpoints."""
+
+    def __post_init__(self):
+        _check(self.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or more, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)
@@ -281,6 +296,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -7,8 +7,10 @@ later means replacing that class, not the training loop.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -196,6 +198,64 @@ class SkipUnreadable(Dataset):
         raise RuntimeError(f"{self.retries} images in a row near index {index} are unreadable; check the dataset")
 
 
+class SeededBatches(torch.utils.data.Dataset):
+    """Seeds the augmentation of every batch from (seed, epoch, the batch's indices), not from a running stream.
+
+    The same batch then gets the same crops, and through `collate` the same mixup/cutmix draws, whichever process or
+    worker loads it and whatever ran before it, so a run resumed mid-epoch (its first batches skipped, workers
+    restarted) continues bitwise as if never stopped.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self._batch_seed = 0  # the seed of the batch this process fetched last; its collate runs next
+        # Shared memory: persistent DataLoader workers see the epoch the main process sets.
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        key = f"{self.seed}/{int(self.epoch)}/{','.join(map(str, indices))}".encode()
+        self._batch_seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        fetch = getattr(self.dataset, "__getitems__", None)
+        return _seeded(self._batch_seed, lambda: fetch(indices) if fetch else [self.dataset[i] for i in indices])
+
+    def collate(self, collate_fn, examples: list):
+        """`collate_fn` under the seed of the batch just fetched (DataLoader collates right after fetching)."""
+        return _seeded(self._batch_seed + 1, lambda: collate_fn(examples))
+
+
+def _seeded(seed: int, fn):
+    py_state, np_state = random.getstate(), np.random.get_state()
+    # fork_rng restores the CPU generator afterwards: the training process's own stream (dropout, drop-path)
+    # stays untouched when batches load in-process (--workers 0).
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)  # CPU only: leave the CUDA generators alone
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return fn()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
+    runs one process)."""
+    loader.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 def _seed_worker(rank: int, worker_id: int) -> None:
     # torch seeds each worker from the loader's generator, which is shared by all ranks (it also drives the
     # shuffle, which must agree across ranks); offset by rank so ranks draw different augmentations.
@@ -203,6 +263,10 @@ def _seed_worker(rank: int, worker_id: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+    # Ctrl-C and `kill -TERM` of a process group reach the workers too; the training process handles them
+    # (finish the step, checkpoint, shut its workers down), and a worker dying first would abort that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def num_workers(cfg: DataConfig, local_processes: int) -> int:
@@ -229,7 +293,7 @@ def build_dataloaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
     train_tf, val_tf = build_transforms(cfg, info, pre, per_device_batch_size)
-    train_ds = SkipUnreadable(splits["train"].with_transform(train_tf))
+    train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
     val_ds = SkipUnreadable(splits["val"].with_transform(val_tf))
     workers = num_workers(cfg, local_processes)
     common = dict(
@@ -247,7 +311,7 @@ def build_dataloaders(
         shuffle=True,
         drop_last=True,
         generator=generator,
-        collate_fn=train_tf.collate,
+        collate_fn=partial(train_ds.collate, train_tf.collate),
         **common,
     )
     val = DataLoader(val_ds, batch_size=per_device_batch_size * 2, shuffle=False, collate_fn=val_tf.collate, **common)

@@ -6,6 +6,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwa
 from accelerate.utils import TorchDynamoPlugin, set_seed
 
 from trainer import checkpoint, data, optim
+from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.model import apply_sync_bn, build_model, has_batchnorm
 from trainer.report import Predictions
@@ -44,8 +46,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
             cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.train.mixed_precision or None,
             gradient_accumulation_steps=cfg.train.grad_accum,
-            # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank.
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # A seeded sampler reshuffles per epoch (set_epoch) identically on every rank. Without data_seed it
+            # seeds from torch.initial_seed(), which set_seed(device_specific=True) makes differ between ranks.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
             # The schedule counts optimizer updates; we step it once per update, not once per process.
             step_scheduler_with_optimizer=False,
             kwargs_handlers=handlers,
@@ -79,8 +82,8 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
-def train(cfg: Config) -> dict:
-    """Run one training job from a validated Config. Returns the final summary."""
+def train(cfg: Config, resume_dir: Path | None = None) -> dict:
+    """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary."""
     start = time.time()
     accelerator = build_accelerator(cfg)
     reporter = Reporter(accelerator)
@@ -135,36 +138,50 @@ def train(cfg: Config) -> dict:
     # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap).
     accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None else []))
 
-    run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    if resume_dir is None:
+        run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    else:
+        run_dir = resume_dir
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint)
+    # After everything stateful is prepared or registered for checkpointing: load_state restores exactly those.
+    state = checkpointer.restore(cfg.train.epochs) if resume_dir else TrainState()
     record = run_record(
         cfg, accelerator, model, optimizer, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
     )
-    reporter.start(run_dir, record, cfg.run)
+    reporter.start(run_dir, record, cfg.run, resume=resume_dir is not None)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
         f"{len(info.class_names)} classes), {world} process(es) on {accelerator.device.type}, "
         f"global batch {cfg.train.batch_size} = {per_device_batch_size} x {world} x {cfg.train.grad_accum}, "
         f"precision {accelerator.mixed_precision}"
     )
+    if resume_dir:
+        reporter.keep_results(state.epoch)  # rows written after the checkpoint are trained again
+        reporter.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
     meta = checkpoint.weights_metadata(cfg.model.model, info.class_names, pre)
-    best = fit(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_loader,
-        val_loader,
-        cfg.train,
-        num_classes=len(info.class_names),
-        reporter=reporter,
-        run_dir=run_dir,
-        metadata=meta,
-        ema=ema,
-    )
+    with checkpointer:  # SIGTERM/SIGINT from here on: finish the step, save, exit
+        best = fit(
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            train_loader,
+            val_loader,
+            cfg.train,
+            num_classes=len(info.class_names),
+            reporter=reporter,
+            run_dir=run_dir,
+            metadata=meta,
+            state=state,
+            checkpointer=checkpointer,
+            ema=ema,
+        )
     # Collective: tear the process group down together; a rank that leaves while rank 0 still writes files
     # was seen to abort in gloo at exit ("terminate called without an active exception").
     accelerator.wait_for_everyone()
     summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
+    if state.skipped_steps:
+        summary["train/skipped_steps"] = state.skipped_steps
     reporter.finish(summary, val_split=splits["val"])
     return summary
 
@@ -217,18 +234,20 @@ def fit(
     reporter: Reporter,
     run_dir,
     metadata: dict,
+    state: TrainState,
+    checkpointer: Checkpointer,
     ema=None,
 ) -> tuple[float, int]:
-    """Train for cfg.epochs; evaluate and save weights after each epoch. Returns (best top-1, its epoch).
+    """Train from `state` to cfg.epochs; evaluate, save weights and a checkpoint after each epoch.
 
-    With `ema`, the average is evaluated too and best.safetensors takes whichever of the two scores higher."""
-    best_top1, best_epoch, step = -1.0, 0, 0
+    With `ema`, the average is evaluated too and best.safetensors takes whichever of the two scores higher.
+    Returns (best top-1, its epoch)."""
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
-    for epoch in range(1, cfg.epochs + 1):
-        train_loader.set_epoch(epoch)
-        reporter.epoch_start(epoch, cfg.epochs, len(train_loader))
-        stats, step = train_one_epoch(
-            accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter, ema=ema
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        data.set_epoch(train_loader, epoch)
+        reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
+        stats = train_one_epoch(
+            accelerator, model, optimizer, scheduler, train_loader, cfg, state, reporter, checkpointer, ema=ema
         )
         if average_bn:
             sync_bn_stats(accelerator, model)
@@ -242,17 +261,20 @@ def fit(
         metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
         source = "ema" if ema is not None and metrics["val/top1_ema"] > metrics["val/top1"] else "model"
         top1 = metrics["val/top1_ema" if source == "ema" else "val/top1"]
-        is_best = top1 > best_top1
+        is_best = top1 > state.best_top1
         if is_best:
-            best_top1, best_epoch = top1, epoch
-        reporter.log({**metrics, "epoch": epoch}, step=step)
+            state.best_top1, state.best_epoch = top1, epoch
+        reporter.log({**metrics, "epoch": epoch}, step=state.step)
         best_preds = ema_preds if source == "ema" else preds
         reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best, best_preds)
         meta = {**metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}", "weights": "model"}
         best_meta = {**meta, "val_top1": f"{top1:.6f}", "weights": source}
         best_model = ema.module if source == "ema" else model
         checkpoint.save_epoch_weights(accelerator, model, run_dir / "weights", meta, is_best, best_model, best_meta)
-    return best_top1, best_epoch
+        state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
+        # Collective: every rank saves its part; then all stop together if any of them got a signal.
+        checkpointer.end_epoch(state, final=epoch == cfg.epochs)
+    return state.best_top1, state.best_epoch
 
 
 def train_one_epoch(
@@ -262,38 +284,63 @@ def train_one_epoch(
     scheduler,
     loader,
     cfg: TrainConfig,
-    step: int,
+    state: TrainState,
     reporter: Reporter,
+    checkpointer: Checkpointer,
     ema=None,
-) -> tuple[EpochStats, int]:
-    """One pass over this rank's shard. Returns the epoch's mean loss over all ranks and the new step count."""
+) -> EpochStats:
+    """One pass over this rank's shard (its rest, when resumed mid-epoch), advancing `state`.
+
+    Returns the epoch's mean loss over all ranks."""
     model.train()
     start = time.time()
-    loss_sum = torch.zeros((), device=accelerator.device)
-    seen = torch.zeros((), device=accelerator.device)
+    # Resumed mid-epoch: this rank's partial sums come from the checkpoint and its first batches are skipped.
+    loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
+    seen = torch.tensor(state.seen, device=accelerator.device)
+    trained = torch.zeros((), device=accelerator.device)  # images this session, for img/s
+    if state.batches_in_epoch:
+        loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+    nonfinite = torch.zeros((), device=accelerator.device)
+    stop = False
     for images, labels in loader:
         with accelerator.accumulate(model):
             logits = model(images)
             # labels are class indices, or class probabilities when --mixup/--cutmix mixed the batch
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach() * labels.shape[0]
-        seen += labels.shape[0]
+            finite = torch.isfinite(loss.detach())
+            nonfinite += ~finite
+            if accelerator.sync_gradients:
+                # Collective: all ranks agree whether to skip this update and whether to stop after it.
+                skip, stop = checkpointer.check_step(nonfinite, state.step + 1, cfg.skip_nonfinite)
+                if skip:
+                    state.skipped_steps += 1
+                    reporter.print(f"step {state.step + 1}: non-finite loss, update skipped ({state.skipped_steps})")
+                else:
+                    if cfg.clip_grad > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite.zero_()
+        loss_sum += torch.where(finite, loss.detach(), 0.0) * labels.shape[0]
+        seen += finite * labels.shape[0]
+        trained += labels.shape[0]
+        state.batches_in_epoch += 1
         reporter.advance(labels.shape[0] * accelerator.num_processes)
         if accelerator.sync_gradients:
             scheduler.step()
-            step += 1
+            state.step += 1
             if ema is not None:  # once per optimizer update, not per accumulation micro-step
-                ema.update(accelerator.unwrap_model(model), step=step)
-            if step % cfg.log_every == 0:
-                reporter.log_train(step, loss.item(), scheduler.get_last_lr()[0])
+                ema.update(accelerator.unwrap_model(model), step=state.step)
+            if state.step % cfg.log_every == 0:
+                reporter.log_train(state.step, loss.item(), scheduler.get_last_lr()[0])
+            if stop:  # Collective: every rank saves its part, then raises Stopped
+                checkpointer.stop(state, loss_sum, seen)
+            if checkpointer.due(state.step, accelerator.gradient_state.end_of_dataloader):
+                checkpointer.save(state, loss_sum, seen)  # Collective: every rank saves its part
     # Collective: every rank contributes its sums.
-    loss_sum, seen = accelerator.reduce(torch.stack([loss_sum, seen]), reduction="sum")
-    return EpochStats(loss=(loss_sum / seen).item(), images=int(seen.item()), seconds=time.time() - start), step
+    loss_sum, seen, trained = accelerator.reduce(torch.stack([loss_sum, seen, trained]), reduction="sum")
+    return EpochStats(loss=(loss_sum / seen).item(), images=int(trained.item()), seconds=time.time() - start)
 
 
 @torch.no_grad()

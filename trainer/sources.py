@@ -78,7 +78,10 @@ def load_source(cfg: DataConfig) -> Source:
             return Source(folder.splits, folder.class_names, f"folder:{spec}", folder.channels, folder.skipped)
         return standardize(source, cfg)
     if spec.startswith((".", "/", "~")) or spec.endswith((".parquet", ".arrow")) or spec.count("/") > 1:
-        raise UserError(f"--data {spec}: no such file or folder")
+        raise UserError(
+            f"--data {spec}: no such file or folder; give an image folder, a save_to_disk folder, Parquet/Arrow "
+            f"files, a hub id or a built-in name ({', '.join(BUILTIN)})"
+        )
     return standardize(_load_hub(spec, cfg.data_config), cfg)
 
 

@@ -87,14 +87,16 @@ class Reporter:
     def start(self, run_dir: Path, record: dict[str, Any], run: RunConfig, resume: bool = False) -> None:
         """Write config.yaml, start results.csv and the trackers (main process only).
 
-        With `resume`, results.csv is appended to and the wandb run stored in the run folder is continued.
+        With `resume`, the run folder continues: its config.yaml and results.csv are kept (see keep_results) and
+        the wandb run stored in it is continued.
         """
         self.run_dir, self.record = run_dir, record
         self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if record.get("optim", {}).get("ema") else ())
         if not self.is_main:
             return
-        with open(run_dir / "config.yaml", "w") as f:
-            yaml.safe_dump(record, f, sort_keys=False)
+        if not resume:
+            with open(run_dir / "config.yaml", "w") as f:
+                yaml.safe_dump(record, f, sort_keys=False)
         if not (resume and (run_dir / "results.csv").exists()):
             with open(run_dir / "results.csv", "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
@@ -103,6 +105,19 @@ class Reporter:
             self._guard("wandb", lambda: self._start_wandb(run, resume))
         if "tensorboard" in trackers:
             self._guard("tensorboard", lambda: self._start_tensorboard(run))
+
+    def keep_results(self, epochs: int) -> None:
+        """On resume: keep the results.csv rows of the first `epochs` epochs; later ones are trained again."""
+        path = self.run_dir / "results.csv"
+        if not self.is_main or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= epochs]
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        tmp.replace(path)
 
     def _start_wandb(self, run: RunConfig, resume: bool) -> None:
         from accelerate.tracking import WandBTracker

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.config import OptimConfig, TrainConfig
+from trainer.checkpoint import Checkpointer, TrainState
+from trainer.config import CheckpointConfig, OptimConfig, TrainConfig, UserError
 from trainer.engine import evaluate, train_one_epoch
 from trainer.optim import build_ema, build_optimizer, build_scheduler
 from trainer.tracking import Reporter
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.mark.parametrize("num_batches", [8, 7])
-def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches):
+def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches, tmp_path):
     grad_accum, batch = 2, 2
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False)
     torch.manual_seed(0)
@@ -44,10 +45,13 @@ def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches):
     ema.update = lambda m, step: (ema_steps.append(step), update(m, step=step))
 
     train_cfg = TrainConfig(grad_accum=grad_accum, label_smoothing=0.0, log_every=100)
-    reporter = Reporter(accelerator)
-    stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, loader, train_cfg, 0, reporter, ema=ema)
+    state = TrainState()
+    checkpointer = Checkpointer(accelerator, tmp_path, CheckpointConfig())
+    stats = train_one_epoch(
+        accelerator, model, optimizer, scheduler, loader, train_cfg, state, Reporter(accelerator), checkpointer, ema=ema
+    )
 
-    assert step == steps_per_epoch
+    assert state.step == steps_per_epoch and state.batches_in_epoch == num_batches
     assert len(optimizer_steps) == steps_per_epoch
     assert scheduler.updates == steps_per_epoch
     assert scheduler.get_last_lr()[0] == pytest.approx(cfg.min_lr)  # the schedule ran exactly to its end
@@ -109,3 +113,37 @@ def test_evaluate_matches_plain_torch():
     assert preds.loss.dtype == np.float32
     assert preds.loss == pytest.approx(F.cross_entropy(logits, y, reduction="none").numpy(), rel=1e-5)
     assert preds.probs.shape == (10, 3) and (np.diff(preds.probs, axis=1) <= 0).all()  # best first
+
+
+def _nan_at_batch(bad_batch: int, batches: int = 6, batch: int = 4):
+    """A linear model on data whose `bad_batch`-th batch (0-based) holds an inf input: its loss is not finite."""
+    torch.manual_seed(0)
+    x, y = torch.randn(batches * batch, 4), torch.randint(0, 3, (batches * batch,))
+    x[bad_batch * batch] = float("inf")
+    return torch.nn.Linear(4, 3), DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_non_finite_loss_stops_or_is_skipped(tmp_path, skip):
+    accelerator = Accelerator(cpu=True, step_scheduler_with_optimizer=False)
+    model, loader = _nan_at_batch(bad_batch=2)
+    cfg = OptimConfig(optimizer="sgd", lr=0.1, warmup_epochs=0, weight_decay=0.0)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=len(loader), epochs=1)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = TrainState()
+    train_cfg = TrainConfig(label_smoothing=0.0, log_every=100, skip_nonfinite=skip)
+    args = (accelerator, model, optimizer, scheduler, loader, train_cfg, state, Reporter(accelerator))
+    checkpointer = Checkpointer(accelerator, tmp_path, CheckpointConfig())
+    if not skip:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(UserError, match="non-finite loss at step 3; no checkpoint was saved yet"):
+            train_one_epoch(*args, checkpointer)
+        assert state.step == 2
+        assert all(torch.isfinite(v).all() for v in model.state_dict().values())  # the bad update never happened
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the good ones did
+        return
+    stats = train_one_epoch(*args, checkpointer)
+    assert state.skipped_steps == 1 and state.step == len(loader)  # the schedule still advanced
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert math.isfinite(stats.loss)

@@ -1,0 +1,78 @@
+"""`--resume [RUN_DIR]`: find the run and rebuild its config. Light imports only: the CLI runs this before torch loads.
+
+A resumed run continues the stored config. Flags given with `--resume` may change only how the run is carried out
+(workers, trackers, logging, checkpoint cadence), never what it computes (model, data, batch size, schedule, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from trainer.config import SECTIONS, Config, UserError, build_config, load_yaml
+
+LATEST = "latest"  # `--resume` with no folder
+CHECKPOINTS = "checkpoints"
+# Settings that do not change what the run computes; given with --resume they replace the stored ones.
+HARMLESS = frozenset(
+    {"workers", "tracker", "log_every", "debug", "allow_download", "dist_backend"}
+    | {"checkpoint_every", "keep_checkpoints"}
+)
+# Settings that only locate the run folder: with --resume they find it, the stored values are kept.
+LOCATORS = frozenset({"project", "name", "exist_ok"})
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first. Temporary folders (a save in progress or killed) start with '.'."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def find_run_dir(resume: str, project: str, name: str | None) -> Path:
+    """The folder to resume: RUN_DIR as given; with `--resume` alone, {project}/{name} when --name is given, else the
+    run under --project whose newest checkpoint is the most recent."""
+    if resume != LATEST or Path(resume).is_dir():
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise UserError(f"--resume {resume}: no such run folder; give a run folder such as runs/train/exp")
+    elif name:
+        run_dir = Path(project) / name
+        if not run_dir.is_dir():
+            raise UserError(f"--resume: no run folder {run_dir}; check --project and --name")
+    else:
+        runs = [p for p in Path(project).glob("*") if checkpoint_dirs(p)] if Path(project).is_dir() else []
+        if not runs:
+            raise UserError(f"--resume: no run with a checkpoint under {project}; name the run: --resume RUN_DIR")
+        run_dir = max(runs, key=lambda p: checkpoint_dirs(p)[-1].stat().st_mtime)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a trainer run folder (no config.yaml); give a folder under runs/")
+    return run_dir
+
+
+def resume_config(run_dir: Path, given: dict[str, dict[str, Any]]) -> Config:
+    """The run's stored config, with the harmless settings in `given` applied; any other difference is refused."""
+    try:
+        stored_values = load_yaml(str(run_dir / "config.yaml"))
+        stored = build_config(stored_values)
+    except UserError as e:
+        raise UserError(f"--resume {run_dir}: its config.yaml is unusable ({e}); the run cannot be resumed") from None
+    merged_values = {section: dict(stored_values.get(section) or {}) for section in SECTIONS}
+    for section, values in given.items():
+        merged_values.setdefault(section, {}).update({k: v for k, v in values.items() if k not in LOCATORS})
+    merged = build_config(merged_values)
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(stored, section)):
+            old, new = getattr(getattr(stored, section), f.name), getattr(getattr(merged, section), f.name)
+            if old != new and f.name not in HARMLESS:
+                flag = "--" + f.name.replace("_", "-")
+                raise UserError(
+                    f"--resume: {flag} {_show(new)} differs from the run's {_show(old)}; a resumed run keeps its "
+                    "model, data and schedule: drop the flag, or start a new run without --resume"
+                )
+    return merged
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
