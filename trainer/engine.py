@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
@@ -15,6 +16,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from trainer import checkpoint, data, optim
 from trainer.config import Config, TrainConfig, UserError
 from trainer.model import apply_sync_bn, build_model, has_batchnorm
+from trainer.report import Predictions
 from trainer.tracking import Reporter
 
 WORKING_CPU_LAUNCH = (
@@ -216,7 +218,7 @@ def fit(
         stats, step = train_one_epoch(accelerator, model, optimizer, scheduler, train_loader, cfg, step, reporter)
         if average_bn:
             sync_bn_stats(accelerator, model)
-        metrics = evaluate(accelerator, model, val_loader, num_classes)
+        metrics, _ = evaluate(accelerator, model, val_loader, num_classes)
         metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
         is_best = metrics["val/top1"] > best_top1
         if is_best:
@@ -265,22 +267,32 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, num_classes: int) -> dict[str, float]:
-    """Loss, top-1 and top-5 over the whole validation set, each sample counted once across ranks."""
+def evaluate(accelerator, model, loader, num_classes: int) -> tuple[dict[str, float], Predictions]:
+    """Loss, top-1 and top-5 over the whole validation set, and every sample's predictions in dataset order.
+
+    Every rank gets the same full result: each sample counted once across ranks.
+    """
     model.eval()
     k = min(5, num_classes)
-    loss_sum = top1 = topk = count = 0.0
+    parts: list[tuple[torch.Tensor, ...]] = []
     for images, labels in loader:
         logits = model(images).float()
         loss = F.cross_entropy(logits, labels, reduction="none")
-        correct = logits.topk(k, dim=1).indices.eq(labels[:, None])
-        # Collective: gather_for_metrics drops the samples padded onto the last batch of the shards.
-        loss, hit1, hitk = accelerator.gather_for_metrics((loss, correct[:, 0], correct.any(dim=1)))
-        loss_sum += loss.sum().item()
-        top1 += hit1.sum().item()
-        topk += hitk.sum().item()
-        count += loss.numel()
-    return {"val/loss": loss_sum / count, "val/top1": top1 / count, "val/top5": topk / count}
+        probs, topk = logits.softmax(dim=1).topk(k, dim=1)
+        # Collective: gather_for_metrics drops the samples padded onto the last batch of the shards; the
+        # unshuffled loader hands ranks consecutive batches, so the gathered rows come in dataset order.
+        parts.append(accelerator.gather_for_metrics((labels, topk, loss, probs)))
+    labels, topk, loss, probs = (torch.cat(column).cpu().numpy() for column in zip(*parts, strict=True))
+    preds = Predictions(
+        labels=labels.astype(np.int64), topk=topk.astype(np.int64), loss=loss.astype(np.float32), probs=probs
+    )
+    correct = preds.topk == preds.labels[:, None]
+    metrics = {
+        "val/loss": float(preds.loss.astype(np.float64).mean()),
+        "val/top1": float(correct[:, 0].mean()),
+        "val/top5": float(correct.any(axis=1).mean()),
+    }
+    return metrics, preds
 
 
 def sync_bn_stats(accelerator: Accelerator, model: torch.nn.Module) -> None:

@@ -1,6 +1,7 @@
 """Evaluate a saved weights file on the embedded validation split with trainer's own components.
 
-Run plainly (1 rank) or under torchrun (N ranks); rank 0 writes the metrics and world size as JSON.
+Run plainly (1 rank) or under torchrun (N ranks); rank 0 writes the metrics, the
+per-sample labels and predictions, and the world size as JSON.
 Usage: python evaluate_weights.py WEIGHTS OUT_JSON
 """
 
@@ -37,10 +38,11 @@ def main(weights: str, out: str) -> None:
         pin_memory=False,
     )
     model, val_loader = accelerator.prepare(model, val_loader)
-    metrics = evaluate(accelerator, model, val_loader, len(info.class_names))
+    metrics, preds = evaluate(accelerator, model, val_loader, len(info.class_names))
     if accelerator.is_main_process:
         with open(out, "w") as f:
-            json.dump({**metrics, "world_size": accelerator.num_processes}, f)
+            record = {"labels": preds.labels.tolist(), "predicted": preds.predicted.tolist()}
+            json.dump({**metrics, **record, "world_size": accelerator.num_processes}, f)
     accelerator.end_training()
 
 

@@ -99,6 +99,9 @@ def test_two_rank_evaluation_equals_one_rank(workdir: Path):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["val/top1"] == one["val/top1"] and two["val/top5"] == one["val/top5"]
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
+    # Every rank's Predictions cover the whole set once, in dataset order, as with one rank.
+    assert len(two["labels"]) == 500
+    assert two["labels"] == one["labels"] and two["predicted"] == one["predicted"]
 
 
 def test_config_written_by_accelerate_config_default(workdir: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,9 +63,16 @@ def test_evaluate_matches_plain_torch():
     loader = accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=4))
     model = accelerator.prepare(model)
 
-    metrics = evaluate(accelerator, model, loader, num_classes=3)
+    metrics, preds = evaluate(accelerator, model, loader, num_classes=3)
 
     assert metrics["val/top1"] == pytest.approx(0.6)
     assert metrics["val/top1"] == pytest.approx((predicted == y).float().mean().item())
     assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert metrics["val/top5"] == 1.0  # top-5 is capped at the 3 classes, so every label is in it
+    # Predictions: every sample once, in dataset order, k = min(5, classes).
+    assert preds.labels.tolist() == y.tolist()
+    assert preds.topk.shape == (10, 3) and preds.topk.dtype == np.int64
+    assert preds.predicted.tolist() == predicted.tolist()
+    assert preds.loss.dtype == np.float32
+    assert preds.loss == pytest.approx(F.cross_entropy(logits, y, reduction="none").numpy(), rel=1e-5)
+    assert preds.probs.shape == (10, 3) and (np.diff(preds.probs, axis=1) <= 0).all()  # best first
