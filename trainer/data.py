@@ -173,7 +173,6 @@ def build_dataloaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
     train_ds = splits["train"].with_transform(ImageTransform(pre, True, resolve_hflip(cfg, info), cfg.scale))
-    val_ds = splits["val"].with_transform(ImageTransform(pre, False, 0.0, cfg.scale))
     workers = num_workers(cfg, local_processes)
     common = dict(
         num_workers=workers,
@@ -188,5 +187,20 @@ def build_dataloaders(
     train = DataLoader(
         train_ds, batch_size=per_device_batch_size, shuffle=True, drop_last=True, generator=generator, **common
     )
-    val = DataLoader(val_ds, batch_size=per_device_batch_size * 2, shuffle=False, **common)
+    val = build_eval_loader(splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory)
     return train, val
+
+
+def build_eval_loader(split, pre: Preprocess, per_device_batch_size: int, *, workers: int, pin_memory: bool):
+    """An unshuffled loader of one split with the evaluation transform (resize, centre crop, normalise)."""
+    dataset = split.with_transform(ImageTransform(pre, False, 0.0, (1.0, 1.0)))
+    return DataLoader(
+        dataset,
+        batch_size=per_device_batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
