@@ -169,10 +169,10 @@ def export_hf(model: torch.nn.Module, trained: TrainedWeights, out: Path) -> flo
 def _check_hub_credentials() -> None:
     from huggingface_hub import get_token
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise UserError("--push-to-hub needs the network but HF_HUB_OFFLINE is set; unset it")
     if not get_token():
         raise UserError("--push-to-hub needs Hugging Face credentials: run `hf auth login` or set HF_TOKEN")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        raise UserError("--push-to-hub needs the network but HF_HUB_OFFLINE is set; unset it")
 
 
 def _push(model: torch.nn.Module, trained: TrainedWeights, repo_id: str) -> str:
