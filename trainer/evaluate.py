@@ -54,7 +54,9 @@ def validate(
         pin_memory=accelerator.device.type == "cuda",
     )
     model, loader = accelerator.prepare(load_model(trained), loader)
+    # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
     metrics, preds = evaluate(accelerator, model, loader, trained.num_classes)
+    # Every rank: the main process picks and creates the folder, then broadcasts its name.
     run_dir = checkpoint.create_run_dir(accelerator, project, name, exist_ok, weights_dir=False)
     summary = {
         **metrics,
