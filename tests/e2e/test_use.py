@@ -107,7 +107,7 @@ def test_predict_folder_with_corrupt_file_matches_plain_timm(
     assert len(rows) == 13 and list(rows[0])[:3] == ["path", "top1", "prob1"]
     assert [r["path"] for r in rows if r["error"]] == [str(image_folder / "broken.png")]
 
-    snippet = readme_block("pretrained_cfg_overlay=dict(file=path")
+    snippet = readme_block("pretrained_cfg_overlay=overlay")
     assert "trainer" not in snippet
     scope: dict = {}
     exec(snippet, scope)  # loads runs/train/exp/weights/best.safetensors from the working folder
