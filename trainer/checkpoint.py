@@ -32,13 +32,14 @@ def increment_path(path: Path, exist_ok: bool) -> Path:
     return path.with_name(f"{path.name}{max([1, *taken]) + 1}")
 
 
-def create_run_dir(accelerator: Accelerator, project: str, name: str, exist_ok: bool) -> Path:
-    """Every rank calls this; the main process picks and creates the folder, the others receive its path."""
+def create_run_dir(accelerator: Accelerator, project: str, name: str, exist_ok: bool, weights_dir: bool = True) -> Path:
+    """Every rank calls this; the main process picks and creates the folder (with `weights/` unless told not
+    to), the others receive its path."""
     chosen = [None]
     if accelerator.is_main_process:
         run_dir = increment_path(Path(project) / name, exist_ok)
         try:
-            (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+            (run_dir / "weights" if weights_dir else run_dir).mkdir(parents=True, exist_ok=True)
             chosen = [str(run_dir)]
         except OSError as e:
             chosen = [f"error: cannot create run folder {run_dir}: {e.strerror}; choose another --project"]

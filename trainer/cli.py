@@ -70,7 +70,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         description="Train a timm classifier. Run plainly, under `accelerate launch`, or under `torchrun`.",
     )
     train.add_argument(
-        "--config", metavar="YAML", help="run config (sections: data, model, optim, train, run); flags override it"
+        "--config",
+        metavar="YAML",
+        help="run config (sections: data, model, optim, train, checkpoint, run); flags override it",
     )
     train.add_argument(
         "--resume",
@@ -81,7 +83,71 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "count; alone: the most recent run under --project ({project}/{name} with --name)",
     )
     dests = _add_config_flags(train)
+    _add_use_commands(commands)
     return parser, dests
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {value}")
+    return value
+
+
+def _add_use_commands(commands) -> None:
+    """val, predict, export: each with its own small set of flags."""
+    weights = dict(metavar="PATH", required=True, help="a weights file written by trainer train (.safetensors)")
+    folder = "run folder {project}/{name}, incremented (exp, exp2, ...) unless --exist-ok"
+
+    val = commands.add_parser(
+        "val",
+        help="evaluate trained weights: top-1, top-5, loss, per-class table, confusion matrix",
+        description="Evaluate trained weights on the data of their run (or --data). Runs plainly or under "
+        "accelerate launch / torchrun; any process count gives the same numbers.",
+    )
+    val.add_argument("--weights", **weights)
+    val.add_argument("--data", help="dataset instead of the run's own (default: from RUN/config.yaml)")
+    val.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default: val)")
+    val.add_argument("--batch-size", type=_positive_int, default=256, help="GLOBAL batch, split over processes")
+    val.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process; -1 picks")
+    val.add_argument("--project", default="runs/val", help=folder)
+    val.add_argument("--name", default="exp", help=folder)
+    val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify images: top-k classes with probabilities",
+        description="Classify image files, folders and glob patterns; prints a table, writes predictions.csv "
+        "(and predictions.json) to a run folder. Unreadable files are listed and skipped.",
+    )
+    predict.add_argument("--weights", **weights)
+    predict.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders or quoted globs")
+    predict.add_argument("--topk", type=_positive_int, default=5, help="classes reported per image (default 5)")
+    predict.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    predict.add_argument("--workers", type=int, default=-1, help="DataLoader workers; -1 picks from the CPU count")
+    predict.add_argument("--json", action="store_true", help="also write predictions.json")
+    predict.add_argument("--project", default="runs/predict", help=folder)
+    predict.add_argument("--name", default="exp", help=folder)
+    predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+
+    export = commands.add_parser(
+        "export",
+        help="export trained weights to ONNX or a timm hub folder",
+        description="Export trained weights. The .safetensors file itself loads in plain timm (see README).",
+    )
+    export.add_argument("--weights", **weights)
+    export.add_argument("--format", choices=("onnx", "hf"), default="onnx", help="onnx (default) or hf (timm hub)")
+    export.add_argument("--output", metavar="PATH", help="default: beside the weights (best.onnx, best_hf/)")
+    export.add_argument("--data", help="data for the ONNX check (default: the run's own validation images)")
+    export.add_argument("--check-images", type=_positive_int, default=64, help="images in the ONNX check")
+    export.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="with --format hf: also upload to the HF hub (needs credentials)"
+    )
+    for command in (val, predict, export):
+        command.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
 
 
 def given_values(args: argparse.Namespace, dests: dict) -> dict[str, dict[str, Any]]:
@@ -107,20 +173,70 @@ def resolve_resume(args: argparse.Namespace, dests: dict) -> tuple[Config, Path]
     return resume_config(run_dir, values), run_dir
 
 
+def _stay_offline(offline: bool, wandb: bool) -> None:
+    if offline:
+        # Offline-first: hub libraries read these at import, so set them before anything imports them.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not wandb:
+        # timm.data imports timm.utils, which imports wandb "in case" (0.7 s here): keep an unused tracker out.
+        sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+
+
+def run_use_command(args: argparse.Namespace) -> None:
+    """val, predict or export; heavy imports only now, so `trainer train` never loads onnx or onnxruntime."""
+    _stay_offline(not getattr(args, "push_to_hub", None), wandb=False)
+    if args.command == "val":
+        from trainer.evaluate import validate
+
+        validate(
+            args.weights,
+            data_name=args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            project=args.project,
+            name=args.name,
+            exist_ok=args.exist_ok,
+        )
+    elif args.command == "predict":
+        from trainer.predict import predict
+
+        predict(
+            args.weights,
+            args.sources,
+            batch_size=args.batch_size,
+            topk=args.topk,
+            workers=args.workers,
+            project=args.project,
+            name=args.name,
+            exist_ok=args.exist_ok,
+            write_json=args.json,
+        )
+    else:
+        from trainer.export import export
+
+        export(
+            args.weights,
+            fmt=args.format,
+            output=args.output,
+            data_name=args.data,
+            check_images=args.check_images,
+            push_to_hub=args.push_to_hub,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         parser, dests = build_parser()
         args = parser.parse_args(argv)
+        if args.command != "train":
+            run_use_command(args)
+            return 0
         cfg, resume_dir = resolve_resume(args, dests) if args.resume else (resolve_config(args, dests), None)
-        if not cfg.run.allow_download:
-            # Offline-first: hub libraries read these at import, so set them before anything imports them.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        if "wandb" not in cfg.run.trackers():
-            # timm.data imports timm.utils, which imports wandb "in case" (0.7 s here): keep an unused tracker out.
-            sys.modules.setdefault("wandb", None)  # type: ignore[arg-type]
+        _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
         from trainer.checkpoint import Stopped
         from trainer.engine import train
 

@@ -292,9 +292,8 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
-    train_tf, val_tf = build_transforms(cfg, info, pre, per_device_batch_size)
+    train_tf, _ = build_transforms(cfg, info, pre, per_device_batch_size)
     train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
-    val_ds = SkipUnreadable(splits["val"].with_transform(val_tf))
     workers = num_workers(cfg, local_processes)
     common = dict(
         num_workers=workers,
@@ -314,5 +313,21 @@ def build_dataloaders(
         collate_fn=partial(train_ds.collate, train_tf.collate),
         **common,
     )
-    val = DataLoader(val_ds, batch_size=per_device_batch_size * 2, shuffle=False, collate_fn=val_tf.collate, **common)
+    val = build_eval_loader(splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory)
     return train, val
+
+
+def build_eval_loader(split, pre: Preprocess, per_device_batch_size: int, *, workers: int, pin_memory: bool):
+    """An unshuffled loader of one split with the evaluation transform (resize, centre crop, normalise)."""
+    tf = ImageTransform(pre, False)
+    return DataLoader(
+        SkipUnreadable(split.with_transform(tf)),
+        batch_size=per_device_batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=tf.collate,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=partial(_seed_worker, 0) if workers > 0 else None,
+    )

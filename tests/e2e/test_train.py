@@ -204,7 +204,7 @@ def test_tracker_none_imports_no_tracker(workdir: Path):
     code = (
         "import sys; from trainer.cli import main; "
         f"rc = main(['train', *{list(FAST)!r}, '--tracker', 'none']); "
-        "mods = ('wandb', 'tensorboard', 'torch.utils.tensorboard'); "
+        "mods = ('wandb', 'tensorboard', 'torch.utils.tensorboard', 'onnx', 'onnxscript', 'onnxruntime'); "
         "print('IMPORTED', [m for m in mods if sys.modules.get(m) is not None]); "
         "sys.exit(rc)"
     )

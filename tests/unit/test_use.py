@@ -1,0 +1,130 @@
+"""val / predict / export without a training run: weights metadata back to a model, finding images, errors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import yaml
+
+from trainer.checkpoint import save_weights, weights_metadata
+from trainer.cli import main
+from trainer.config import UserError
+from trainer.data import Preprocess
+from trainer.inference import data_config_for, load_model, read_weights
+from trainer.predict import find_images
+
+PRE = Preprocess(imgsz=24, in_chans=1, mean=(0.449,), std=(0.226,), interpolation="bicubic", crop_pct=0.875)
+CLASSES = ["cat", "dog", "ému"]
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A weights file as `trainer train` writes it, in RUN/weights/ with RUN/config.yaml beside it."""
+    import timm
+
+    model = timm.create_model("resnet10t", num_classes=3, in_chans=1)
+    run_dir = tmp_path / "run"
+    (run_dir / "weights").mkdir(parents=True)
+    config = {"data": {"data": "digits", "imgsz": 24, "split_seed": 7}, "launch": {"num_processes": 2}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    path = run_dir / "weights" / "best.safetensors"
+    save_weights(model.state_dict(), path, weights_metadata("resnet10t", CLASSES, PRE, epoch=3, val_top1=0.5))
+    return path, model
+
+
+@pytest.fixture(autouse=True)
+def _cli_side_effects(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(sys.modules, "wandb", sys.modules.get("wandb"))  # the CLI may stub it out; undo after
+
+
+def test_weights_metadata_rebuilds_model_and_preprocessing(weights):
+    path, model = weights
+    trained = read_weights(path)
+    assert (trained.model_name, trained.class_names, trained.pre) == ("resnet10t", CLASSES, PRE)
+    assert trained.describe() == "resnet10t, epoch 3 (recorded val/top1 0.5000)"
+    x = torch.randn(2, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(load_model(trained)(x), model.eval()(x))
+
+
+def test_data_defaults_to_the_runs_own(weights, tmp_path):
+    path, _ = weights
+    trained = read_weights(path)
+    cfg = data_config_for(trained, None)
+    assert (cfg.data, cfg.split_seed, cfg.imgsz) == ("digits", 7, 24)
+    assert data_config_for(trained, "mnist").data == "mnist"  # --data replaces the dataset, keeps the split seed
+    loose = tmp_path / "loose.safetensors"
+    loose.write_bytes(path.read_bytes())  # no run folder around it
+    assert data_config_for(read_weights(loose), None) is None
+    assert data_config_for(read_weights(loose), "digits").imgsz == 24  # image size always from the weights
+
+
+def test_find_images_files_folders_globs(tmp_path):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    for name in ("a/x.png", "a/deep/y.JPG", "a/notes.txt", "b.webp", "named.dat"):
+        (tmp_path / name).write_bytes(b"")
+    sources = [str(tmp_path / "a"), str(tmp_path / "*.webp"), str(tmp_path / "named.dat"), str(tmp_path / "a/x.png")]
+    found, missing = find_images([*sources, str(tmp_path / "gone.png"), str(tmp_path / "*.gif")])
+    rel = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert rel == ["a/deep/y.JPG", "a/x.png", "b.webp", "named.dat"]  # each once; a named file whatever its suffix
+    assert [(m.path.rsplit("/", 1)[-1], m.error) for m in missing] == [
+        ("gone.png", "no such file or folder"),
+        ("*.gif", "no file matches this pattern"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["val", "--weights", "nothere.safetensors"], "--weights nothere.safetensors: no such file"),
+        (["predict", "--weights", "w.safetensors", "x.png", "--topk", "0"], "expects a positive integer, got 0"),
+        (["predict", "x.png"], "the following arguments are required: --weights"),
+        (["export", "--weights", "w.safetensors", "--format", "tflite"], "invalid choice: 'tflite'"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("trainer: error: ") and expected in err[0], err
+
+
+def test_errors_about_the_weights_and_their_run(weights, tmp_path, capsys, fresh_accelerate_state):
+    path, _ = weights
+    not_weights = tmp_path / "photo.safetensors"
+    not_weights.write_bytes(b"\x89PNG not tensors")
+    bare = tmp_path / "bare.safetensors"
+    save_weights({"w": torch.zeros(1)}, bare, {"format": "pt"})
+    loose = tmp_path / "loose.safetensors"
+    loose.write_bytes(path.read_bytes())
+    cases = [
+        (["export", "--weights", str(not_weights)], "not a readable .safetensors file"),
+        (["predict", "--weights", str(bare), str(tmp_path)], "lacks trainer metadata (model_name, class_names"),
+        (["val", "--weights", str(loose)], "to say which data it was trained on; pass --data"),
+        (["predict", "--weights", str(path), str(tmp_path / "empty")], "no images found"),
+        (["export", "--weights", str(path), "--push-to-hub", "me/x"], "uploads the hf format; add --format hf"),
+        (["val", "--weights", str(path)], "--data digits has classes [0, 1, 2, 3, 4, ... (10 in all)] but"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and expected in err[0], (argv, err)
+    with pytest.raises(UserError):
+        main(["val", "--weights", str(loose), "--debug"])
+
+
+def test_help_of_each_command(capsys):
+    for command, flags in [
+        ("val", ("--weights", "--data", "--split", "--batch-size")),
+        ("predict", ("--weights", "SOURCE", "--topk", "--json")),
+        ("export", ("--weights", "--format", "--output", "--push-to-hub")),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert all(flag in out for flag in flags), out

@@ -1,0 +1,95 @@
+"""`trainer val`: evaluate trained weights again, through the same `engine.evaluate` as training.
+
+Run plainly or under `accelerate launch` / `torchrun`: every rank evaluates its shard, `engine.evaluate` gathers
+the whole set once in dataset order, so any process count gives the numbers of one process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from trainer import checkpoint, data, report
+from trainer.config import Config, RunConfig, UserError
+from trainer.engine import build_accelerator, evaluate
+from trainer.inference import check_classes, data_config_for, load_model, read_weights
+
+
+def validate(
+    weights: str,
+    *,
+    data_name: str | None = None,
+    split: str = "val",
+    batch_size: int = 256,
+    workers: int = -1,
+    project: str = "runs/val",
+    name: str = "exp",
+    exist_ok: bool = False,
+) -> dict:
+    """Evaluate `weights` on `split` of their run's data (or `data_name`); print the metrics and the per-class
+    table; write per_class.csv, confusion_matrix.png and metrics.json to a run folder. Every rank calls this."""
+    trained = read_weights(weights)
+    data_cfg = data_config_for(trained, data_name)
+    if data_cfg is None:
+        raise UserError(
+            f"--weights {weights}: no config.yaml of its run (RUN/weights/{trained.path.name} -> RUN/config.yaml) "
+            "to say which data it was trained on; pass --data"
+        )
+    data_cfg = replace(data_cfg, workers=workers)
+    accelerator = build_accelerator(Config(data=data_cfg, run=RunConfig(tracker="none")))
+    with accelerator.main_process_first():  # the main process fills dataset caches first; the others reuse them
+        splits, info = data.load_splits(data_cfg)
+    check_classes(trained, info.class_names, data_cfg.data)
+    if split not in splits:
+        raise UserError(f"--split {split}: {info.source} has splits {', '.join(splits)}")
+    world = accelerator.num_processes
+    loader = data.build_eval_loader(
+        splits[split],
+        trained.pre,
+        math.ceil(batch_size / world),
+        workers=data.num_workers(data_cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    model, loader = accelerator.prepare(load_model(trained), loader)
+    # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
+    metrics, preds = evaluate(accelerator, model, loader, trained.num_classes)
+    # Every rank: the main process picks and creates the folder, then broadcasts its name.
+    run_dir = checkpoint.create_run_dir(accelerator, project, name, exist_ok, weights_dir=False)
+    summary = {
+        **metrics,
+        "images": len(preds),
+        "weights": str(trained.path),
+        "epoch": int(trained.metadata.get("epoch", 0)),
+        "data": info.source,
+        "split": split,
+        "num_processes": world,
+    }
+    if accelerator.is_main_process:
+        write_report(run_dir, summary, preds, trained.class_names, trained.describe())
+    # Collective: leave together; a rank that tears down while the main process still writes can abort gloo.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def write_report(run_dir: Path, summary: dict, preds: report.Predictions, class_names: list[str], model: str):
+    """Main process only: the console report and the files of a val run."""
+    rows = report.per_class_rows(preds, class_names)
+    report.save_per_class_csv(rows, run_dir / "per_class.csv")
+    cm = report.confusion_matrix(preds, len(class_names))
+    report.save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png")
+    with open(run_dir / "metrics.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(
+        f"{model} on {summary['data']} {summary['split']} ({summary['images']} images), "
+        f"{summary['num_processes']} process(es)"
+    )
+    print(report.format_per_class(rows))
+    print(
+        f"val/loss {summary['val/loss']:.4f}  top1 {summary['val/top1']:.4f}  top5 {summary['val/top5']:.4f}. "
+        f"Results saved to {run_dir}",
+        flush=True,
+    )

@@ -1,0 +1,130 @@
+"""Trained weights back into a model: what `trainer val`, `predict` and `export` share.
+
+A weights file written by a run carries its own description in the safetensors metadata (model name, classes,
+preprocessing); the run's config.yaml beside it (RUN/weights/best.safetensors -> RUN/config.yaml) says which data
+it was trained and validated on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from trainer.config import DataConfig, UserError, build_config, load_yaml
+from trainer.data import Preprocess
+
+REQUIRED_KEYS = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct")
+
+
+@dataclass(frozen=True)
+class TrainedWeights:
+    """A weights file and what its metadata says about it."""
+
+    path: Path
+    model_name: str
+    class_names: list[str]
+    pre: Preprocess
+    metadata: dict[str, str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> str:
+        """`resnet10t, epoch 4 (val/top1 0.9840)` as far as the metadata tells."""
+        text = self.model_name
+        if "epoch" in self.metadata:
+            text += f", epoch {self.metadata['epoch']}"
+        if "val_top1" in self.metadata:
+            text += f" (recorded val/top1 {float(self.metadata['val_top1']):.4f})"
+        return text
+
+
+def read_weights(path: str | Path) -> TrainedWeights:
+    """Read and check the metadata of a weights file written by `trainer train`."""
+    from safetensors import SafetensorError, safe_open
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--weights {path}: no such file")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"--weights {path}: not a readable .safetensors file ({e})".split("\n")[0]) from e
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise UserError(
+            f"--weights {path}: lacks trainer metadata ({', '.join(missing)}); pass a weights file written by "
+            "trainer train (RUN/weights/best.safetensors)"
+        )
+    try:
+        pre = Preprocess(
+            imgsz=int(meta["imgsz"]),
+            in_chans=int(meta["in_chans"]),
+            mean=tuple(json.loads(meta["mean"])),
+            std=tuple(json.loads(meta["std"])),
+            interpolation=meta["interpolation"],
+            crop_pct=float(meta["crop_pct"]),
+        )
+        class_names = [str(c) for c in json.loads(meta["class_names"])]
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--weights {path}: damaged metadata ({e})") from e
+    return TrainedWeights(file, meta["model_name"], class_names, pre, meta)
+
+
+def load_model(weights: TrainedWeights) -> torch.nn.Module:
+    """The timm model of a weights file, with those weights, in eval mode on the CPU."""
+    from safetensors.torch import load_file
+
+    from trainer.config import ModelConfig
+    from trainer.model import build_model
+
+    model = build_model(ModelConfig(model=weights.model_name), weights.num_classes, weights.pre.in_chans)
+    try:
+        model.load_state_dict(load_file(weights.path))
+    except RuntimeError as e:  # key or shape mismatch: not the model the metadata names
+        raise UserError(
+            f"--weights {weights.path}: tensors do not fit {weights.model_name} ({e})".split("\n")[0]
+        ) from e
+    return model.eval()
+
+
+def run_dir_of(weights: TrainedWeights) -> Path | None:
+    """RUN for RUN/weights/X.safetensors when RUN/config.yaml exists."""
+    run_dir = weights.path.resolve().parent.parent
+    if weights.path.resolve().parent.name == "weights" and (run_dir / "config.yaml").is_file():
+        return run_dir
+    return None
+
+
+def data_config_for(weights: TrainedWeights, data: str | None) -> DataConfig | None:
+    """The data the weights were trained on (from the run's config.yaml), `data` replacing the dataset name.
+
+    The image size always comes from the weights. None when there is neither a run config nor `data`.
+    """
+    run_dir = run_dir_of(weights)
+    if run_dir is not None:
+        values = load_yaml(str(run_dir / "config.yaml"))
+        cfg = build_config({"data": values.get("data", {})}).data
+    elif data is None:
+        return None
+    else:
+        cfg = DataConfig()
+    return replace(cfg, data=data or cfg.data, imgsz=weights.pre.imgsz)
+
+
+def check_classes(weights: TrainedWeights, class_names: list[str], data_name: str) -> None:
+    """Refuse data whose classes differ from the ones the model was trained on."""
+    if list(class_names) != weights.class_names:
+        raise UserError(
+            f"--data {data_name} has classes {_short(class_names)} but {weights.path.name} was trained on "
+            f"{_short(weights.class_names)}; pass the data it was trained on"
+        )
+
+
+def _short(names: list[str]) -> str:
+    return "[" + ", ".join(names[:5]) + (f", ... ({len(names)} in all)]" if len(names) > 5 else "]")
