@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from trainer import report
 from trainer.config import RunConfig
 from trainer.progress import Progress
+from trainer.transforms import decode_image
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
@@ -286,7 +287,7 @@ class Reporter:
         written += ["per_class.csv", "confusion_matrix.png"]
         if val_split is not None:
             index = report.sample_indices(preds, GRID_IMAGES)
-            images = [val_split[int(i)]["image"] for i in index]
+            images = [decode_image(val_split[int(i)]["image"]) for i in index]
             report.save_prediction_grid(
                 images, preds.labels[index], preds.predicted[index], names, self.run_dir / "val_predictions.png"
             )
@@ -313,7 +314,7 @@ class Reporter:
                 for i in report.sample_indices(preds, 96):
                     true, pred = int(preds.labels[i]), int(preds.predicted[i])
                     confidence = float(preds.probs[i, 0]) if preds.probs is not None else float("nan")
-                    image = wandb.Image(val_split[int(i)]["image"])
+                    image = wandb.Image(decode_image(val_split[int(i)]["image"]))
                     table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
                 media["val/predictions"] = table
         run.log(media)
