@@ -110,6 +110,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # ---- Resumable checkpoints: {run}/checkpoints/step-N, complete or absent ------------------------------------------
 
 STATE_FILE = "trainer_state_{rank}.json"  # one per rank: the loss sums of a partial epoch differ between ranks
+BUFFERS_FILE = "rank_buffers_{rank}.safetensors"  # one per rank: buffers that differ between ranks (see Checkpointer)
 
 
 @dataclass
@@ -138,10 +139,20 @@ class Stopped(Exception):
 class Checkpointer:
     """Saves and restores the whole training state. Every rank calls every method (each contains collectives)."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, cfg: CheckpointConfig):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        cfg: CheckpointConfig,
+        rank_local: dict[str, torch.nn.Module] | None = None,
+    ):
+        """`rank_local`: modules whose buffers each rank keeps for itself, saved and restored per rank. accelerate's
+        save_state writes registered objects from the main process only; an EMA's BatchNorm statistics average each
+        rank's own batches until the epoch-end sync, so the other ranks' would come back as rank 0's."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.cfg = cfg
+        self.rank_local = rank_local or {}
         self.signum = 0  # set by the SIGTERM/SIGINT handler
         self._previous_handlers: dict = {}
 
@@ -228,6 +239,15 @@ class Checkpointer:
             if loss_sum is not None:
                 rank_state.update(loss_sum=float(loss_sum.item()), seen=float(seen.item()))
             (tmp / STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(rank_state))
+            if self.rank_local:
+                from safetensors.torch import save_file
+
+                buffers = {
+                    f"{name}.{key}": buffer.detach().cpu().contiguous()
+                    for name, module in self.rank_local.items()
+                    for key, buffer in module.named_buffers()
+                }
+                save_file(buffers, str(tmp / BUFFERS_FILE.format(rank=accelerator.process_index)))
         except (OSError, RuntimeError) as e:  # disk full, unwritable; torch reports some as RuntimeError
             error = str(e).split("\n")[0]
         self._agree(error, tmp)
@@ -295,6 +315,7 @@ class Checkpointer:
         try:
             with _custom_states_weights_only():
                 self.accelerator.load_state(str(path))
+            self._restore_rank_local(path)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(
                 f"--resume: checkpoint {path} does not fit this run or is damaged ({type(e).__name__}: {e})".split(
@@ -303,6 +324,17 @@ class Checkpointer:
                 + f"; {_delete_hint(found)}"
             ) from e
         return state
+
+    def _restore_rank_local(self, path: Path) -> None:
+        if not self.rank_local:
+            return
+        from safetensors.torch import load_file
+
+        saved = load_file(str(path / BUFFERS_FILE.format(rank=self.accelerator.process_index)))
+        with torch.no_grad():
+            for name, module in self.rank_local.items():
+                for key, buffer in module.named_buffers():
+                    buffer.copy_(saved[f"{name}.{key}"])
 
 
 def _delete_hint(found: list[Path]) -> str:

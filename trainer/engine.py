@@ -142,7 +142,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
     else:
         run_dir = resume_dir
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint)
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint, {"ema": ema.module} if ema is not None else None)
     # After everything stateful is prepared or registered for checkpointing: load_state restores exactly those.
     state = checkpointer.restore(cfg.train.epochs) if resume_dir else TrainState()
     record = run_record(

@@ -90,8 +90,8 @@ def kill_when(proc: subprocess.Popen, ready, sig: int = signal.SIGKILL, timeout:
     return out
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a / "weights" / "last.safetensors")), load_file(str(b / "weights" / "last.safetensors"))
+def assert_same_weights(a: Path, b: Path, name: str = "last.safetensors") -> None:
+    wa, wb = load_file(str(a / "weights" / name)), load_file(str(b / "weights" / name))
     assert wa.keys() == wb.keys()
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -141,11 +141,13 @@ def rank_pid(launcher: subprocess.Popen, local_rank: int) -> int:
 
 
 def test_two_ranks_killed_and_resumed_is_bitwise_exact(workdir: Path):
+    """With the stateful extras on: the weight EMA (a registered checkpoint object) and mixup/cutmix draws."""
     runs = workdir / "runs" / "train"
-    check(run(torchrun(2, "train", *ARGS, "--name", "ref"), workdir))
+    args = (*ARGS, "--ema", "--ema-decay", "0.9", "--mixup", "0.2", "--cutmix", "1.0")
+    check(run(torchrun(2, "train", *args, "--name", "ref"), workdir))
     assert config_of(runs / "ref")["launch"]["num_processes"] == 2
     cut = runs / "cut"
-    kill_when(start(torchrun(2, "train", *ARGS, "--name", "cut"), workdir), lambda: 10 in steps(cut))
+    kill_when(start(torchrun(2, "train", *args, "--name", "cut"), workdir), lambda: 10 in steps(cut))
     # SIGTERM reaching one rank only: both agree on the step, save, and stop.
     proc = start(torchrun(2, "train", "--resume", str(cut)), workdir)
     deadline = time.time() + 600
@@ -162,4 +164,6 @@ def test_two_ranks_killed_and_resumed_is_bitwise_exact(workdir: Path):
     ]
     check(run(torchrun(2, "train", "--resume", str(cut)), workdir))
     assert_same_weights(runs / "ref", cut)
+    assert_same_weights(runs / "ref", cut, "best.safetensors")  # the better of model and EMA, EMA state resumed
     assert (cut / "results.csv").read_text() == (runs / "ref" / "results.csv").read_text()
+    assert "val/top1_ema" in (cut / "results.csv").read_text().splitlines()[0]
