@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from trainer import optim
+from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import build_config
 from trainer.engine import build_accelerator, train_one_epoch
 from trainer.model import build_model
@@ -67,12 +70,13 @@ def main() -> None:
     loader = accelerator.prepare(DataLoader(batches, batch_size=None))
     model, optimizer = accelerator.prepare(model, optimizer)
     reporter = Reporter(accelerator)
-    step = 0
+    state = TrainState()  # the loop's per-step bookkeeping, as in a run; no checkpoint is due in these rounds
+    checkpointer = Checkpointer(accelerator, Path(tempfile.mkdtemp()), cfg.checkpoint)
 
     def run_trainer() -> float:
-        nonlocal step
         start = time.perf_counter()
-        _, step = train_one_epoch(accelerator, model, optimizer, scheduler, loader, cfg.train, step, reporter)
+        state.batches_in_epoch, state.loss_sum, state.seen = 0, 0.0, 0.0
+        train_one_epoch(accelerator, model, optimizer, scheduler, loader, cfg.train, state, reporter, checkpointer)
         return time.perf_counter() - start
 
     # bare PyTorch: the same work written out by hand.
