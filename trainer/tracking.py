@@ -67,6 +67,7 @@ class Reporter:
         self.progress: Progress | None = None
         self.epoch = 0
         self.best: tuple[int, report.Predictions] | None = None
+        self.best_is_best = False  # False: self.best holds the latest epoch (resumed after the best one)
         self.train_images = 0
         self.train_seconds = 0.0
         self._interval_images = 0
@@ -229,8 +230,10 @@ class Reporter:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-        if best and preds is not None:
-            self.best = (epoch, preds)
+        # A resumed run whose best epoch ran before the resume reports its latest epoch instead (predictions are not
+        # checkpointed); a best epoch of this session always takes over.
+        if preds is not None and (best or not self.best_is_best):
+            self.best, self.best_is_best = (epoch, preds), best
         row = [epoch, *(metrics[c] for c in self.columns[1:])]
         with open(self.run_dir / "results.csv", "a", newline="") as f:
             csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
@@ -281,7 +284,8 @@ class Reporter:
         if len(rows) > PRINTED_CLASSES + 1:
             shown = [*sorted(rows[:-1], key=lambda r: r["top1"])[:20], rows[-1]]
         more = "" if shown is rows else f", the 20 worst of {len(rows) - 1} classes (all in per_class.csv)"
-        print(f"per-class accuracy at the best epoch ({epoch}){more}:\n{report.format_per_class(shown)}", flush=True)
+        which = f"the best epoch ({epoch})" if self.best_is_best else f"epoch {epoch} (the best ran before the resume)"
+        print(f"per-class accuracy at {which}{more}:\n{report.format_per_class(shown)}", flush=True)
         cm = report.confusion_matrix(preds, len(names))
         report.save_confusion_matrix_png(cm, names, self.run_dir / "confusion_matrix.png")
         written += ["per_class.csv", "confusion_matrix.png"]

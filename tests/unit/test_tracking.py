@@ -69,6 +69,8 @@ def test_resume_continues_the_stored_wandb_run_and_keeps_results(tmp_path, wandb
     assert resumed._tracker("wandb").run.id == run_id
     _one_epoch(resumed, 2)
     resumed.finish({"best/val_top1": 0.5, "best/epoch": 1, "time_s": 3.0, "run_dir": str(run_dir)})
+    # The best epoch ran before the resume: the reports come from the latest epoch, and say so.
+    assert "per-class accuracy at epoch 2 (the best ran before the resume)" in capsys.readouterr().out
     runs = _offline_run_dirs(run_dir)
     assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
     with open(run_dir / "results.csv") as f:
