@@ -267,6 +267,12 @@ def _seed_worker(rank: int, worker_id: int) -> None:
     # (finish the step, checkpoint, shut its workers down), and a worker dying first would abort that.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # One worker is one core's worth of work, as torch makes it for itself (one intra-op thread in a worker);
+    # Arrow's thread pools would otherwise start a thread per core in every worker.
+    import pyarrow
+
+    pyarrow.set_cpu_count(1)
+    pyarrow.set_io_thread_count(1)
 
 
 def num_workers(cfg: DataConfig, local_processes: int) -> int:
