@@ -25,7 +25,7 @@ from trainer.sources import BUILTIN, TRAIN_SPLITS, VAL_SPLITS, load_source
 from trainer.transforms import (
     ImageTransform,
     UnreadableImage,
-    build_transforms,
+    build_train_transform,
     decode_image,
     resolve_hflip,
     resolve_scale,
@@ -298,16 +298,9 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
-    train_tf, _ = build_transforms(cfg, info, pre, per_device_batch_size)
+    train_tf = build_train_transform(cfg, info, pre, per_device_batch_size)
     train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
     workers = num_workers(cfg, local_processes)
-    common = dict(
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=partial(_seed_worker, rank) if workers > 0 else None,
-    )
     generator = torch.Generator().manual_seed(seed)  # same on every rank: the shuffle order must agree
     # drop_last keeps every optimizer step at the full global batch (and BatchNorm away from tiny batches).
     train = DataLoader(
@@ -317,7 +310,7 @@ def build_dataloaders(
         drop_last=True,
         generator=generator,
         collate_fn=partial(train_ds.collate, train_tf.collate),
-        **common,
+        **_worker_options(workers, pin_memory, rank),
     )
     val = build_eval_loader(splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory)
     return train, val
@@ -330,10 +323,17 @@ def build_eval_loader(split, pre: Preprocess, per_device_batch_size: int, *, wor
         SkipUnreadable(split.with_transform(tf)),
         batch_size=per_device_batch_size,
         shuffle=False,
-        num_workers=workers,
         collate_fn=tf.collate,
+        **_worker_options(workers, pin_memory, rank=0),
+    )
+
+
+def _worker_options(workers: int, pin_memory: bool, rank: int) -> dict:
+    """DataLoader settings every loader shares: persistent, prefetching workers set up by `_seed_worker`."""
+    return dict(
+        num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=partial(_seed_worker, 0) if workers > 0 else None,
+        worker_init_fn=partial(_seed_worker, rank) if workers > 0 else None,
     )

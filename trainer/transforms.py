@@ -111,10 +111,10 @@ def resolve_scale(cfg: DataConfig) -> tuple[float, float]:
     return (0.8, 1.0) if cfg.imgsz <= 64 else (0.08, 1.0)
 
 
-def build_transforms(
+def build_train_transform(
     cfg: DataConfig, info: DataInfo, pre: Preprocess, per_device_batch_size: int
-) -> tuple[ImageTransform, ImageTransform]:
-    """(train, eval) transforms; the train one carries the augmentation flags and mixup/cutmix."""
+) -> ImageTransform:
+    """The training transform: the augmentation flags and mixup/cutmix. Evaluation uses `ImageTransform(pre, False)`."""
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
@@ -127,7 +127,7 @@ def build_transforms(
         mixup = Mixup(
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(info.class_names)
         )
-    train = ImageTransform(
+    return ImageTransform(
         pre,
         True,
         resolve_hflip(cfg, info),
@@ -136,4 +136,3 @@ def build_transforms(
         random_erase=cfg.random_erase,
         mixup=mixup,
     )
-    return train, ImageTransform(pre, False)
