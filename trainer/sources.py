@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,6 @@ def _load_builtin(name: str) -> Source:
         try:
             full = datasets.load_from_disk(str(cache))
         except Exception:  # a damaged copy is replaced below
-            import shutil
-
             shutil.rmtree(cache, ignore_errors=True)
     if full is None:
         images, labels, class_names = BUILTIN[name]()
@@ -132,8 +131,6 @@ def _builtin_cache(name: str) -> Path | None:
 def _store_copy(dataset, cache: Path) -> None:
     """Write a temporary folder, then rename it: other processes see a complete copy or none. Best effort: a
     read-only cache only costs the rebuild next time."""
-    import shutil
-
     import datasets
 
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
