@@ -21,8 +21,8 @@ from accelerate import Accelerator
 
 from trainer import report
 from trainer.config import RunConfig
+from trainer.data.decode import decode_image
 from trainer.progress import Progress
-from trainer.transforms import decode_image
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA

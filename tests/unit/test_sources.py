@@ -255,7 +255,7 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(
 
 
 def test_builtin_set_is_cached_as_arrow_and_rebuilt_when_damaged(monkeypatch, tmp_path):
-    from trainer import sources
+    from trainer.data import sources
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     built = sources._load_builtin("mnist")

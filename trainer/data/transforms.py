@@ -1,47 +1,62 @@
-"""Decoding and augmentation: the one seam (`ImageTransform`) between stored images and the model's tensors."""
+"""Augmentation and normalisation: the seam (`ImageTransform`) between decoded images and the model's tensors.
+
+Also the input geometry (`Preprocess`) a model expects, resolved from timm and stored with the weights.
+"""
 
 from __future__ import annotations
 
-import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from trainer.config import DataConfig, UserError
+from trainer.data.decode import decode_image
 
 if TYPE_CHECKING:
-    from trainer.data import DataInfo, Preprocess
+    from trainer.data.splits import DataInfo
 
 
-class UnreadableImage(Exception):
-    """An image that cannot be decoded; carries its path for the warning."""
+@dataclass(frozen=True)
+class Preprocess:
+    """Input geometry and normalisation; stored in the weights' metadata so inference can repeat it."""
 
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path} ({reason})")
-        self.path = path
+    imgsz: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    crop_pct: float
 
 
-def decode_image(value):
-    """A stored image (datasets' {"bytes", "path"}, a path, bytes, an array or a PIL image) -> loaded PIL image."""
-    from PIL import Image
+def resolve_preprocess(cfg: DataConfig, model, in_chans: int) -> Preprocess:
+    """Normalisation, interpolation and crop from the model's pretrained config, at our image size."""
+    from timm.data import resolve_data_config
 
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    elif isinstance(value, str | bytes):
-        data, path = (None, value) if isinstance(value, str) else (value, None)
-    else:
-        return Image.fromarray(np.asarray(value, dtype=np.uint8))
-    try:
-        img = Image.open(io.BytesIO(data) if data is not None else path)
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(path or "<embedded bytes>", f"{type(e).__name__}: {e}".split("\n")[0]) from e
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
-    return img
+    timm_cfg = resolve_data_config(model=model)
+    mean, std = tuple(timm_cfg["mean"]), tuple(timm_cfg["std"])
+    if in_chans != len(mean):
+        # One-channel models see the average of the RGB statistics (what timm's adapted first conv implies).
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return Preprocess(cfg.imgsz, in_chans, mean, std, timm_cfg["interpolation"], float(timm_cfg["crop_pct"]))
+
+
+def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
+    """The dataset facts written to config.yaml and the trackers."""
+    return {
+        "source": info.source,
+        "train_size": info.train_size,
+        "val_size": info.val_size,
+        "val_split": info.val_split,
+        "num_classes": len(info.class_names),
+        "class_names": info.class_names,
+        "in_chans": pre.in_chans,
+        "hflip": resolve_hflip(cfg, info),
+        "scale": list(resolve_scale(cfg)),
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "skipped_files": len(info.skipped),
+    }
 
 
 class ImageTransform:

@@ -1,8 +1,7 @@
-"""Datasets -> splits -> transforms -> DataLoaders. Sources (folders, files, hub ids) are loaded in sources.py.
+"""How batches reach a rank: seeded batches, skip-unreadable, and the torch DataLoaders.
 
-Decoding and augmentation sit behind one seam, `ImageTransform` (transforms.py, re-exported here): it turns stored
-examples into normalised tensors and, in `collate`, mixes batches (mixup/cutmix). Moving the pipeline to the GPU
-later means replacing that class, not the training loop.
+A rank's shard is decided in one place: `accelerator.prepare` wraps these loaders so each rank takes every
+N-th batch of one seeded shuffle (identical on all ranks); nothing here knows its rank except the augmentation seed.
 """
 
 from __future__ import annotations
@@ -12,163 +11,16 @@ import os
 import random
 import signal
 import sys
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.config import DataConfig, UserError
-from trainer.imagefolder import GRAY_MODES
-from trainer.sources import BUILTIN, TRAIN_SPLITS, VAL_SPLITS, load_source
-from trainer.transforms import (
-    ImageTransform,
-    UnreadableImage,
-    build_train_transform,
-    decode_image,
-    resolve_hflip,
-    resolve_scale,
-)
-
-__all__ = [
-    "BUILTIN",
-    "DataInfo",
-    "ImageTransform",
-    "Preprocess",
-    "build_dataloaders",
-    "decode_image",
-    "load_splits",
-    "resolve_hflip",
-]
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """What the rest of the run needs to know about the data."""
-
-    class_names: list[str]
-    channels: int
-    train_size: int
-    val_size: int
-    source: str
-    default_hflip: float
-    val_split: str = ""  # where validation comes from, in words (recorded in config.yaml)
-    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out up front
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Input geometry and normalisation; stored in the weights' metadata so inference can repeat it."""
-
-    imgsz: int
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    crop_pct: float
-
-
-def load_splits(cfg: DataConfig):
-    """Load the dataset named by `cfg.data` and return ({"train", "val"} datasets, DataInfo).
-
-    Refuses (UserError) data that cannot train a classifier: no images, one class, a class without training images.
-    """
-    source = load_source(cfg)
-    names = list(source.splits)
-    train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in names), names[0])
-    val_name = cfg.val_split or next((n for n in VAL_SPLITS if n in names and n != train_name), "")
-    for flag, name in (("--train-split", train_name), ("--val-split", val_name)):
-        if name and name not in names:
-            raise UserError(f"--data {cfg.data}: {flag} {name!r} is not a split; splits: {', '.join(names)}")
-    train = source.splits[train_name]
-    _check_classes(train, source.class_names, cfg.data)
-    if val_name:
-        val, val_desc = source.splits[val_name], f"split {val_name}"
-    else:
-        try:
-            # Stratified, seeded hold-out: every class keeps its share in both splits, identically on every rank.
-            held = train.train_test_split(test_size=cfg.val_fraction, stratify_by_column="label", seed=cfg.split_seed)
-        except ValueError as e:
-            raise UserError(
-                f"--data {cfg.data}: cannot hold out --val-fraction {cfg.val_fraction} per class ({e}); "
-                "add a validation split or more images"
-            ) from e
-        train, val = held["train"], held["test"]
-        val_desc = f"{cfg.val_fraction:g} of {train_name} held out, stratified, --split-seed {cfg.split_seed}"
-    if len(val) == 0:
-        raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
-    info = DataInfo(
-        class_names=source.class_names,
-        channels=source.channels or _guess_channels(train),
-        train_size=len(train),
-        val_size=len(val),
-        source=source.description,
-        default_hflip=source.default_hflip,
-        val_split=val_desc,
-        skipped=source.skipped,
-    )
-    return {"train": train, "val": val}, info
-
-
-def _check_classes(train, class_names: list[str], where: str) -> None:
-    if len(train) == 0:
-        raise UserError(f"--data {where}: no training images")
-    if len(class_names) < 2:
-        raise UserError(f"--data {where}: only one class ({', '.join(class_names)}); classification needs two or more")
-    counts = np.bincount(np.asarray(train["label"], dtype=np.int64), minlength=len(class_names))
-    empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")
-
-
-def _guess_channels(train, sample: int = 16) -> int:
-    """1 when the first images are all grayscale, else 3 (palette, RGBA and CMYK become RGB)."""
-    modes = set()
-    for value in train.select(range(min(sample, len(train))))["image"]:
-        try:
-            modes.add(decode_image(value).mode)
-        except UnreadableImage:
-            continue
-    return 1 if modes and modes <= GRAY_MODES else 3
-
-
-def unreadable_warning(info: DataInfo, shown: int = 3) -> str:
-    """The one warning about files skipped up front: how many, and the first few."""
-    first = "; ".join(f"{path} ({reason})" for path, reason in info.skipped[:shown])
-    return f"warning: skipped {len(info.skipped)} unreadable image file(s): {first}" + (
-        " ..." if len(info.skipped) > shown else ""
-    )
-
-
-def resolve_preprocess(cfg: DataConfig, model, in_chans: int) -> Preprocess:
-    """Normalisation, interpolation and crop from the model's pretrained config, at our image size."""
-    from timm.data import resolve_data_config
-
-    timm_cfg = resolve_data_config(model=model)
-    mean, std = tuple(timm_cfg["mean"]), tuple(timm_cfg["std"])
-    if in_chans != len(mean):
-        # One-channel models see the average of the RGB statistics (what timm's adapted first conv implies).
-        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return Preprocess(cfg.imgsz, in_chans, mean, std, timm_cfg["interpolation"], float(timm_cfg["crop_pct"]))
-
-
-def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
-    """The dataset facts written to config.yaml and the trackers."""
-    return {
-        "source": info.source,
-        "train_size": info.train_size,
-        "val_size": info.val_size,
-        "val_split": info.val_split,
-        "num_classes": len(info.class_names),
-        "class_names": info.class_names,
-        "in_chans": pre.in_chans,
-        "hflip": resolve_hflip(cfg, info),
-        "scale": list(resolve_scale(cfg)),
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "skipped_files": len(info.skipped),
-    }
+from trainer.config import DataConfig
+from trainer.data.decode import UnreadableImage
+from trainer.data.splits import DataInfo
+from trainer.data.transforms import ImageTransform, Preprocess, build_train_transform
 
 
 class SkipUnreadable(Dataset):

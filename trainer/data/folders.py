@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import UserError
+from trainer.data.decode import GRAY_MODES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "valid", "validation": "validation"}
 SPLIT_FOLDERS["test"] = "test"
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 LAYOUT = "expected train/ and val/ (or valid/, validation/, test/) holding one subfolder per class"
 
 

@@ -1,6 +1,6 @@
 """Where images come from: built-in sets, image folders, `save_to_disk` folders, Parquet/Arrow files, HF hub ids.
 
-Every source becomes HF `datasets` splits with two columns: `image` (stored, not decoded: `data.ImageTransform`
+Every source becomes HF `datasets` splits with two columns: `image` (stored, not decoded: `data.decode`
 decodes) and `label` (a ClassLabel). Bad input is refused here, before anything is written.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import DataConfig, UserError
-from trainer.imagefolder import scan_image_folder
+from trainer.data.folders import scan_image_folder
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class")

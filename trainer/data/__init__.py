@@ -1,0 +1,54 @@
+"""The data side of a run. Each module owns one question:
+
+- `sources`: where images come from (built-in sets, folders, save_to_disk folders, Parquet/Arrow, hub ids);
+- `folders`: how an image folder is scanned and its files checked up front;
+- `splits`: train/validation splits, the class checks, and what the run learns about the data (`DataInfo`);
+- `decode`: how a stored image is decoded (PIL) - the one place an image becomes pixels on the torch path;
+- `transforms`: how a decoded image is augmented and normalised (`ImageTransform`, `Preprocess`);
+- `loaders`: how batches reach a rank (seeded batches, DataLoaders; `accelerator.prepare` decides each rank's shard).
+
+Imports flow one way: loaders -> transforms -> splits -> sources -> folders -> decode.
+"""
+
+from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.loaders import (
+    SeededBatches,
+    SkipUnreadable,
+    build_dataloaders,
+    build_eval_loader,
+    num_workers,
+    set_epoch,
+)
+from trainer.data.sources import BUILTIN
+from trainer.data.splits import DataInfo, load_splits, unreadable_warning
+from trainer.data.transforms import (
+    ImageTransform,
+    Preprocess,
+    build_train_transform,
+    dataset_record,
+    resolve_hflip,
+    resolve_preprocess,
+    resolve_scale,
+)
+
+__all__ = [
+    "BUILTIN",
+    "DataInfo",
+    "ImageTransform",
+    "Preprocess",
+    "SeededBatches",
+    "SkipUnreadable",
+    "UnreadableImage",
+    "build_dataloaders",
+    "build_eval_loader",
+    "build_train_transform",
+    "dataset_record",
+    "decode_image",
+    "load_splits",
+    "num_workers",
+    "resolve_hflip",
+    "resolve_preprocess",
+    "resolve_scale",
+    "set_epoch",
+    "unreadable_warning",
+]

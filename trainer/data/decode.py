@@ -1,0 +1,43 @@
+"""How a stored image is decoded: the one place a training, evaluation or prediction image becomes pixels (PIL).
+
+The DALI loader decodes the same encoded bytes on its own (trainer/data/dali.py) and matches this module's modes.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+# PIL modes of one-channel images: such data trains 1-channel models.
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+class UnreadableImage(Exception):
+    """An image that cannot be decoded; carries its path for the warning."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} ({reason})")
+        self.path = path
+
+
+def decode_image(value):
+    """A stored image (datasets' {"bytes", "path"}, a path, bytes, an array or a PIL image) -> loaded PIL image."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, str | bytes):
+        data, path = (None, value) if isinstance(value, str) else (value, None)
+    else:
+        return Image.fromarray(np.asarray(value, dtype=np.uint8))
+    try:
+        img = Image.open(io.BytesIO(data) if data is not None else path)
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(path or "<embedded bytes>", f"{type(e).__name__}: {e}".split("\n")[0]) from e
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
+    return img
