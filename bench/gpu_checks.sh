@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run on a lent GPU machine, in under 8 minutes; figures as JSON.
+#
+#   bash bench/gpu_checks.sh [OUT_DIR]        # OUT_DIR defaults to $OUT (the device tool's) or ./gpu-out
+#
+# Writes OUT_DIR/gpu_checks.json (the summary: machine, versions, each part's exit code and seconds) beside each
+# part's own JSON and log:
+#   gpu_pipeline.json  bench/gpu_pipeline.py: resnet50 ceiling (eager, compiled) vs the training loop fed by the
+#                      torch loader and by DALI (hw_decoder_load 0.65 / 0.9), check_step's host-sync cost
+#   fsdp_memory.json   bench/fsdp_memory.py: vit_large_patch16_224 peak memory and img/s, DDP vs FSDP2 vs
+#                      FSDP2 + grad checkpointing, on one GPU
+#   gpu_tests.log      pytest tests/gpu (SyncBN on two ranks sharing the GPU, the DALI mixed decoder)
+# Each part has its own time limit and a failing part never stops the others.
+#
+# The lent machine has torch, timm, accelerate and torchvision but no registry, no `datasets`, no pytest and no
+# DALI: carry them (../shared/GPU.md). From the project root here, once per session:
+#   bash ../shared/device-wheels.sh pytest pluggy iniconfig    # .whl/: datasets + pytest (git-ignored)
+#   bash ../shared/device-dali.sh                               # .dali/: DALI in four parts, prints the calls
+# then the part-carrying calls it prints, back to back, and last the real call carrying the last part,
+# .dali/SHA256 and .whl, whose command is the install line device-dali.sh prints followed by
+#   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
+# (timeout_s 540: the parts below sum to at most 400 s plus start-up).
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-out}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+if [ -d .whl ] && ! python3 -c "import datasets, pytest" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+summary="$out/gpu_checks.json"
+parts=()
+part() {  # part NAME SECONDS COMMAND...: run one check under its own limit, note exit code and seconds
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s): $*"
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" > >(tee "$out/$name.log") 2>&1
+  local code=$?
+  parts+=("\"$name\": {\"exit_code\": $code, \"seconds\": $((SECONDS - start))}")
+  echo "== $name: exit $code after $((SECONDS - start)) s"
+}
+
+part gpu_pipeline 240 python3 bench/gpu_pipeline.py --out "$out/gpu_pipeline.json"
+part fsdp_memory 100 python3 bench/fsdp_memory.py --out "$out/fsdp_memory.json"
+part gpu_tests 60 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
+
+machine=$(python3 - <<'EOF'
+import json, platform
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+if torch.cuda.is_available():
+    info["gpu"] = torch.cuda.get_device_name()
+for name in ("timm", "accelerate", "datasets", "nvidia.dali"):
+    try:
+        info[name] = __import__(name, fromlist=["__version__"]).__version__
+    except Exception as e:  # a missing package is a finding, not a failure of the summary
+        info[name] = f"missing ({type(e).__name__})"
+print(json.dumps(info))
+EOF
+)
+{
+  printf '{"machine": %s,\n "parts": {%s}}\n' "${machine:-{\}}" "$(IFS=,; echo "${parts[*]}")"
+} > "$summary"
+cat "$summary"
