@@ -45,7 +45,7 @@ part() {  # part NAME SECONDS COMMAND...: run one check under its own limit, not
 
 part gpu_pipeline 240 python3 bench/gpu_pipeline.py --out "$out/gpu_pipeline.json"
 part fsdp_memory 100 python3 bench/fsdp_memory.py --out "$out/fsdp_memory.json"
-part gpu_tests 60 python3 -m pytest tests/gpu -q -x -p no:cacheprovider
+part gpu_tests 60 python3 -m pytest tests/gpu -q -p no:cacheprovider
 
 machine=$(python3 - <<'EOF'
 import json, platform
