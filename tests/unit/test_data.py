@@ -20,6 +20,7 @@ from trainer.data import (
     num_workers,
     resolve_preprocess,
 )
+from trainer.data.splits import hold_out, labels_of
 
 
 def _val_pixels(splits) -> np.ndarray:
@@ -43,6 +44,29 @@ def test_digits_split_is_stratified(digits):
     for label, total in totals.items():
         assert train[label] + val[label] == total
         assert abs(val[label] - 0.1 * total) <= 1, (label, val[label], total)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_hold_out_takes_the_rows_of_datasets_train_test_split(seed):
+    """Our hold-out reads the labels through Arrow; the rows and their order are exactly datasets' own split."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = datasets.Features(
+        {"pixels": datasets.Sequence(datasets.Value("uint8")), "label": datasets.ClassLabel(10)}
+    )
+    full = datasets.Dataset.from_dict(
+        {"pixels": digits.data.astype(np.uint8).tolist(), "label": digits.target.tolist()}, features=features
+    )
+    train, val = hold_out(full, 0.15, seed)
+    expected = full.train_test_split(test_size=0.15, stratify_by_column="label", seed=seed)
+    assert train["pixels"][:] == expected["train"]["pixels"][:] and val["pixels"][:] == expected["test"]["pixels"][:]
+    assert labels_of(val).tolist() == expected["test"]["label"][:]
+    rows = [*np.flatnonzero(digits.target == 0)[:10], np.flatnonzero(digits.target == 1)[0]]
+    one_of_a_kind = full.select([int(r) for r in rows])  # a class with one image cannot give one to each side
+    with pytest.raises(ValueError, match="only 1 member"):
+        hold_out(one_of_a_kind, 0.5, seed)
 
 
 def test_split_depends_only_on_split_seed(digits):
