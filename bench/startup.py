@@ -68,7 +68,8 @@ try:
     cli.main(sys.argv[1:])
 except FirstStep:
     pass
-print("MARKS " + json.dumps({"start": t0_wall, "marks": marks}), flush=True)
+# CPU seconds of this process: the work done, which other processes' load changes far less than wall time.
+print("MARKS " + json.dumps({"start": t0_wall, "marks": marks, "cpu": time.process_time()}), flush=True)
 """
 
 
@@ -109,6 +110,7 @@ def compare(args: list[str], baseline: Path, rounds: int) -> None:
     """Time to the first step of `baseline` and of this tree, alternating round by round, with the medians."""
     trees = {"baseline": baseline.resolve(), "this tree": ROOT}
     times: dict[str, dict[str, list[float]]] = {name: {run: [] for run in RUNS} for name in trees}
+    cpu: dict[str, dict[str, list[float]]] = {name: {run: [] for run in RUNS} for name in trees}
     phases: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for r in range(rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))  # neither tree always goes first
@@ -119,17 +121,19 @@ def compare(args: list[str], baseline: Path, rounds: int) -> None:
                     record, interpreter, _ = run_once(args, home, trees[name])
                     marks = record["marks"]
                     times[name][run].append(interpreter + marks[-1][1])
-                    row.append(f"{run} {times[name][run][-1]:6.2f}s")
+                    cpu[name][run].append(record["cpu"])
+                    row.append(f"{run} {times[name][run][-1]:6.2f}s (cpu {record['cpu']:5.2f}s)")
                     if run == "third":
                         previous = 0.0
                         for label, at in marks:
                             phases[name].setdefault(label, []).append(at - previous)
                             previous = at
             print(f"round {r + 1}/{rounds}  {name:<9}  " + "  ".join(row), flush=True)
-    print(f"\nmedians of {rounds} alternating rounds (time to the first training step)")
-    print(f"{'':<12}" + "".join(f"{run + ' run':>14}" for run in RUNS))
-    for name in trees:
-        print(f"{name:<12}" + "".join(f"{statistics.median(times[name][run]):>13.2f}s" for run in RUNS))
+    for title, values in (("time to the first training step", times), ("CPU time of the process to it", cpu)):
+        print(f"\n{title}, medians of {rounds} alternating rounds")
+        print(f"{'':<12}" + "".join(f"{run + ' run':>14}" for run in RUNS))
+        for name in trees:
+            print(f"{name:<12}" + "".join(f"{statistics.median(values[name][run]):>13.2f}s" for run in RUNS))
     print(f"\nthird run by phase (medians)\n{'phase':<52}" + "".join(f"{name:>12}" for name in trees))
     for label in phases["this tree"]:
         cells = [statistics.median(phases[name].get(label, [float("nan")])) for name in trees]
