@@ -7,13 +7,21 @@ counted where they happen).
 
     python bench/startup.py                          # the default run: MNIST, resnet10t, wandb offline
     python bench/startup.py --tracker none --data digits
+
+Before/after a change, on a machine whose load drifts: compare two source trees in ONE run, alternating them round
+by round (each round: a new HOME, then its first, second and third run), and print the medians:
+
+    git archive BASE_COMMIT | (mkdir -p /tmp/base && tar -x -C /tmp/base)
+    python bench/startup.py --baseline /tmp/base --rounds 3
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +68,8 @@ try:
     cli.main(sys.argv[1:])
 except FirstStep:
     pass
-print("MARKS " + json.dumps({"start": t0_wall, "marks": marks}), flush=True)
+# CPU seconds of this process: the work done, which other processes' load changes far less than wall time.
+print("MARKS " + json.dumps({"start": t0_wall, "marks": marks, "cpu": time.process_time()}), flush=True)
 """
 
 
@@ -75,9 +84,9 @@ def top_imports(stderr: str, n: int = 8) -> list[tuple[str, float]]:
     return sorted(totals.items(), key=lambda kv: -kv[1])[:n]
 
 
-def run_once(args: list[str], home: str) -> tuple[dict, float, str]:
+def run_once(args: list[str], home: str, tree: Path = ROOT) -> tuple[dict, float, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "HF_"))}
-    env.update(HOME=home, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(HOME=home, PYTHONPATH=str(tree) + os.pathsep + env.get("PYTHONPATH", ""))
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", DRIVER, "train", *args],
@@ -94,9 +103,52 @@ def run_once(args: list[str], home: str) -> tuple[dict, float, str]:
     return record, record["start"] - start, proc.stderr
 
 
+RUNS = ("first", "second", "third")  # in a new HOME: the first run fills caches, later ones reuse them
+
+
+def compare(args: list[str], baseline: Path, rounds: int) -> None:
+    """Time to the first step of `baseline` and of this tree, alternating round by round, with the medians."""
+    trees = {"baseline": baseline.resolve(), "this tree": ROOT}
+    times: dict[str, dict[str, list[float]]] = {name: {run: [] for run in RUNS} for name in trees}
+    cpu: dict[str, dict[str, list[float]]] = {name: {run: [] for run in RUNS} for name in trees}
+    phases: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
+    for r in range(rounds):
+        order = list(trees) if r % 2 == 0 else list(reversed(trees))  # neither tree always goes first
+        for name in order:
+            with tempfile.TemporaryDirectory() as home:
+                row = []
+                for run in RUNS:
+                    record, interpreter, _ = run_once(args, home, trees[name])
+                    marks = record["marks"]
+                    times[name][run].append(interpreter + marks[-1][1])
+                    cpu[name][run].append(record["cpu"])
+                    row.append(f"{run} {times[name][run][-1]:6.2f}s (cpu {record['cpu']:5.2f}s)")
+                    if run == "third":
+                        previous = 0.0
+                        for label, at in marks:
+                            phases[name].setdefault(label, []).append(at - previous)
+                            previous = at
+            print(f"round {r + 1}/{rounds}  {name:<9}  " + "  ".join(row), flush=True)
+    for title, values in (("time to the first training step", times), ("CPU time of the process to it", cpu)):
+        print(f"\n{title}, medians of {rounds} alternating rounds")
+        print(f"{'':<12}" + "".join(f"{run + ' run':>14}" for run in RUNS))
+        for name in trees:
+            print(f"{name:<12}" + "".join(f"{statistics.median(values[name][run]):>13.2f}s" for run in RUNS))
+    print(f"\nthird run by phase (medians)\n{'phase':<52}" + "".join(f"{name:>12}" for name in trees))
+    for label in phases["this tree"]:
+        cells = [statistics.median(phases[name].get(label, [float("nan")])) for name in trees]
+        print(f"{label:<52}" + "".join(f"{cell:>11.2f}s" for cell in cells))
+
+
 def main() -> None:
-    args = sys.argv[1:]
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--baseline", type=Path, help="another source tree to compare with, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds with --baseline")
+    options, args = parser.parse_known_args()
     print(f"trainer train {' '.join(args)}".rstrip())
+    if options.baseline:
+        compare(args, options.baseline, options.rounds)
+        return
     firsts = []
     with tempfile.TemporaryDirectory() as home:
         # A new user's first run fills caches (the built-in set's Arrow copy); every later run starts warm.

@@ -23,6 +23,33 @@ from trainer.data import Preprocess
 from trainer.resume import CHECKPOINTS, checkpoint_dirs
 
 
+def _proc_umask() -> int | None:
+    """The umask as Linux reports it, read without changing it (None where /proc cannot say)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except (OSError, ValueError):
+        return None
+
+
+# Elsewhere os.umask reads the umask only by setting it: done once, at import in the main thread, before any thread
+# could create a file under the temporary value.
+_START_UMASK = _proc_umask()
+if _START_UMASK is None:
+    _START_UMASK = os.umask(0o022)
+    os.umask(_START_UMASK)
+
+
+def match_umask(path: Path) -> None:
+    """Give a file we wrote (every file under it, for a folder) the mode the user's umask gives any new file.
+
+    safetensors writes through a private temporary file (mode 0600): teammates could not read shared weights."""
+    umask = _proc_umask()
+    mode = 0o666 & ~(_START_UMASK if umask is None else umask)
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
+        os.chmod(file, mode)
+
+
 def increment_path(path: Path, exist_ok: bool) -> Path:
     """`runs/train/exp` -> `runs/train/exp2`, `exp3`, ... (YOLOv5 style) unless `exist_ok`."""
     if exist_ok or not path.exists():
@@ -96,6 +123,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    match_umask(tmp)
     tmp.replace(path)
 
 
@@ -252,6 +280,7 @@ class Checkpointer:
             error = str(e).split("\n")[0]
         self._agree(error, tmp)
         if accelerator.is_main_process:
+            match_umask(tmp)  # every rank has written its files (the collective above); model.safetensors is 0600
             self._publish(tmp, final)
         # Collective: nobody goes on (or exits) before the checkpoint is in place.
         accelerator.wait_for_everyone()

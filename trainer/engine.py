@@ -155,6 +155,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         f"global batch {cfg.train.batch_size} = {per_device_batch_size} x {world} x {cfg.train.grad_accum}, "
         f"precision {accelerator.mixed_precision}"
     )
+    reporter.print(data.describe_augmentation(cfg.data, info))
     if resume_dir:
         reporter.keep_results(state.epoch)  # rows written after the checkpoint are trained again
         reporter.print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from trainer import data
+from trainer.checkpoint import match_umask
 from trainer.config import UserError
 from trainer.inference import TrainedWeights, check_classes, data_config_for, load_model, read_weights
 
@@ -159,6 +160,7 @@ def export_hf(model: torch.nn.Module, trained: TrainedWeights, out: Path) -> flo
     _clean_pretrained_cfg(model, trained)
     model_config, data_config = hf_model_config(trained)
     save_for_hf(model, str(out), model_config=model_config, data_config=data_config, safe_serialization=True)
+    match_umask(out)
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     pre = trained.pre
     x = torch.randn(2, pre.in_chans, pre.imgsz, pre.imgsz, generator=torch.Generator().manual_seed(0))

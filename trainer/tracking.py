@@ -43,6 +43,14 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def _shorter(path: Path) -> Path:
+    """`path` relative to the working folder when it lies inside it (as the run folder is printed)."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"data": {"imgsz": 32}} -> {"data.imgsz": 32}; lists become strings (TensorBoard hparams need scalars)."""
     flat = {}
@@ -129,19 +137,25 @@ class Reporter:
         # wandb's own id format (8 lowercase letters and digits), chosen here so it can be stored before init.
         run_id = id_file.read_text().strip() if resuming else "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
         id_file.write_text(run_id + "\n")
-        kwargs: dict[str, Any] = {"name": self.run_dir.name, "dir": str(self.run_dir), "id": run_id}
+        # A user's WANDB_DIR (e.g. a scratch disk) wins over the run folder.
+        wandb_root = os.environ.get("WANDB_DIR") or str(self.run_dir)
+        kwargs: dict[str, Any] = {"name": self.run_dir.name, "dir": wandb_root, "id": run_id}
         kwargs.update(entity=run.entity or None, tags=run.tag_list() or None, notes=run.notes or None)
         if resuming:
             kwargs["resume"] = "allow"
-        if not os.environ.get("WANDB_MODE") and not wandb_has_credentials():
+        offline = not os.environ.get("WANDB_MODE") and not wandb_has_credentials()
+        if offline:
             kwargs["mode"] = "offline"
-            self.print(
-                f"wandb: no API key found, logging offline to {self.run_dir}/wandb; "
-                f"upload later with: wandb sync {self.run_dir}/wandb/offline-run-*"
-            )
         tracker = WandBTracker(run.wandb_project_name(), **kwargs)
         tracker.start()
         self.accelerator.trackers.append(tracker)
+        if offline:
+            folder = _shorter(Path(tracker.run.settings.wandb_dir))
+            # The id ends every session's folder name, so one pattern uploads a resumed run's sessions in order.
+            self.print(
+                f"wandb: no API key found, logging offline to {folder}; "
+                f"upload later with: wandb sync {folder}/offline-run-*-{run_id}"
+            )
         tracker.store_init_configuration(flatten(self.record))
         # Validation charts default to epochs on the x-axis; the summary keeps the best, not the last, value.
         tracker.run.define_metric("epoch")

@@ -221,8 +221,30 @@ def test_bad_input_is_one_line_exit_2(workdir: Path):
     assert not (workdir / "runs").exists()
 
 
-def test_run_folders_increment(workdir: Path):
-    for _ in range(2):
-        check(run(trainer("train", *FAST, "--tracker", "none"), workdir))
+def test_run_folders_increment_files_follow_the_umask_header_states_augmentation(workdir: Path):
+    """Three tiny runs: exp, exp2, then exp again with --exist-ok. The first runs under umask 002 (a shared group
+    on a cluster): every file of the run is group-writable, weights and checkpoints included (safetensors writes
+    0600 temporary files). Before the first epoch the header states the augmentation in force."""
+    umask_002 = ["sh", "-c", 'umask 002 && exec "$@"', "sh"]
+    first = trainer("train", *FAST, "--tracker", "none", "--checkpoint-every", "5", "--hflip", "0.25")
+    proc = check(run([*umask_002, *first], workdir))
+    lines = proc.stdout.splitlines()
+    augment = next(i for i, line in enumerate(lines) if line.startswith("augment: "))
+    assert augment < next(i for i, line in enumerate(lines) if line.startswith("epoch 1/1"))
+    assert lines[augment] == (
+        "augment: hflip 0.25, crop area 0.8-1 (default up to 64 px); off: auto-augment, mixup, cutmix, random erasing"
+    )
+    run_dir = workdir / "runs" / "train" / "exp"
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    names = {p.relative_to(run_dir).as_posix() for p in files}
+    assert {"weights/best.safetensors", "weights/last.safetensors", "config.yaml", "results.csv"} <= names
+    assert {"results.png", "confusion_matrix.png", "per_class.csv"} <= names
+    assert any(n.startswith("checkpoints/step-") and n.endswith("model.safetensors") for n in names), names
+    modes = {p.relative_to(run_dir).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == dict.fromkeys(names, oct(0o664))
+    folders = [run_dir, *(p for p in run_dir.rglob("*") if p.is_dir())]
+    assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(0o775)}
+
+    check(run(trainer("train", *FAST, "--tracker", "none"), workdir))
     check(run(trainer("train", *FAST, "--tracker", "none", "--exist-ok"), workdir))
     assert sorted(p.name for p in (workdir / "runs" / "train").iterdir()) == ["exp", "exp2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -163,6 +164,12 @@ def test_export_hf_folder_loads_in_timm(in_process: Path, run_dir: Path, capsys)
     assert config["label_names"] == [str(i) for i in range(10)]
     assert config["pretrained_cfg"]["input_size"] == [1, 16, 16] and len(config["pretrained_cfg"]["mean"]) == 1
     assert "hf_hub_id" not in config["pretrained_cfg"]  # not timm's ImageNet weights: no borrowed identity
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # safetensors writes 0600; the exported files get the mode of any new file
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        p.name: 0o666 & ~umask for p in folder.iterdir()
+    }
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert timm.data.resolve_data_config(model=model)["input_size"] == (1, 16, 16)
     x = torch.randn(4, 1, 16, 16)

@@ -104,6 +104,21 @@ def test_save_rotate_and_restore_exactly(tmp_path):
         ckpt.restore(epochs=1)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_get_the_mode_of_the_umask(tmp_path, umask):
+    """Weights and checkpoints (safetensors writes 0600 temporary files) come out as any new file would."""
+    previous = os.umask(umask)
+    try:
+        accelerator, model, _, _, _, checkpointer = _setup(tmp_path)
+        saved = checkpointer.save(TrainState(step=1))
+        checkpoint.save_weights(accelerator.get_state_dict(model), tmp_path / "best.safetensors", {"epoch": "1"})
+    finally:
+        os.umask(previous)
+    files = [tmp_path / "best.safetensors", *saved.iterdir()]
+    assert saved / "model.safetensors" in files
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+
+
 def test_same_step_saved_again_replaces_the_old_folder(tmp_path):
     *_, ckpt = _setup(tmp_path)
     ckpt.save(TrainState(step=5))

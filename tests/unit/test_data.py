@@ -10,7 +10,17 @@ import torch
 from PIL import Image
 
 from trainer.config import DataConfig
-from trainer.data import ImageTransform, Preprocess, load_splits, num_workers, resolve_preprocess
+from trainer.data import (
+    DataInfo,
+    ImageTransform,
+    Preprocess,
+    build_train_transform,
+    describe_augmentation,
+    load_splits,
+    num_workers,
+    resolve_preprocess,
+)
+from trainer.data.splits import hold_out, labels_of
 
 
 def _val_pixels(splits) -> np.ndarray:
@@ -34,6 +44,29 @@ def test_digits_split_is_stratified(digits):
     for label, total in totals.items():
         assert train[label] + val[label] == total
         assert abs(val[label] - 0.1 * total) <= 1, (label, val[label], total)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_hold_out_takes_the_rows_of_datasets_train_test_split(seed):
+    """Our hold-out reads the labels through Arrow; the rows and their order are exactly datasets' own split."""
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    features = datasets.Features(
+        {"pixels": datasets.Sequence(datasets.Value("uint8")), "label": datasets.ClassLabel(10)}
+    )
+    full = datasets.Dataset.from_dict(
+        {"pixels": digits.data.astype(np.uint8).tolist(), "label": digits.target.tolist()}, features=features
+    )
+    train, val = hold_out(full, 0.15, seed)
+    expected = full.train_test_split(test_size=0.15, stratify_by_column="label", seed=seed)
+    assert train["pixels"][:] == expected["train"]["pixels"][:] and val["pixels"][:] == expected["test"]["pixels"][:]
+    assert labels_of(val).tolist() == expected["test"]["label"][:]
+    rows = [*np.flatnonzero(digits.target == 0)[:10], np.flatnonzero(digits.target == 1)[0]]
+    one_of_a_kind = full.select([int(r) for r in rows])  # a class with one image cannot give one to each side
+    with pytest.raises(ValueError, match="only 1 member"):
+        hold_out(one_of_a_kind, 0.5, seed)
 
 
 def test_split_depends_only_on_split_seed(digits):
@@ -90,3 +123,57 @@ def test_num_workers(monkeypatch):
     assert num_workers(DataConfig(workers=-1), local_processes=2) == 7  # 8 cores per rank, one for training
     assert num_workers(DataConfig(workers=-1), local_processes=1) == 8  # capped
     assert num_workers(DataConfig(workers=-1), local_processes=8) == 0  # 2 cores per rank: no workers
+
+
+def _in_force(transform) -> dict:
+    """What timm's training transform really does: flip probability, crop area range, auto-augment, erasing."""
+    found = {"hflip": 0.0, "auto_augment": False, "random_erase": 0.0}
+    for t in transform.tf.transforms:
+        name = type(t).__name__
+        if name == "RandomHorizontalFlip":
+            found["hflip"] = t.p
+        elif name == "RandomResizedCropAndInterpolation":
+            found["scale"] = tuple(t.scale)
+        elif name in ("RandAugment", "AutoAugment", "AugMixAugment"):
+            found["auto_augment"] = True
+        elif name == "RandomErasing":
+            found["random_erase"] = t.probability
+    mixup = transform.mixup
+    found["mixup"] = (mixup.mixup_alpha, mixup.cutmix_alpha) if mixup is not None else (0.0, 0.0)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("cfg", "source", "default_hflip", "line", "in_force"),
+    [
+        (  # the default run: digits, no flips, light crops at 32 px
+            DataConfig(data="digits"),
+            "builtin:digits",
+            0.0,
+            "augment: hflip 0 (default for builtin:digits), crop area 0.8-1 (default up to 64 px); "
+            "off: auto-augment, mixup, cutmix, random erasing",
+            {"hflip": 0.0, "scale": (0.8, 1.0), "auto_augment": False, "random_erase": 0.0, "mixup": (0.0, 0.0)},
+        ),
+        (  # a folder at 224 px with everything on
+            DataConfig(imgsz=224, auto_augment="rand-m9-mstd0.5", mixup=0.8, cutmix=1.0, random_erase=0.25),
+            "folder:pets",
+            0.5,
+            "augment: hflip 0.5 (default; --hflip 0 for digits/text), crop area 0.08-1 (default above 64 px), "
+            "auto-augment rand-m9-mstd0.5, mixup 0.8, cutmix 1, random erasing 0.25",
+            {"hflip": 0.5, "scale": (0.08, 1.0), "auto_augment": True, "random_erase": 0.25, "mixup": (0.8, 1.0)},
+        ),
+        (  # flags given: no "(default ...)" notes
+            DataConfig(hflip=0.0, scale=(0.5, 1.0), mixup=0.2),
+            "folder:scans",
+            0.5,
+            "augment: hflip 0, crop area 0.5-1, mixup 0.2; off: auto-augment, cutmix, random erasing",
+            {"hflip": 0.0, "scale": (0.5, 1.0), "auto_augment": False, "random_erase": 0.0, "mixup": (0.2, 0.0)},
+        ),
+    ],
+)
+def test_header_line_states_the_augmentation_in_force(cfg, source, default_hflip, line, in_force):
+    info = DataInfo(["a", "b"], 3, train_size=10, val_size=2, source=source, default_hflip=default_hflip)
+    assert describe_augmentation(cfg, info) == line
+    # The line describes the transform the run really builds.
+    pre = Preprocess(cfg.imgsz, 3, (0.5,) * 3, (0.5,) * 3, "bilinear", 0.9)
+    assert _in_force(build_train_transform(cfg, info, pre, per_device_batch_size=8)) == in_force

@@ -84,6 +84,28 @@ def test_resume_continues_the_stored_wandb_run_and_keeps_results(tmp_path, wandb
     fresh.finish({"best/val_top1": 0.0, "best/epoch": 0, "time_s": 0.0, "run_dir": str(run_dir)})
 
 
+def test_explicit_wandb_dir_is_honoured_and_resume_continues_the_run(tmp_path, wandb_env, monkeypatch, capsys):
+    """WANDB_DIR (a scratch disk on a cluster) takes wandb's files; the run id stays in the run folder, so
+    --resume continues the same wandb run there."""
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("WANDB_DIR", str(scratch))
+    run_dir = tmp_path / "exp"
+    (run_dir / "weights").mkdir(parents=True)
+    record = {"run": {"project": "runs/train"}, "dataset": {"class_names": NAMES}}
+    summary = {"best/val_top1": 0.5, "best/epoch": 1, "time_s": 1.0, "run_dir": str(run_dir)}
+    for epoch, resume in ((1, False), (2, True)):
+        reporter = Reporter(Accelerator(cpu=True))
+        reporter.start(run_dir, record, RunConfig(), resume=resume)
+        _one_epoch(reporter, epoch)
+        reporter.finish(summary)
+    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    assert f"wandb sync {scratch / 'wandb'}/offline-run-*-{run_id}" in capsys.readouterr().out
+    sessions = sorted((scratch / "wandb").glob("offline-run-*"))
+    assert [p.name.endswith(f"-{run_id}") for p in sessions] == [True, True]
+    assert all((p / f"run-{run_id}.wandb").is_file() for p in sessions)
+    assert not (run_dir / "wandb").exists()
+
+
 def test_wandb_failure_warns_and_training_goes_on(tmp_path, wandb_env, monkeypatch, capsys):
     # Online mode with no API key: wandb.init really raises, as it does for a user who forgot to log in.
     monkeypatch.setenv("WANDB_MODE", "online")

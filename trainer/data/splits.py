@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,13 +45,12 @@ def load_splits(cfg: DataConfig):
     else:
         try:
             # Stratified, seeded hold-out: every class keeps its share in both splits, identically on every rank.
-            held = train.train_test_split(test_size=cfg.val_fraction, stratify_by_column="label", seed=cfg.split_seed)
+            train, val = hold_out(train, cfg.val_fraction, cfg.split_seed)
         except ValueError as e:
             raise UserError(
                 f"--data {cfg.data}: cannot hold out --val-fraction {cfg.val_fraction} per class ({e}); "
                 "add a validation split or more images"
             ) from e
-        train, val = held["train"], held["test"]
         val_desc = f"{cfg.val_fraction:g} of {train_name} held out, stratified, --split-seed {cfg.split_seed}"
     if len(val) == 0:
         raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
@@ -67,12 +67,36 @@ def load_splits(cfg: DataConfig):
     return {"train": train, "val": val}, info
 
 
+def labels_of(dataset) -> np.ndarray:
+    """The label column as one array. Read through Arrow: `np.asarray(dataset["label"])` goes row by row."""
+    return dataset.with_format("arrow")["label"].to_numpy().astype(np.int64)
+
+
+def hold_out(train, fraction: float, seed: int):
+    """The rows of datasets' `train.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)`, in
+    its order, with its own index generator; the labels are read as one Arrow column, where train_test_split reads
+    them row by row (0.1 ms a row: 0.5 s for 5,000 images, every run on a folder). Returns (train, held out)."""
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    n_test = math.ceil(fraction * len(train))
+    rng = np.random.default_rng(seed)
+    try:
+        train_rows, test_rows = next(
+            stratified_shuffle_split_generate_indices(labels_of(train), len(train) - n_test, n_test, rng=rng)
+        )
+    except ValueError as e:  # worded as train_test_split words it
+        if str(e) == "Minimum class count error":
+            raise ValueError("The least populated class in label column has only 1 member, which is too few") from e
+        raise
+    return train.select(train_rows), train.select(test_rows)
+
+
 def _check_classes(train, class_names: list[str], where: str) -> None:
     if len(train) == 0:
         raise UserError(f"--data {where}: no training images")
     if len(class_names) < 2:
         raise UserError(f"--data {where}: only one class ({', '.join(class_names)}); classification needs two or more")
-    counts = np.bincount(np.asarray(train["label"], dtype=np.int64), minlength=len(class_names))
+    counts = np.bincount(labels_of(train), minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")

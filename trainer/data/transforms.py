@@ -126,6 +126,31 @@ def resolve_scale(cfg: DataConfig) -> tuple[float, float]:
     return (0.8, 1.0) if cfg.imgsz <= 64 else (0.08, 1.0)
 
 
+def describe_augmentation(cfg: DataConfig, info: DataInfo) -> str:
+    """The training augmentation in force, in one line for the run's header (defaults say where they come from)."""
+    hflip = resolve_hflip(cfg, info)
+    if cfg.hflip >= 0:
+        flip = f"hflip {hflip:g}"
+    elif hflip > 0:
+        flip = f"hflip {hflip:g} (default; --hflip 0 for digits/text)"
+    else:
+        flip = f"hflip 0 (default for {info.source})"
+    low, high = resolve_scale(cfg)
+    crop = f"crop area {low:g}-{high:g}"
+    if not cfg.scale:
+        crop += f" (default {'up to' if cfg.imgsz <= 64 else 'above'} 64 px)"
+    on = [flip, crop]
+    off = []
+    for name, value in (
+        ("auto-augment", cfg.auto_augment),
+        ("mixup", f"{cfg.mixup:g}" if cfg.mixup > 0 else ""),
+        ("cutmix", f"{cfg.cutmix:g}" if cfg.cutmix > 0 else ""),
+        ("random erasing", f"{cfg.random_erase:g}" if cfg.random_erase > 0 else ""),
+    ):
+        (on if value else off).append(f"{name} {value}" if value else name)
+    return f"augment: {', '.join(on)}" + (f"; off: {', '.join(off)}" if off else "")
+
+
 def build_train_transform(
     cfg: DataConfig, info: DataInfo, pre: Preprocess, per_device_batch_size: int
 ) -> ImageTransform:
