@@ -110,7 +110,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         )
 
     in_chans = cfg.model.in_chans or info.channels
-    model = build_model(cfg.model, num_classes=len(info.class_names), in_chans=in_chans)
+    model = build_model(cfg.model, num_classes=len(info.class_names), in_chans=in_chans, imgsz=cfg.data.imgsz)
     # SyncBN before the optimizer and prepare(), so both see the final layer types.
     model, sync_bn = apply_sync_bn(model, cfg.model.sync_bn, world, accelerator.device.type)
     if cfg.model.sync_bn and not sync_bn.applied:

@@ -17,21 +17,61 @@ class SyncBNDecision:
     reason: str
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
-    """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights."""
-    model = _create(cfg, num_classes, in_chans)
+def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, imgsz: int | None = None) -> torch.nn.Module:
+    """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights.
+
+    `imgsz`: the input size the model will see. Models built for a fixed size (ViT, DeiT, Swin, EVA, BEiT, ...) are
+    created for it (timm's `img_size`; timm resamples pretrained position embeddings), or refused in one line."""
+    model = _create(cfg, num_classes, in_chans, size_kwargs(cfg.model, num_classes, in_chans, imgsz))
     # Inputs need no conversion: a convolution with channels-last weights returns channels-last activations.
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def _create(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+def size_kwargs(name: str, num_classes: int, in_chans: int, imgsz: int | None) -> dict:
+    """`{"img_size": imgsz}` for a model built for a fixed input size other than `imgsz`, else `{}`.
+
+    The size is tried first on a weightless (meta-device) copy, in eval mode, with one image: a model that cannot
+    take it (no `img_size` argument, a size its patches, windows or stages do not fit) is refused in one line
+    before any real weights are allocated or loaded."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    check_model_name(name)
+    pretrained_cfg = get_pretrained_cfg(name)
+    if imgsz is None or pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+        return {}  # convolutional nets pool whatever size they get
+    default = pretrained_cfg.input_size[-1]
+    if imgsz == default:
+        return {}
+    kwargs = {"img_size": imgsz}
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs).eval()
+            probe(torch.empty(1, in_chans, imgsz, imgsz))
+    except NotImplementedError:
+        pass  # an operator without a meta kernel: nothing learned about the size, the real run will tell
+    except Exception as e:  # TypeError (no img_size), AssertionError, RuntimeError (shapes): all mean "not this size"
+        why = f"{type(e).__name__}: {e}".split("\n")[0][:160]
+        raise UserError(
+            f"--model {name} is built for {default} px and cannot take --imgsz {imgsz} ({why}); "
+            f"use --imgsz {default} or a size its patches fit"
+        ) from e
+    return kwargs
+
+
+def check_model_name(name: str) -> None:
     import timm
 
-    if not timm.is_model(cfg.model):
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise UserError(f"--model {cfg.model!r} is not a timm model{hint}")
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans)
+        raise UserError(f"--model {name!r} is not a timm model{hint}")
+
+
+def _create(cfg: ModelConfig, num_classes: int, in_chans: int, size: dict) -> torch.nn.Module:
+    import timm
+
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, **size)
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.drop > 0:
