@@ -79,10 +79,12 @@ def save_epoch_weights(
 ):
     """Every rank calls this: get_state_dict gathers sharded (FSDP/DeepSpeed) weights; the main process writes
     last.safetensors, and best.safetensors when `is_best` (from `best_model`, e.g. the EMA, when given)."""
+    # Collective under FSDP: every rank sends its shards and the main process receives the full, plain timm state
+    # dict (on the CPU; the other ranks get an empty one). Under DDP it is the local state dict.
     state_dict = accelerator.get_state_dict(model)
     # is_best is the same on every rank (metrics are gathered), so all ranks make this call or none.
     other_best = is_best and best_model is not None and best_model is not model
-    best_state = accelerator.get_state_dict(best_model) if other_best else state_dict
+    best_state = accelerator.get_state_dict(best_model) if other_best else state_dict  # Collective: as above
     if accelerator.is_main_process:
         save_weights(state_dict, weights_dir / "last.safetensors", metadata)
         if is_best:
@@ -349,6 +351,11 @@ def check_safe(path: Path, hint: str = "") -> None:
     truncated file is reported here instead of being skipped (accelerate ignores unreadable RNG states silently)."""
     from accelerate.utils import load
 
+    for metadata in sorted(Path(path).glob("*/.metadata")):  # sharded (FSDP) state: torch.distributed.checkpoint
+        try:
+            check_distcp(metadata.parent)
+        except Exception as e:
+            raise UserError(f"--resume: {metadata.parent} is unreadable or unsafe ({type(e).__name__}); {hint}") from e
     for file in sorted(Path(path).iterdir()):
         if file.suffix not in (".bin", ".pkl", ".pt", ".pth"):
             continue  # safetensors and JSON cannot carry code
@@ -362,6 +369,45 @@ def check_safe(path: Path, hint: str = "") -> None:
                 else f"is unreadable ({type(e).__name__})"
             )
             raise UserError(f"--resume: {file} {what}; {hint}".rstrip("; ")) from e
+
+
+class _DistcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a torch.distributed.checkpoint `.metadata` file (which torch reads with plain pickle) allowing
+    only the plain-data classes such a file holds."""
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not plain checkpoint metadata")
+        if module == "torch.distributed.checkpoint.filesystem":
+            return dcp_filesystem._StorageInfo
+        return super().find_class(module, name)
+
+
+def check_distcp(folder: Path) -> None:
+    """Check a torch.distributed.checkpoint folder as plain data before torch loads it: torch reads its `.metadata`
+    with plain pickle and its non-tensor entries (e.g. optimizer hyperparameters) with torch.load(weights_only=False).
+    Here the metadata goes through an allow-list and every such entry through torch.load(weights_only=True)."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    with open(folder / ".metadata", "rb") as f:
+        metadata = _DistcpMetadataUnpickler(f).load()
+    for index, info in (metadata.storage_data or {}).items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with open(folder / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
 
 
 @contextmanager

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
 from trainer import checkpoint, data, optim
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
-from trainer.model import apply_sync_bn, build_model, has_batchnorm
+from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks
 from trainer.report import Predictions
 from trainer.tracking import Reporter
 
@@ -80,12 +80,42 @@ def check_launch(accelerator: Accelerator) -> None:
             "accelerate launch was asked for several processes but started only one (its --cpu and MULTI_CPU "
             f"launchers do that without mpirun); launch with {WORKING_CPU_LAUNCH}"
         )
+    # Accelerate takes the FSDP path only for GPU launches: elsewhere an FSDP launch config trains plain DDP silently.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not fsdp:
+        got = str(accelerator.distributed_type).removeprefix("DistributedType.")
+        raise UserError(
+            f"the launch asked for FSDP but Accelerate set up {got} on {accelerator.device.type} (it shards only on "
+            "GPUs); launch it on GPUs, or use a DDP config (accelerate_configs/cpu_2proc.yaml on CPUs)"
+        )
+    if fsdp and not accelerator.is_fsdp2:
+        raise UserError(
+            "the launch config asks for FSDP version 1; trainer uses FSDP2: set fsdp_version: 2 "
+            "(see accelerate_configs/fsdp.yaml)"
+        )
+
+
+def check_fsdp_options(cfg: Config) -> None:
+    """Refuse what a sharded model cannot do, before anything is loaded or written."""
+    if cfg.optim.ema:
+        raise UserError(
+            "--ema does not work with FSDP: timm's ModelEmaV3 keeps a deep copy of the model, which a sharded model "
+            "cannot give; drop --ema, or train with DDP (accelerate_configs/multi_gpu_ddp.yaml)"
+        )
+    if cfg.model.sync_bn:
+        raise UserError(
+            "--sync-bn does not work with FSDP (PyTorch does not shard SyncBatchNorm; ViTs have no BatchNorm); "
+            "drop --sync-bn, or train with DDP (accelerate_configs/multi_gpu_ddp.yaml)"
+        )
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary."""
     start = time.time()
     accelerator = build_accelerator(cfg)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        check_fsdp_options(cfg)
     reporter = Reporter(accelerator)
     set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
     world = accelerator.num_processes
@@ -115,6 +145,10 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     model, sync_bn = apply_sync_bn(model, cfg.model.sync_bn, world, accelerator.device.type)
     if cfg.model.sync_bn and not sync_bn.applied:
         reporter.print_once(f"--sync-bn skipped: {sync_bn.reason}; training with plain BatchNorm")
+    if fsdp and not mark_fsdp_blocks(model):
+        reporter.print_once(
+            f"FSDP: {cfg.model.model} has no blocks to shard one by one; it is one unit, gathered whole"
+        )
     pre = data.resolve_preprocess(cfg.data, model, in_chans)
     train_loader, val_loader = data.build_dataloaders(
         splits,
@@ -132,6 +166,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     optimizer = optim.build_optimizer(cfg.optim, model)
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
+    # Under FSDP2 this shards the model (one unit per block) and swaps the optimizer's parameters for the shards.
     model, optimizer = accelerator.prepare(model, optimizer)
     # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
     ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model)) if cfg.optim.ema else None
@@ -215,6 +250,7 @@ def run_record(
         "workers": train_loader.num_workers,
         "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),
         "fused_optimizer": any(g.get("fused") for g in optimizer.param_groups),
+        "fsdp_blocks": list(getattr(model, "_no_split_modules", None) or []),
         "versions": _versions(),
     }
     record["dataset"] = data.dataset_record(cfg.data, info, pre)

@@ -23,6 +23,11 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, imgsz: int | 
     `imgsz`: the input size the model will see. Models built for a fixed size (ViT, DeiT, Swin, EVA, BEiT, ...) are
     created for it (timm's `img_size`; timm resamples pretrained position embeddings), or refused in one line."""
     model = _create(cfg, num_classes, in_chans, size_kwargs(cfg.model, num_classes, in_chans, imgsz))
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as e:  # how timm models without it say so
+            raise UserError(f"--grad-checkpointing: timm's {cfg.model} does not support it; drop the flag") from e
     # Inputs need no conversion: a convolution with channels-last weights returns channels-last activations.
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
@@ -122,6 +127,36 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--pretrained {path}: expected a state dict of tensors")
     return state
+
+
+def block_classes(model: torch.nn.Module) -> list[str]:
+    """Class names of the model's repeated blocks, the units FSDP shards and gathers one at a time.
+
+    timm names no such unit, but its models keep their blocks in a sequence called `blocks` (ViT, DeiT, EVA, BEiT,
+    Mixer, ...) or in stages (`stages`, `layers`: Swin, ConvNeXt, ...) that hold their own `blocks`; the blocks are
+    the classes found there. Empty when the model has neither (e.g. ResNet's layer1..4)."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList)
+
+    def members(module: torch.nn.Module) -> list[torch.nn.Module]:
+        """A stage's blocks: itself when it is a block, its items when it is a plain sequence or has `blocks`."""
+        if type(module) in containers:
+            return list(module)
+        blocks = getattr(module, "blocks", None)
+        return list(blocks) if isinstance(blocks, containers) and len(blocks) else [module]
+
+    for name in ("blocks", "stages", "layers"):
+        sequence = getattr(model, name, None)
+        if isinstance(sequence, containers) and len(sequence):
+            return sorted({type(block).__name__ for stage in sequence for block in members(stage)})
+    return []
+
+
+def mark_fsdp_blocks(model: torch.nn.Module) -> list[str]:
+    """Name the model's blocks as its FSDP units, before `prepare`: accelerate's TRANSFORMER_BASED_WRAP reads the
+    class names from `_no_split_modules` (the transformers convention) unless the launch config names them
+    (`fsdp_transformer_layer_cls_to_wrap`). Returns the names; empty: the whole model is one unit."""
+    model._no_split_modules = block_classes(model)
+    return model._no_split_modules
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:

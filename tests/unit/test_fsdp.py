@@ -1,0 +1,80 @@
+"""FSDP support that needs no process group: the block classes FSDP wraps, grad checkpointing, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from trainer.config import UserError, build_config
+from trainer.engine import build_accelerator, check_fsdp_options
+from trainer.model import block_classes, build_model, mark_fsdp_blocks
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("vit_large_patch16_224", ["Block"]),  # `blocks`
+        ("eva02_tiny_patch14_224", ["EvaBlock"]),
+        ("swin_tiny_patch4_window7_224", ["SwinTransformerBlock"]),  # `layers`, each stage with its `blocks`
+        ("convnext_atto", ["ConvNeXtBlock"]),  # `stages` with `blocks`
+        ("efficientnet_b0", ["DepthwiseSeparableConv", "InvertedResidual"]),  # `blocks` of plain Sequential stages
+        ("resnet10t", []),  # layer1..4: no blocks named as such; FSDP then shards the model as one unit
+    ],
+)
+def test_block_classes_found_from_the_timm_model(name, expected):
+    with torch.device("meta"):  # structure only, no weights
+        model = timm.create_model(name)
+    assert block_classes(model) == expected
+    # Every name resolves to a module class of the model, as accelerate's wrap policy requires.
+    assert all(any(type(m).__name__ == cls for m in model.modules()) for cls in expected)
+
+
+def test_mark_fsdp_blocks_sets_what_accelerates_wrap_policy_reads():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from timm.models.vision_transformer import Block
+
+    model = timm.create_model("test_vit", num_classes=3, img_size=32)
+    assert mark_fsdp_blocks(model) == ["Block"]
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)  # what Accelerator.prepare does before fully_shard
+    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {Block}
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    cfg = build_config({"model": {"model": "test_vit", "grad_checkpointing": True}}).model
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(
+            build_config({"model": {"model": "test_vit"}}).model if not checkpointing else cfg, 5, 3, 32
+        )
+        assert model.grad_checkpointing is checkpointing
+        model(x).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("optim", {"ema": True}, "--ema does not work with FSDP: timm's ModelEmaV3 keeps a deep copy"),
+        ("model", {"sync_bn": True}, "--sync-bn does not work with FSDP"),
+    ],
+)
+def test_fsdp_refuses_ema_and_sync_bn(section, values, message):
+    with pytest.raises(UserError, match=message):
+        check_fsdp_options(build_config({section: values}))
+    check_fsdp_options(build_config({}))  # the rest passes
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_fsdp_launch_that_did_not_get_fsdp_is_refused(monkeypatch):
+    """What `accelerate launch --config_file accelerate_configs/fsdp.yaml` sets; on a CPU Accelerate ignores it."""
+    for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
+        monkeypatch.setenv(key, value)
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine Accelerate does set up FSDP")
+    with pytest.raises(UserError, match=r"the launch asked for FSDP but Accelerate set up NO on cpu \(it shards only"):
+        build_accelerator(build_config({"run": {"tracker": "none"}}))
