@@ -250,7 +250,10 @@ def run_record(
         "workers": train_loader.num_workers,
         "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),
         "fused_optimizer": any(g.get("fused") for g in optimizer.param_groups),
-        "fsdp_blocks": list(getattr(model, "_no_split_modules", None) or []),
+        # The classes FSDP wrapped, as prepare() resolved them (ours, or the launch config's own list).
+        "fsdp_blocks": list(accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or [])
+        if accelerator.distributed_type == DistributedType.FSDP
+        else [],
         "versions": _versions(),
     }
     record["dataset"] = data.dataset_record(cfg.data, info, pre)

@@ -78,3 +78,42 @@ def test_fsdp_launch_that_did_not_get_fsdp_is_refused(monkeypatch):
         pytest.skip("on a GPU machine Accelerate does set up FSDP")
     with pytest.raises(UserError, match=r"the launch asked for FSDP but Accelerate set up NO on cpu \(it shards only"):
         build_accelerator(build_config({"run": {"tracker": "none"}}))
+
+
+class _Payload:
+    """Unpickles as a call to open(marker, "w"): full pickle creates the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_sharded_checkpoint_is_checked_as_plain_data(tmp_path):
+    """torch.distributed.checkpoint reads `.metadata` with plain pickle and non-tensor entries with
+    weights_only=False; check_distcp reads both as plain data first and refuses code, without running it."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.checkpoint import check_distcp
+
+    good = tmp_path / "good"
+    dcp.save(
+        {"w": torch.arange(4.0), "hyper": {"lr": 0.1, "betas": (0.9, 0.999)}}, checkpoint_id=str(good), no_dist=True
+    )
+    check_distcp(good)  # tensors and plain values pass
+
+    marker = tmp_path / "pwned"
+    evil_entry = tmp_path / "evil_entry"
+    dcp.save({"w": torch.zeros(1), "x": _Payload(str(marker))}, checkpoint_id=str(evil_entry), no_dist=True)
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        check_distcp(evil_entry)
+    evil_metadata = tmp_path / "evil_metadata"
+    evil_metadata.mkdir()
+    (evil_metadata / ".metadata").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(pickle.UnpicklingError, match=r"io\.open is not plain checkpoint metadata"):
+        check_distcp(evil_metadata)
+    assert not marker.exists()
