@@ -147,14 +147,18 @@ class Checkpointer:
         run_dir: Path,
         cfg: CheckpointConfig,
         rank_local: dict[str, torch.nn.Module] | None = None,
+        sharded: dict[str, torch.nn.Module] | None = None,
     ):
         """`rank_local`: modules whose buffers each rank keeps for itself, saved and restored per rank. accelerate's
         save_state writes registered objects from the main process only; an EMA's BatchNorm statistics average each
-        rank's own batches until the epoch-end sync, so the other ranks' would come back as rank 0's."""
+        rank's own batches until the epoch-end sync, so the other ranks' would come back as rank 0's.
+        `sharded`: FSDP2 modules outside `prepare` (the EMA), saved as `{name}_fsdp/` with every rank writing its
+        shards (torch.distributed.checkpoint), as accelerate saves the model."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rank_local = rank_local or {}
+        self.sharded = sharded or {}
         self.signum = 0  # set by the SIGTERM/SIGINT handler
         self._previous_handlers: dict = {}
 
@@ -241,6 +245,12 @@ class Checkpointer:
             if loss_sum is not None:
                 rank_state.update(loss_sum=float(loss_sum.item()), seen=float(seen.item()))
             (tmp / STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(rank_state))
+            for name, module in self.sharded.items():
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+                # Collective: every rank writes its shards.
+                dcp.save(get_model_state_dict(module), checkpoint_id=str(tmp / f"{name}_fsdp"))
             if self.rank_local:
                 from safetensors.torch import save_file
 
@@ -317,6 +327,7 @@ class Checkpointer:
         try:
             with _custom_states_weights_only():
                 self.accelerator.load_state(str(path))
+            self._restore_sharded(path)
             self._restore_rank_local(path)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(
@@ -326,6 +337,16 @@ class Checkpointer:
                 + f"; {_delete_hint(found)}"
             ) from e
         return state
+
+    def _restore_sharded(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        for name, module in self.sharded.items():
+            state = get_model_state_dict(module)
+            # Collective: every rank reads its shards (checked as plain data by check_safe before).
+            dcp.load(state, checkpoint_id=str(path / f"{name}_fsdp"))
+            set_model_state_dict(module, state)
 
     def _restore_rank_local(self, path: Path) -> None:
         if not self.rank_local:

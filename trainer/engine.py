@@ -97,11 +97,6 @@ def check_launch(accelerator: Accelerator) -> None:
 
 def check_fsdp_options(cfg: Config) -> None:
     """Refuse what a sharded model cannot do, before anything is loaded or written."""
-    if cfg.optim.ema:
-        raise UserError(
-            "--ema does not work with FSDP: timm's ModelEmaV3 keeps a deep copy of the model, which a sharded model "
-            "cannot give; drop --ema, or train with DDP (accelerate_configs/multi_gpu_ddp.yaml)"
-        )
     if cfg.model.sync_bn:
         raise UserError(
             "--sync-bn does not work with FSDP (PyTorch does not shard SyncBatchNorm; ViTs have no BatchNorm); "
@@ -166,18 +161,31 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     optimizer = optim.build_optimizer(cfg.optim, model)
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
+    # A sharded model cannot be deep-copied: under FSDP the average is copied before prepare, then sharded like it.
+    ema = optim.build_ema(cfg.optim, model) if cfg.optim.ema and fsdp else None
     # Under FSDP2 this shards the model (one unit per block) and swaps the optimizer's parameters for the shards.
     model, optimizer = accelerator.prepare(model, optimizer)
-    # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
-    ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model)) if cfg.optim.ema else None
-    # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap).
-    accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None else []))
+    if ema is not None:
+        optim.shard_ema(accelerator, ema)
+    elif cfg.optim.ema:
+        # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
+        ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model))
+    # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap). A sharded
+    # EMA is not among them (accelerate saves registered objects from the main process only): the Checkpointer
+    # saves its shards on every rank.
+    accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None and not fsdp else []))
 
     if resume_dir is None:
         run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
     else:
         run_dir = resume_dir
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint, {"ema": ema.module} if ema is not None else None)
+    checkpointer = Checkpointer(
+        accelerator,
+        run_dir,
+        cfg.checkpoint,
+        rank_local={"ema": ema.module} if ema is not None else None,
+        sharded={"ema": ema.module} if ema is not None and fsdp else None,
+    )
     # After everything stateful is prepared or registered for checkpointing: load_state restores exactly those.
     state = checkpointer.restore(cfg.train.epochs) if resume_dir else TrainState()
     record = run_record(

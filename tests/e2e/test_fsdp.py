@@ -20,7 +20,7 @@ from trainer.checkpoint import _DistcpMetadataUnpickler
 
 FSDP_YAML = ROOT / "accelerate_configs" / "fsdp.yaml"
 ARGS = ("train", "--data", "digits", "--model", "test_vit", "--imgsz", "32", "--epochs", "2", "--batch-size", "128")
-ARGS += ("--tracker", "none", "--workers", "0", "--clip-grad", "1.0", "--grad-checkpointing")
+ARGS += ("--tracker", "none", "--workers", "0", "--clip-grad", "1.0", "--grad-checkpointing", "--ema")
 
 
 def fsdp_launch(*args: str, harness: bool = True) -> list[str]:
@@ -40,7 +40,7 @@ def shard_rows(folder: Path, key: str) -> list[int]:
     return [chunk.sizes[0] for chunk in entry.chunks]
 
 
-def test_fsdp_trains_shards_saves_full_weights_and_resumes_bitwise(workdir):
+def test_fsdp_trains_with_ema_shards_saves_full_weights_and_resumes_bitwise(workdir):
     proc = check(run(fsdp_launch(*ARGS, "--checkpoint-every", "8", "--keep-checkpoints", "9"), workdir))
     run_dir = workdir / "runs" / "train" / "exp"
     launch = config_of(run_dir)["launch"]
@@ -54,6 +54,9 @@ def test_fsdp_trains_shards_saves_full_weights_and_resumes_bitwise(workdir):
     assert steps == [8, 12, 16, 24]  # 12 steps per epoch
     sharded = run_dir / "checkpoints" / "step-24" / "pytorch_model_fsdp_0"
     assert shard_rows(sharded, "model.blocks.0.attn.qkv.weight") == [96, 96]  # 3 x 64 rows, split over 2 ranks
+    # The EMA is sharded the same way, and saved by every rank beside the model.
+    assert shard_rows(sharded.with_name("ema_fsdp"), "blocks.0.attn.qkv.weight") == [96, 96]
+    assert all(0 < float(r["val/top1_ema"]) <= 1 for r in rows)
 
     # The weights file is gathered: a full, plain timm state dict that loads strictly into timm's own model.
     weights = load_file(run_dir / "weights" / "last.safetensors")
@@ -71,7 +74,11 @@ def test_fsdp_trains_shards_saves_full_weights_and_resumes_bitwise(workdir):
     resumed = load_file(copy / "weights" / "last.safetensors")
     assert resumed.keys() == weights.keys()
     assert all(torch.equal(resumed[k], weights[k]) for k in weights), "resumed weights differ"
-    assert [r["val/top1"] for r in results(copy)] == [r["val/top1"] for r in rows]
+    # The EMA came back exactly too: its evaluations match the uninterrupted run's.
+    for key in ("val/top1", "val/loss", "val/top1_ema", "val/loss_ema"):
+        assert [r[key] for r in results(copy)] == [r[key] for r in rows], key
+    best, best_resumed = (load_file(d / "weights" / "best.safetensors") for d in (run_dir, copy))
+    assert all(torch.equal(best_resumed[k], best[k]) for k in best), "resumed best weights differ"
 
 
 def test_fsdp_launch_on_cpu_is_refused_in_one_line(workdir):
