@@ -245,12 +245,7 @@ class Checkpointer:
             if loss_sum is not None:
                 rank_state.update(loss_sum=float(loss_sum.item()), seen=float(seen.item()))
             (tmp / STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(rank_state))
-            for name, module in self.sharded.items():
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-                # Collective: every rank writes its shards.
-                dcp.save(get_model_state_dict(module), checkpoint_id=str(tmp / f"{name}_fsdp"))
+            self._save_sharded(tmp)  # Collective: every rank writes its shards
             if self.rank_local:
                 from safetensors.torch import save_file
 
@@ -337,6 +332,14 @@ class Checkpointer:
                 + f"; {_delete_hint(found)}"
             ) from e
         return state
+
+    def _save_sharded(self, tmp: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        for name, module in self.sharded.items():
+            # Collective: every rank writes its shards.
+            dcp.save(get_model_state_dict(module), checkpoint_id=str(tmp / f"{name}_fsdp"))
 
     def _restore_sharded(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
