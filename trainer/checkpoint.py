@@ -106,10 +106,12 @@ def save_epoch_weights(
 ):
     """Every rank calls this: get_state_dict gathers sharded (FSDP/DeepSpeed) weights; the main process writes
     last.safetensors, and best.safetensors when `is_best` (from `best_model`, e.g. the EMA, when given)."""
+    # Collective under FSDP: every rank sends its shards and the main process receives the full, plain timm state
+    # dict (on the CPU; the other ranks get an empty one). Under DDP it is the local state dict.
     state_dict = accelerator.get_state_dict(model)
     # is_best is the same on every rank (metrics are gathered), so all ranks make this call or none.
     other_best = is_best and best_model is not None and best_model is not model
-    best_state = accelerator.get_state_dict(best_model) if other_best else state_dict
+    best_state = accelerator.get_state_dict(best_model) if other_best else state_dict  # Collective: as above
     if accelerator.is_main_process:
         save_weights(state_dict, weights_dir / "last.safetensors", metadata)
         if is_best:
@@ -173,14 +175,18 @@ class Checkpointer:
         run_dir: Path,
         cfg: CheckpointConfig,
         rank_local: dict[str, torch.nn.Module] | None = None,
+        sharded: dict[str, torch.nn.Module] | None = None,
     ):
         """`rank_local`: modules whose buffers each rank keeps for itself, saved and restored per rank. accelerate's
         save_state writes registered objects from the main process only; an EMA's BatchNorm statistics average each
-        rank's own batches until the epoch-end sync, so the other ranks' would come back as rank 0's."""
+        rank's own batches until the epoch-end sync, so the other ranks' would come back as rank 0's.
+        `sharded`: FSDP2 modules outside `prepare` (the EMA), saved as `{name}_fsdp/` with every rank writing its
+        shards (torch.distributed.checkpoint), as accelerate saves the model."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rank_local = rank_local or {}
+        self.sharded = sharded or {}
         self.signum = 0  # set by the SIGTERM/SIGINT handler
         self._previous_handlers: dict = {}
 
@@ -267,6 +273,7 @@ class Checkpointer:
             if loss_sum is not None:
                 rank_state.update(loss_sum=float(loss_sum.item()), seen=float(seen.item()))
             (tmp / STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(rank_state))
+            self._save_sharded(tmp)  # Collective: every rank writes its shards
             if self.rank_local:
                 from safetensors.torch import save_file
 
@@ -344,6 +351,7 @@ class Checkpointer:
         try:
             with _custom_states_weights_only():
                 self.accelerator.load_state(str(path))
+            self._restore_sharded(path)
             self._restore_rank_local(path)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(
@@ -353,6 +361,24 @@ class Checkpointer:
                 + f"; {_delete_hint(found)}"
             ) from e
         return state
+
+    def _save_sharded(self, tmp: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        for name, module in self.sharded.items():
+            # Collective: every rank writes its shards.
+            dcp.save(get_model_state_dict(module), checkpoint_id=str(tmp / f"{name}_fsdp"))
+
+    def _restore_sharded(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        for name, module in self.sharded.items():
+            state = get_model_state_dict(module)
+            # Collective: every rank reads its shards (checked as plain data by check_safe before).
+            dcp.load(state, checkpoint_id=str(path / f"{name}_fsdp"))
+            set_model_state_dict(module, state)
 
     def _restore_rank_local(self, path: Path) -> None:
         if not self.rank_local:
@@ -378,6 +404,11 @@ def check_safe(path: Path, hint: str = "") -> None:
     truncated file is reported here instead of being skipped (accelerate ignores unreadable RNG states silently)."""
     from accelerate.utils import load
 
+    for metadata in sorted(Path(path).glob("*/.metadata")):  # sharded (FSDP) state: torch.distributed.checkpoint
+        try:
+            check_distcp(metadata.parent)
+        except Exception as e:
+            raise UserError(f"--resume: {metadata.parent} is unreadable or unsafe ({type(e).__name__}); {hint}") from e
     for file in sorted(Path(path).iterdir()):
         if file.suffix not in (".bin", ".pkl", ".pt", ".pth"):
             continue  # safetensors and JSON cannot carry code
@@ -391,6 +422,45 @@ def check_safe(path: Path, hint: str = "") -> None:
                 else f"is unreadable ({type(e).__name__})"
             )
             raise UserError(f"--resume: {file} {what}; {hint}".rstrip("; ")) from e
+
+
+class _DistcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a torch.distributed.checkpoint `.metadata` file (which torch reads with plain pickle) allowing
+    only the plain-data classes such a file holds."""
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath"))
+            or (module == "collections" and name == "OrderedDict")
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not plain checkpoint metadata")
+        if module == "torch.distributed.checkpoint.filesystem":
+            return dcp_filesystem._StorageInfo
+        return super().find_class(module, name)
+
+
+def check_distcp(folder: Path) -> None:
+    """Check a torch.distributed.checkpoint folder as plain data before torch loads it: torch reads its `.metadata`
+    with plain pickle and its non-tensor entries (e.g. optimizer hyperparameters) with torch.load(weights_only=False).
+    Here the metadata goes through an allow-list and every such entry through torch.load(weights_only=True)."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    with open(folder / ".metadata", "rb") as f:
+        metadata = _DistcpMetadataUnpickler(f).load()
+    for index, info in (metadata.storage_data or {}).items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with open(folder / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
 
 
 @contextmanager

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
 from trainer import checkpoint, data, optim
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
-from trainer.model import apply_sync_bn, build_model, has_batchnorm
+from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks
 from trainer.report import Predictions
 from trainer.tracking import Reporter
 
@@ -80,12 +80,37 @@ def check_launch(accelerator: Accelerator) -> None:
             "accelerate launch was asked for several processes but started only one (its --cpu and MULTI_CPU "
             f"launchers do that without mpirun); launch with {WORKING_CPU_LAUNCH}"
         )
+    # Accelerate takes the FSDP path only for GPU launches: elsewhere an FSDP launch config trains plain DDP silently.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not fsdp:
+        got = str(accelerator.distributed_type).removeprefix("DistributedType.")
+        raise UserError(
+            f"the launch asked for FSDP but Accelerate set up {got} on {accelerator.device.type} (it shards only on "
+            "GPUs); launch it on GPUs, or use a DDP config (accelerate_configs/cpu_2proc.yaml on CPUs)"
+        )
+    if fsdp and not accelerator.is_fsdp2:
+        raise UserError(
+            "the launch config asks for FSDP version 1; trainer uses FSDP2: set fsdp_version: 2 "
+            "(see accelerate_configs/fsdp.yaml)"
+        )
+
+
+def check_fsdp_options(cfg: Config) -> None:
+    """Refuse what a sharded model cannot do, before anything is loaded or written."""
+    if cfg.model.sync_bn:
+        raise UserError(
+            "--sync-bn does not work with FSDP (PyTorch does not shard SyncBatchNorm; ViTs have no BatchNorm); "
+            "drop --sync-bn, or train with DDP (accelerate_configs/multi_gpu_ddp.yaml)"
+        )
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary."""
     start = time.time()
     accelerator = build_accelerator(cfg)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        check_fsdp_options(cfg)
     reporter = Reporter(accelerator)
     set_seed(cfg.train.seed, device_specific=True, deterministic=cfg.train.deterministic)
     world = accelerator.num_processes
@@ -110,11 +135,15 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         )
 
     in_chans = cfg.model.in_chans or info.channels
-    model = build_model(cfg.model, num_classes=len(info.class_names), in_chans=in_chans)
+    model = build_model(cfg.model, num_classes=len(info.class_names), in_chans=in_chans, imgsz=cfg.data.imgsz)
     # SyncBN before the optimizer and prepare(), so both see the final layer types.
     model, sync_bn = apply_sync_bn(model, cfg.model.sync_bn, world, accelerator.device.type)
     if cfg.model.sync_bn and not sync_bn.applied:
         reporter.print_once(f"--sync-bn skipped: {sync_bn.reason}; training with plain BatchNorm")
+    if fsdp and not mark_fsdp_blocks(model):
+        reporter.print_once(
+            f"FSDP: {cfg.model.model} has no blocks to shard one by one; it is one unit, gathered whole"
+        )
     pre = data.resolve_preprocess(cfg.data, model, in_chans)
     train_loader, val_loader = data.build_dataloaders(
         splits,
@@ -132,17 +161,31 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     optimizer = optim.build_optimizer(cfg.optim, model)
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
+    # A sharded model cannot be deep-copied: under FSDP the average is copied before prepare, then sharded like it.
+    ema = optim.build_ema(cfg.optim, model) if cfg.optim.ema and fsdp else None
+    # Under FSDP2 this shards the model (one unit per block) and swaps the optimizer's parameters for the shards.
     model, optimizer = accelerator.prepare(model, optimizer)
-    # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
-    ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model)) if cfg.optim.ema else None
-    # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap).
-    accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None else []))
+    if ema is not None:
+        optim.shard_ema(accelerator, ema)
+    elif cfg.optim.ema:
+        # From the unwrapped model after SyncBN and device placement: the same layer types, on the same device.
+        ema = optim.build_ema(cfg.optim, accelerator.unwrap_model(model))
+    # save_state/load_state carry these too (the timm schedule is no torch LRScheduler for prepare to wrap). A sharded
+    # EMA is not among them (accelerate saves registered objects from the main process only): the Checkpointer
+    # saves its shards on every rank.
+    accelerator.register_for_checkpointing(scheduler, *([ema] if ema is not None and not fsdp else []))
 
     if resume_dir is None:
         run_dir = checkpoint.create_run_dir(accelerator, cfg.run.project, cfg.run.name, cfg.run.exist_ok)
     else:
         run_dir = resume_dir
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint, {"ema": ema.module} if ema is not None else None)
+    checkpointer = Checkpointer(
+        accelerator,
+        run_dir,
+        cfg.checkpoint,
+        rank_local={"ema": ema.module} if ema is not None else None,
+        sharded={"ema": ema.module} if ema is not None and fsdp else None,
+    )
     # After everything stateful is prepared or registered for checkpointing: load_state restores exactly those.
     state = checkpointer.restore(cfg.train.epochs) if resume_dir else TrainState()
     record = run_record(
@@ -216,6 +259,10 @@ def run_record(
         "workers": train_loader.num_workers,
         "dynamo_backend": str(accelerator.state.dynamo_plugin.backend.value).lower(),
         "fused_optimizer": any(g.get("fused") for g in optimizer.param_groups),
+        # The classes FSDP wrapped, as prepare() resolved them (ours, or the launch config's own list).
+        "fsdp_blocks": list(accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or [])
+        if accelerator.distributed_type == DistributedType.FSDP
+        else [],
         "versions": _versions(),
     }
     record["dataset"] = data.dataset_record(cfg.data, info, pre)

@@ -83,7 +83,9 @@ def load_model(weights: TrainedWeights) -> torch.nn.Module:
     from trainer.config import ModelConfig
     from trainer.model import build_model
 
-    model = build_model(ModelConfig(model=weights.model_name), weights.num_classes, weights.pre.in_chans)
+    model = build_model(
+        ModelConfig(model=weights.model_name), weights.num_classes, weights.pre.in_chans, imgsz=weights.pre.imgsz
+    )
     try:
         model.load_state_dict(load_file(weights.path))
     except RuntimeError as e:  # key or shape mismatch: not the model the metadata names

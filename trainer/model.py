@@ -17,21 +17,66 @@ class SyncBNDecision:
     reason: str
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
-    """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights."""
-    model = _create(cfg, num_classes, in_chans)
+def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, imgsz: int | None = None) -> torch.nn.Module:
+    """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights.
+
+    `imgsz`: the input size the model will see. Models built for a fixed size (ViT, DeiT, Swin, EVA, BEiT, ...) are
+    created for it (timm's `img_size`; timm resamples pretrained position embeddings), or refused in one line."""
+    model = _create(cfg, num_classes, in_chans, size_kwargs(cfg.model, num_classes, in_chans, imgsz))
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError) as e:  # how timm models without it say so
+            raise UserError(f"--grad-checkpointing: timm's {cfg.model} does not support it; drop the flag") from e
     # Inputs need no conversion: a convolution with channels-last weights returns channels-last activations.
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def _create(cfg: ModelConfig, num_classes: int, in_chans: int) -> torch.nn.Module:
+def size_kwargs(name: str, num_classes: int, in_chans: int, imgsz: int | None) -> dict:
+    """`{"img_size": imgsz}` for a model built for a fixed input size other than `imgsz`, else `{}`.
+
+    The size is tried first on a weightless (meta-device) copy, in eval mode, with one image: a model that cannot
+    take it (no `img_size` argument, a size its patches, windows or stages do not fit) is refused in one line
+    before any real weights are allocated or loaded."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    check_model_name(name)
+    pretrained_cfg = get_pretrained_cfg(name)
+    if imgsz is None or pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+        return {}  # convolutional nets pool whatever size they get
+    default = pretrained_cfg.input_size[-1]
+    if imgsz == default:
+        return {}
+    kwargs = {"img_size": imgsz}
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs).eval()
+            probe(torch.empty(1, in_chans, imgsz, imgsz))
+    except NotImplementedError:
+        pass  # an operator without a meta kernel: nothing learned about the size, the real run will tell
+    except Exception as e:  # TypeError (no img_size), AssertionError, RuntimeError (shapes): all mean "not this size"
+        why = f"{type(e).__name__}: {e}".split("\n")[0][:160]
+        raise UserError(
+            f"--model {name} is built for {default} px and cannot take --imgsz {imgsz} ({why}); "
+            f"use --imgsz {default} or a size its patches fit"
+        ) from e
+    return kwargs
+
+
+def check_model_name(name: str) -> None:
     import timm
 
-    if not timm.is_model(cfg.model):
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise UserError(f"--model {cfg.model!r} is not a timm model{hint}")
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans)
+        raise UserError(f"--model {name!r} is not a timm model{hint}")
+
+
+def _create(cfg: ModelConfig, num_classes: int, in_chans: int, size: dict) -> torch.nn.Module:
+    import timm
+
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, **size)
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.drop > 0:
@@ -82,6 +127,36 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--pretrained {path}: expected a state dict of tensors")
     return state
+
+
+def block_classes(model: torch.nn.Module) -> list[str]:
+    """Class names of the model's repeated blocks, the units FSDP shards and gathers one at a time.
+
+    timm names no such unit, but its models keep their blocks in a sequence called `blocks` (ViT, DeiT, EVA, BEiT,
+    Mixer, ...) or in stages (`stages`, `layers`: Swin, ConvNeXt, ...) that hold their own `blocks`; the blocks are
+    the classes found there. Empty when the model has neither (e.g. ResNet's layer1..4)."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList)
+
+    def members(module: torch.nn.Module) -> list[torch.nn.Module]:
+        """A stage's blocks: itself when it is a block, its items when it is a plain sequence or has `blocks`."""
+        if type(module) in containers:
+            return list(module)
+        blocks = getattr(module, "blocks", None)
+        return list(blocks) if isinstance(blocks, containers) and len(blocks) else [module]
+
+    for name in ("blocks", "stages", "layers"):
+        sequence = getattr(model, name, None)
+        if isinstance(sequence, containers) and len(sequence):
+            return sorted({type(block).__name__ for stage in sequence for block in members(stage)})
+    return []
+
+
+def mark_fsdp_blocks(model: torch.nn.Module) -> list[str]:
+    """Name the model's blocks as its FSDP units, before `prepare`: accelerate's TRANSFORMER_BASED_WRAP reads the
+    class names from `_no_split_modules` (the transformers convention) unless the launch config names them
+    (`fsdp_transformer_layer_cls_to_wrap`). Returns the names; empty: the whole model is one unit."""
+    model._no_split_modules = block_classes(model)
+    return model._no_split_modules
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:

@@ -106,3 +106,12 @@ def build_ema(cfg: OptimConfig, model: torch.nn.Module):
     from timm.utils import ModelEmaV3
 
     return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+
+
+def shard_ema(accelerator, ema) -> None:
+    """FSDP2: shard the EMA copy (made before `prepare`) like the prepared model, with the block units and
+    mixed-precision policy `prepare` resolved. Its shards line up with the model's, so ModelEmaV3.update averages
+    shard by shard; evaluating it is then a collective, like the model's forward."""
+    from accelerate.utils import fsdp2_prepare_model
+
+    ema.module = fsdp2_prepare_model(accelerator, ema.module)

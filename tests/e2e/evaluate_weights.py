@@ -22,7 +22,9 @@ def main(weights: str, out: str) -> None:
     cfg: Config = build_config({"run": {"tracker": "none"}, "data": {"imgsz": int(meta["imgsz"])}})
     accelerator = build_accelerator(cfg)
     splits, info = data.load_splits(DataConfig(imgsz=int(meta["imgsz"])))
-    model = build_model(ModelConfig(model=meta["model_name"]), len(info.class_names), int(meta["in_chans"]))
+    model = build_model(
+        ModelConfig(model=meta["model_name"]), len(info.class_names), int(meta["in_chans"]), int(meta["imgsz"])
+    )
     model.load_state_dict(load_file(weights))
     pre = data.resolve_preprocess(cfg.data, model, int(meta["in_chans"]))
     # Val batches of 20 per rank: with 2 ranks the 500 images end in a padded batch that gather_for_metrics must drop.

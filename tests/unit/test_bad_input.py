@@ -61,6 +61,7 @@ CASES = [
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
     (["--data", "no/such/folder"], "--data no/such/folder: no such file or folder"),
     (["--model", "resnet181"], "did you mean resnet18"),
+    (["--model", "vit_tiny_patch16_224", "--imgsz", "8"], "is built for 224 px and cannot take --imgsz 8"),
     (["--optimizer", "adamx"], "--optimizer 'adamx' is unknown"),
     (["--config", "missing.yaml"], "--config missing.yaml: file not found"),
     (["--config", "bad.yaml"], "--config bad.yaml: not valid YAML (line 3)"),

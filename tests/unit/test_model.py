@@ -10,7 +10,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
 from trainer.config import ModelConfig, UserError
-from trainer.model import apply_sync_bn, build_model, decide_sync_bn, has_batchnorm, load_weights
+from trainer.model import apply_sync_bn, build_model, decide_sync_bn, has_batchnorm, load_weights, size_kwargs
 
 # Small timm model (~0.4 M parameters) whose norm layers are timm's BatchNormAct2d (with Hardswish).
 BN_ACT_MODEL = "lcnet_035"
@@ -167,3 +167,68 @@ def test_not_a_state_dict_is_refused(tmp_path):
 def test_missing_weights_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         build_model(ModelConfig(pretrained=str(tmp_path / "nope.safetensors")), num_classes=10, in_chans=1)
+
+
+# ---- models built for a fixed input size (ViT, DeiT, Swin, ...) at --imgsz --------------------------------------
+
+
+def test_fixed_size_model_is_built_for_imgsz():
+    # Without img_size timm's ViT asserts "Input height (32) doesn't match model (160)" on the first batch.
+    model = build_model(ModelConfig(model="test_vit"), num_classes=10, in_chans=1, imgsz=32).eval()
+    assert model.patch_embed.img_size == (32, 32)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("name", "imgsz", "expected"),
+    [
+        ("resnet10t", 32, {}),  # convolutional: pools any size
+        ("test_vit", 160, {}),  # its own size
+        ("test_vit", 48, {"img_size": 48}),
+        ("swin_tiny_patch4_window7_224", 64, {"img_size": 64}),
+        ("test_vit", None, {}),  # size unknown (not asked)
+    ],
+)
+def test_size_kwargs(name, imgsz, expected):
+    assert size_kwargs(name, 10, 3, imgsz) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "imgsz", "why"),
+    [
+        ("vit_tiny_patch16_224", 8, "Kernel size can't be greater"),  # smaller than one 16 px patch
+        ("crossvit_tiny_240", 32, "RuntimeError"),  # its two branches' token grids no longer line up
+    ],
+)
+def test_size_a_model_cannot_take_is_one_line(name, imgsz, why):
+    with pytest.raises(UserError) as raised:
+        build_model(ModelConfig(model=name), num_classes=10, in_chans=3, imgsz=imgsz)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"--model {name} is built for ") and f"cannot take --imgsz {imgsz}" in message
+    assert why in message
+
+
+def test_pretrained_file_at_default_size_loads_at_another_size(tmp_path):
+    """Weights saved at the model's default 160 px, fine-tuned at 32 px: timm resamples the position embedding
+    (10x10 patches -> 2x2), every other tensor comes from the file unchanged."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(1)
+    source = timm.create_model("test_vit", num_classes=5, in_chans=1)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "vit160.safetensors"))
+    torch.manual_seed(2)  # a different init, so equal tensors can only come from the file
+    model = build_model(
+        ModelConfig(model="test_vit", pretrained=str(tmp_path / "vit160.safetensors")), 5, in_chans=1, imgsz=32
+    )
+    loaded = model.state_dict()
+    expected_pos = resample_abs_pos_embed(state["pos_embed"], new_size=(2, 2), num_prefix_tokens=1)
+    assert loaded["pos_embed"].shape == (1, 1 + 2 * 2, state["pos_embed"].shape[-1])
+    torch.testing.assert_close(loaded["pos_embed"], expected_pos)
+    for key, value in state.items():
+        if key != "pos_embed":
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 5)
