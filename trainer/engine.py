@@ -17,7 +17,7 @@ from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 from trainer import checkpoint, data, optim
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
-from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks
+from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
 from trainer.tracking import Reporter
 
@@ -123,6 +123,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
                 "than fp32; use --mixed-precision no here"
             )
     per_device_batch_size = cfg.train.per_device_batch_size(world)
+    # A misspelt --model or a size it cannot take fails before minutes of data preparation (classes and channels
+    # do not change whether a size fits).
+    size_kwargs(cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz)
 
     with accelerator.main_process_first():  # the main process fills dataset caches first; the others reuse them
         splits, info = data.load_splits(cfg.data)

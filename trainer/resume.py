@@ -17,7 +17,7 @@ CHECKPOINTS = "checkpoints"
 # Settings that do not change what the run computes; given with --resume they replace the stored ones.
 HARMLESS = frozenset(
     {"workers", "tracker", "log_every", "debug", "allow_download", "dist_backend"}
-    | {"checkpoint_every", "keep_checkpoints"}
+    | {"checkpoint_every", "keep_checkpoints", "grad_checkpointing"}
 )
 # Settings that only locate the run folder: with --resume they find it, the stored values are kept.
 LOCATORS = frozenset({"project", "name", "exist_ok"})

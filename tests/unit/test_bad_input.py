@@ -47,7 +47,13 @@ def _existing_run(root: Path) -> None:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    """Every user file under `root` (HOME here); caches under ~/.cache (the built-in set's Arrow copy, made when
+    `datasets` is first imported in this process) are not the user's files."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).parts[0] != ".cache"
+    }
 
 
 CASES = [
