@@ -197,11 +197,12 @@ def scan_image_folder(root: Path, where: str) -> FolderScan:
     """
     split_dirs = _split_dirs(root, where)
     real_root = os.path.realpath(root)
-    listing, _ = _listing(root, split_dirs, keep=False, where=where)
     cache = _cache_dir(real_root)
-    stored = _load_entry(cache / listing[:24], root)
-    if stored is not None:
-        return stored
+    if cache.is_dir():  # a stat per file, without keeping the listing: all a later run over this folder costs
+        listing, _ = _listing(root, split_dirs, keep=False, where=where)
+        stored = _load_entry(cache / listing[:24], root)
+        if stored is not None:
+            return stored
     listing, files = _listing(root, split_dirs, keep=True, where=where)  # anew: the folder may change meanwhile
     entry = cache / listing[:24]
     known = _earlier_checks(cache)
