@@ -165,3 +165,18 @@ def test_quick_check_reads_the_same_mode_as_pil(tmp_path):
         assert quick in (None, folders.check_image(path)[0]), name
         # The cheap path serves ordinary JPEGs and PNGs; PIL the rest.
         assert (quick is None) == (name in ("exif.jpg", "rgb.webp")), name
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_hold_out_takes_the_indices_of_datasets_stratified_split(seed):
+    from trainer.data.splits import _hold_out
+
+    labels = [i % 3 for i in range(40)] + [0] * 9
+    full = datasets.Dataset.from_dict(
+        {"image": [str(i) for i in range(49)], "label": labels},
+        features=datasets.Features({"image": datasets.Value("string"), "label": datasets.ClassLabel(num_classes=3)}),
+    )
+    train, val = _hold_out(full, 0.2, seed)
+    theirs = full.train_test_split(test_size=0.2, stratify_by_column="label", seed=seed)
+    assert train["image"][:] == theirs["train"]["image"][:] and val["image"][:] == theirs["test"]["image"][:]
+    assert len(val) == 10 and sorted(set(train["image"][:]) | set(val["image"][:]), key=int) == full["image"][:]

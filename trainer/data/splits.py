@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,13 +45,12 @@ def load_splits(cfg: DataConfig):
     else:
         try:
             # Stratified, seeded hold-out: every class keeps its share in both splits, identically on every rank.
-            held = train.train_test_split(test_size=cfg.val_fraction, stratify_by_column="label", seed=cfg.split_seed)
+            train, val = _hold_out(train, cfg.val_fraction, cfg.split_seed)
         except ValueError as e:
             raise UserError(
                 f"--data {cfg.data}: cannot hold out --val-fraction {cfg.val_fraction} per class ({e}); "
                 "add a validation split or more images"
             ) from e
-        train, val = held["train"], held["test"]
         val_desc = f"{cfg.val_fraction:g} of {train_name} held out, stratified, --split-seed {cfg.split_seed}"
     if len(val) == 0:
         raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
@@ -72,10 +72,31 @@ def _check_classes(train, class_names: list[str], where: str) -> None:
         raise UserError(f"--data {where}: no training images")
     if len(class_names) < 2:
         raise UserError(f"--data {where}: only one class ({', '.join(class_names)}); classification needs two or more")
-    counts = np.bincount(np.asarray(train["label"], dtype=np.int64), minlength=len(class_names))
+    counts = np.bincount(_labels(train), minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")
+
+
+def _labels(split) -> np.ndarray:
+    """The label column in one read (`split["label"]` in datasets 5 formats row by row: 6 s per 100,000 rows)."""
+    return split.select_columns(["label"]).with_format("arrow")[:]["label"].to_numpy().astype(np.int64)
+
+
+def _hold_out(train, fraction: float, seed: int):
+    """(train, val): the same indices as datasets' `train.train_test_split(test_size=fraction,
+    stratify_by_column="label", seed=seed)`, whose label read takes 30 s per 100,000 rows on 2 cores (datasets 5)."""
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    n_val = math.ceil(fraction * len(train))
+    rng = np.random.default_rng(seed)
+    try:
+        kept, held = next(stratified_shuffle_split_generate_indices(_labels(train), len(train) - n_val, n_val, rng))
+    except ValueError as e:
+        if str(e) == "Minimum class count error":  # datasets' wording for it
+            raise ValueError("a class has only 1 image, too few to split") from e
+        raise
+    return train.select(kept), train.select(held)
 
 
 def _guess_channels(train, sample: int = 16) -> int:
