@@ -96,8 +96,9 @@ def write_folder(root: Path, count: int, classes: int) -> Path:
 
 def measure(folder: Path, cache: Path, pythonpath: Path = ROOT) -> dict:
     env = dict(os.environ, HF_DATASETS_CACHE=str(cache), PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1")
+    # cwd: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH.
     proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(folder)], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", DRIVER, str(folder)], env=env, cwd=cache.parent, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise SystemExit(f"load_splits failed:\n{proc.stderr[-3000:]}")

@@ -216,6 +216,8 @@ def scan_image_folder(root: Path, where: str) -> FolderScan:
     results = [known[key] if key in known else next(fresh) for key in keys]
     del known, keys
     scan, tables = _build(root, real_root, files, results)
+    if _load_entry(entry, root) is None:  # damaged, if there at all (its check results were used above)
+        shutil.rmtree(entry, ignore_errors=True)
     if _store_entry(entry, scan, tables, listing, rows, results):
         stored = _load_entry(entry, root)  # every rank and every later run then reads the same files
         if stored is not None:
@@ -336,7 +338,6 @@ def _store_entry(entry: Path, scan: FolderScan, tables: dict, listing: str, rows
         }
     )
     try:
-        shutil.rmtree(entry, ignore_errors=True)  # a damaged entry of the same listing
         tmp.mkdir(parents=True)
         for split, table in tables.items():
             _write_arrow(tmp / f"{split}.arrow", table)
