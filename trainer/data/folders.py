@@ -33,6 +33,7 @@ CACHE_FORMAT = "trainer-folders-v1"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}  # IHDR colour type -> PIL mode
 JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # SOF component count -> PIL mode
+READABLE: dict[str, tuple[str, str]] = {}  # mode -> the check result of a readable file of that mode
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -109,7 +110,7 @@ def _check_files(files: list[tuple[str, int]]) -> list[tuple[str | None, str]]:
     out = []
     for path, size in files:
         mode = _quick_mode(path, size) if size > 0 else None
-        out.append((mode, "") if mode else check_image(path))
+        out.append(READABLE.setdefault(mode, (mode, "")) if mode else check_image(path))  # one tuple per mode
     return out
 
 
@@ -205,16 +206,21 @@ def scan_image_folder(root: Path, where: str) -> FolderScan:
             return stored
     listing, files = _listing(root, split_dirs, keep=True, where=where)  # anew: the folder may change meanwhile
     entry = cache / listing[:24]
-    known = _earlier_checks(cache)
     rows = [row for classes in files.values() for found in classes.values() for row in found]
-    keys = [f"{rel}\0{size}\0{mtime}" for rel, size, mtime in rows]
-    todo = [(os.path.join(real_root, row[0]), row[1]) for row, key in zip(rows, keys, strict=True) if key not in known]
+    known = _earlier_checks(cache)
+    results = [known.get(f"{rel}\0{size}\0{mtime}") for rel, size, mtime in rows] if known else [None] * len(rows)
+    del known
+    todo = [i for i, result in enumerate(results) if result is None]
+    spans = [slice(start, start + 512) for start in range(0, len(todo), 512)]
+
+    def check(span: slice) -> list[tuple[str | None, str]]:
+        return _check_files([(os.path.join(real_root, rows[i][0]), rows[i][1]) for i in todo[span]])
+
     # Reads are I/O-bound (os.pread and PIL's file reads release the GIL): threads overlap them on slow disks.
-    chunks = [todo[i : i + 512] for i in range(0, len(todo), 512)]
     with ThreadPoolExecutor(max_workers=min(8, 4 * (os.cpu_count() or 1))) as pool:
-        fresh = iter([result for chunk in pool.map(_check_files, chunks) for result in chunk])
-    results = [known[key] if key in known else next(fresh) for key in keys]
-    del known, keys
+        for span, checked in zip(spans, pool.map(check, spans), strict=True):
+            for i, result in zip(todo[span], checked, strict=True):
+                results[i] = result
     scan, tables = _build(root, real_root, files, results)
     if _load_entry(entry, root) is None:  # damaged, if there at all (its check results were used above)
         shutil.rmtree(entry, ignore_errors=True)
@@ -235,28 +241,28 @@ def _build(root: Path, real_root: str, files: dict, results: list) -> tuple[Fold
     """The scan's splits (in memory), its skipped files and channels, and each split's Arrow table."""
     import datasets
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     class_names = sorted(files["train"])
     features = _features(class_names)
     tables, skipped, modes, i = {}, [], set(), 0
     for split, classes in files.items():
-        paths, labels = [], []
+        rels, labels = [], []
         for name, found in classes.items():
             readable = 0
             for (rel, _, _), (mode, reason) in zip(found, results[i : i + len(found)], strict=True):
                 if mode is None:
                     skipped.append((rel, reason))
                 else:
-                    paths.append(f"{real_root}/{rel}")
+                    rels.append(rel)
                     modes.add(mode)
                     readable += 1
             i += len(found)
             if not readable and split == "train":
                 raise UserError(f"--data {root}: every image of class {name} in train/ is unreadable")
             labels += [class_names.index(name)] * readable
-        image = pa.StructArray.from_arrays(
-            [pa.nulls(len(paths), pa.binary()), pa.array(paths, pa.string())], names=["bytes", "path"]
-        )
+        paths = pc.binary_join_element_wise(f"{real_root}/", pa.array(rels, pa.string()), "")
+        image = pa.StructArray.from_arrays([pa.nulls(len(rels), pa.binary()), paths], names=["bytes", "path"])
         tables[split] = pa.Table.from_arrays([image, pa.array(labels, pa.int64())], schema=features.arrow_schema)
     info = datasets.DatasetInfo(features=features)
     splits = {s: datasets.Dataset(datasets.table.InMemoryTable(t), info=info.copy()) for s, t in tables.items()}
