@@ -180,3 +180,17 @@ def test_hold_out_takes_the_indices_of_datasets_stratified_split(seed):
     theirs = full.train_test_split(test_size=0.2, stratify_by_column="label", seed=seed)
     assert train["image"][:] == theirs["train"]["image"][:] and val["image"][:] == theirs["test"]["image"][:]
     assert len(val) == 10 and sorted(set(train["image"][:]) | set(val["image"][:]), key=int) == full["image"][:]
+
+
+def test_a_changed_folder_replaces_its_cache_entry_and_old_temporary_folders(tmp_path):
+    root = write_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
+    scan(root)
+    (old,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{folders.CACHE_FORMAT}/*/*")
+    killed, fresh = old.parent / ".x.tmp-1", old.parent / ".y.tmp-2"  # left by killed scans; one still running
+    killed.mkdir()
+    fresh.mkdir()
+    os.utime(killed, (0, 0))
+    picture(1).save(root / "train" / "a" / "more.png")
+    scan(root)
+    left = [p.name for p in old.parent.iterdir()]
+    assert len(left) == 2 and fresh.name in left and old.name not in left  # the new entry, the running scan's folder

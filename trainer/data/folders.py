@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,6 +364,10 @@ def _store_entry(entry: Path, scan: FolderScan, tables: dict, listing: str, rows
         shutil.rmtree(tmp, ignore_errors=True)
         return entry.is_dir()  # another process may have stored the same listing meanwhile
     for other in entry.parent.iterdir():
-        if other != entry and not other.name.startswith("."):
-            shutil.rmtree(other, ignore_errors=True)
+        try:
+            # Older scans of this folder, and temporary folders that a killed scan left (an hour old).
+            if other != entry and (not other.name.startswith(".") or time.time() - other.stat().st_mtime > 3600):
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            continue
     return True
