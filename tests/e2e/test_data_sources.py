@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,38 @@ def test_two_ranks_with_mixup_cutmix_randaugment_on_a_folder(workdir: Path, digi
     assert cfg["data"]["mixup"] == 0.2 and cfg["data"]["auto_augment"] == "rand-m9-mstd0.5"
     assert proc.stdout.count("warning: skipped 3 unreadable") == 1  # the main process warns, once
     assert len(results(run_dir)) == 1
+
+
+def test_two_ranks_share_one_scan_of_a_folder(workdir: Path):
+    """torchrun, 2 ranks: the main process checks every file once, the other rank reuses its scan, and both get
+    the same files, labels, held-out validation split and skipped files, from the same cache files."""
+    root = workdir / "photos"
+    for i in range(60):
+        folder = root / f"class_{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 4 * i, dtype=np.uint8)).save(folder / f"{i}.jpg")
+    (root / "class_1" / "empty.jpg").write_bytes(b"")
+    script = str(Path(__file__).with_name("folder_ranks.py"))
+    check(
+        run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                script,
+                str(root),
+                str(workdir),
+            ],
+            workdir,
+        )
+    )
+    main, other = (json.loads((workdir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert main["world_size"] == other["world_size"] == 2
+    assert (main["opened"], other["opened"]) == (61, 0)
+    for key in ("train_files", "train_labels", "val_files", "val_labels", "skipped", "cache_files"):
+        assert main[key] == other[key], key
+    assert len(main["train_files"]) + len(main["val_files"]) == 60 and len(main["skipped"]) == 1
+    assert main["cache_files"][0].startswith(str(workdir / "home"))  # the HF datasets cache of this HOME
