@@ -150,6 +150,19 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
+    if cfg.streaming:  # streamed data: every rank's part chosen and prepared in data/streaming.py, not by prepare()
+        from trainer.data.streaming import build_stream_loaders
+
+        return build_stream_loaders(
+            splits,
+            info,
+            cfg,
+            pre,
+            per_device_batch_size,
+            seed=seed,
+            local_processes=local_processes,
+            pin_memory=pin_memory,
+        )
     train_tf = build_train_transform(cfg, info, pre, per_device_batch_size)
     train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
     workers = num_workers(cfg, local_processes)
