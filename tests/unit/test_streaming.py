@@ -53,9 +53,10 @@ def test_brace_patterns_and_shard_sizes():
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_convert_round_trip_keeps_classes_counts_and_images(folder, tmp_path, fmt):
+def test_convert_round_trip_keeps_classes_counts_and_images(folder, tmp_path, capsys, fmt):
     out = tmp_path / "shards"
-    assert convert(str(folder), str(out), fmt, "100") == {"train": 240, "val": 60}
+    assert main(["data", "convert", str(folder), str(out), "--format", fmt, "--shard-size", "100"]) == 0
+    assert f"wrote {fmt} shards to {out} (train 240, val 60 samples)" in capsys.readouterr().out
     ext = "tar" if fmt == "webdataset" else "parquet"
     assert sorted(p.name for p in out.glob(f"*.{ext}")) == [f"train-00000{i}.{ext}" for i in range(3)] + [
         f"val-000000.{ext}"

@@ -9,8 +9,9 @@
 - A rank's part is decided in ONE place: `split_dataset_by_node` in `build_stream_loaders` (whole shards per rank
   when their count divides by the world size, else every world-th example). The train loader reaches
   `accelerator.prepare` already prepared for a single process (`prepare_data_loader(num_processes=1)`: device
-  placement and end-of-epoch bookkeeping only), which prepare leaves as it is: no dispatching of every batch from
-  rank 0 (accelerate's default for an IterableDataset), no second split by its `IterableDatasetShard`.
+  placement and end-of-epoch bookkeeping only) and marked `_is_accelerate_prepared`, so prepare leaves it as it is:
+  no dispatching of every batch from rank 0 (accelerate's default for an IterableDataset), no second split by its
+  `IterableDatasetShard`.
 - Validation is read once into the datasets cache (`Dataset.from_generator` over the streamed split, main process
   first) and served as a map-style split: `accelerator.prepare` splits it and `gather_for_metrics` drops the padding,
   so every sample counts exactly once at any world size, as for every other source. Validation splits are small;
@@ -223,6 +224,8 @@ def build_stream_loaders(
         dispatch_batches=False,
         non_blocking=pin_memory,
     )
+    # accelerate's own mark for "prepared already": accelerator.prepare then keeps this loader as it is.
+    train._is_accelerate_prepared = True
     workers = num_workers(cfg, local_processes)
     val = build_eval_loader(splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory)
     return train, val
