@@ -224,6 +224,11 @@ def build_stream_loaders(
         dispatch_batches=False,
         non_blocking=pin_memory,
     )
+    # What decides the order of the epochs: a resumed run repeats it exactly with the same counts.
+    state.print(
+        f"stream: {info.train_size} samples per epoch, {steps} batches of {per_device_batch_size} per process, "
+        f"{world} process(es), {workers} worker(s) per process, shuffle buffer {cfg.shuffle_buffer}"
+    )
     # accelerate's own mark for "prepared already": accelerator.prepare then keeps this loader as it is.
     train._is_accelerate_prepared = True
     workers = num_workers(cfg, local_processes)
