@@ -2,6 +2,7 @@
 
 A rank's shard is decided in one place: `accelerator.prepare` wraps these loaders so each rank takes every
 N-th batch of one seeded shuffle (identical on all ranks); nothing here knows its rank except the augmentation seed.
+Streamed data (--streaming) is split by rank in data/streaming.py instead, reached from `build_dataloaders`.
 """
 
 from __future__ import annotations

@@ -230,7 +230,8 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _shard_files(path: Path) -> list[Path]:
-    files = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.tar"))
+    # Tar shards lie at the top or one folder down: an image folder may hold an unrelated archive deeper.
+    files = sorted(path.rglob("*.parquet")) or sorted([*path.glob("*.tar"), *path.glob("*/*.tar")])
     return files or sorted(p for p in path.rglob("*.arrow") if not p.name.startswith("cache-"))
 
 
