@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import tarfile
 from pathlib import Path
@@ -88,11 +89,16 @@ def test_convert_refuses_an_existing_destination_and_bad_input(folder, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary folder left behind
 
 
+@functools.cache
+def _streamed(data: str):
+    return load_splits(DataConfig(data=data, streaming=True))
+
+
 def _stream_batches(data: str, rank: int, world: int, batch_size: int, epoch: int = 1, buffer: int = 50):
     """What one rank's EpochStream yields for one epoch, built as build_stream_loaders builds it."""
     from datasets.distributed import split_dataset_by_node
 
-    splits, info = load_splits(DataConfig(data=data, streaming=True))
+    splits, info = _streamed(data)
     stream = split_dataset_by_node(splits["train"].shuffle(seed=0, buffer_size=buffer), rank, world)
     steps = info.train_size // (world * batch_size)
     epochs = EpochStream(stream, ImageTransform(PRE, True, 0.0, (0.5, 1.0)), batch_size, steps, seed=0, rank=rank)
@@ -104,7 +110,7 @@ def _stream_batches(data: str, rank: int, world: int, batch_size: int, epoch: in
 def test_every_rank_gets_the_same_batch_count_over_uneven_shards(wds, world):
     """3 shards of 100, 100 and 40 samples: accelerate's split of a stream (`shard(world, rank)`) gives 2 ranks 200
     and 40 samples; here every rank runs floor(240 / (world x 16)) full batches of its own samples."""
-    splits, _ = load_splits(DataConfig(data=str(wds), streaming=True))
+    splits, _ = _streamed(str(wds))
     assert [len(list(splits["train"].shard(num_shards=2, index=r))) for r in range(2)] == [200, 40]
     labels = []
     for rank in range(world):

@@ -136,15 +136,15 @@ def _write_tars(split, folder: Path, name: str, max_samples: int, max_bytes: int
     images = split.with_format(None)
     sizes = [_image_size(v) for v in images["image"]] if max_bytes else [0] * len(split)
     for index, rows in enumerate(_shards(sizes, max_samples, max_bytes)):
+        part = images.select(rows)  # one columnar read per shard, not one per sample
         with tarfile.open(folder / f"{name}-{index:06d}.tar", "w") as tar:
-            for i in rows:
-                row = images[i]
-                data = _image_bytes(row["image"])
-                if _ext_of(data, row["image"].get("path")) != ext:
-                    data = _reencode(data, row["image"], ext)
+            for i, value, label in zip(rows, part["image"], part["label"], strict=True):
+                data = _image_bytes(value)
+                if _ext_of(data, value.get("path")) != ext:
+                    data = _reencode(data, value, ext)
                 key = f"{i:09d}"
                 _add(tar, f"{key}.{ext}", data)
-                _add(tar, f"{key}.cls", str(int(row["label"])).encode())
+                _add(tar, f"{key}.cls", str(int(label)).encode())
     return len(split)
 
 
