@@ -172,3 +172,11 @@ def test_a_corrupt_sample_inside_a_shard_is_skipped_and_counted(folder, tmp_path
     assert int(epochs.skipped) == 1
     err = capsys.readouterr().err
     assert err.count("warning: skipped unreadable image 0000.png") == 1 and "1 skipped on rank 0 so far" in err
+    # Without --streaming the shards become a map-style dataset: the broken sample is replaced when read, as in folders.
+    from trainer.data import SkipUnreadable
+
+    splits, info = load_splits(DataConfig(data=str(root)))
+    assert (info.train_size, info.val_size) == (40, 40)
+    train = SkipUnreadable(splits["train"].with_transform(ImageTransform(PRE, False)))
+    assert len([train[i] for i in range(len(train))]) == len(train)
+    assert "skipped unreadable image 0000.png" in capsys.readouterr().err
