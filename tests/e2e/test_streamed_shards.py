@@ -1,5 +1,6 @@
 """A folder converted to WebDataset shards and streamed on 2 gloo ranks: 3 uneven shards, equal steps and no hang,
-validation equal to a 1-process evaluation, and a mid-epoch resume that ends bit for bit where the run ended."""
+validation equal to a 1-process evaluation, and resumes (at an epoch end, mid-epoch) that end bit for bit where the
+run ended."""
 
 from __future__ import annotations
 
@@ -56,13 +57,15 @@ def test_streamed_shards_on_two_ranks_validate_once_and_resume_exactly(workdir: 
     assert metrics["val/top1"] == pytest.approx(float(rows[-1]["val/top1"]), abs=1e-6)
     assert metrics["val/loss"] == pytest.approx(float(rows[-1]["val/loss"]), abs=1e-4)
 
-    # Resume from the checkpoint 1 batch into epoch 2 (steps 3 + 1): the stream replays to there, bit for bit.
-    cut = runs / "cut"
-    shutil.copytree(ref, cut)
-    for later in [p for p in (cut / "checkpoints").iterdir() if int(p.name.split("-")[-1]) > 4]:
-        shutil.rmtree(later)
-    shutil.rmtree(cut / "weights")
-    (cut / "weights").mkdir()
-    check(run(torchrun(2, "train", "--resume", str(cut)), workdir, timeout=300))
-    assert_same_weights(ref, cut)
-    assert (cut / "results.csv").read_text() == (ref / "results.csv").read_text()
+    # Resume from the end of epoch 1 (step 3) and from 1 batch into epoch 2 (step 4): bit for bit the same run.
+    for name, step in (("boundary", 3), ("mid", 4)):
+        cut = runs / name
+        shutil.copytree(ref, cut)
+        for later in [p for p in (cut / "checkpoints").iterdir() if int(p.name.split("-")[-1]) > step]:
+            shutil.rmtree(later)
+        shutil.rmtree(cut / "weights")
+        (cut / "weights").mkdir()
+        out = check(run(torchrun(2, "train", "--resume", str(cut)), workdir, timeout=300)).stdout
+        assert f"resuming {cut} at epoch 2, step {step}" in out
+        assert_same_weights(ref, cut)
+        assert (cut / "results.csv").read_text() == (ref / "results.csv").read_text()
