@@ -84,6 +84,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     )
     dests = _add_config_flags(train)
     _add_use_commands(commands)
+    _add_data_commands(commands)
     return parser, dests
 
 
@@ -148,6 +149,41 @@ def _add_use_commands(commands) -> None:
     )
     for command in (val, predict, export):
         command.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
+
+
+def _add_data_commands(commands) -> None:
+    """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards."""
+    data = commands.add_parser("data", help="data tools: convert a dataset to WebDataset or Parquet shards")
+    tools = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    convert = tools.add_parser(
+        "convert",
+        help="write any source --data reads (folder, hub id, Parquet, ...) as WebDataset or Parquet shards",
+        description="Convert a dataset once into shards of a chosen size, with its class names and split sizes in "
+        "DST/dataset_info.json; then train with --data DST (or --data DST --streaming). DST must be new or empty.",
+    )
+    convert.add_argument("src", metavar="SRC", help="anything --data accepts: a folder, a hub id, Parquet files, ...")
+    convert.add_argument("dst", metavar="DST", help="a new folder for the shards ({split}-000000.tar, ...)")
+    convert.add_argument(
+        "--format", choices=("webdataset", "parquet"), default="webdataset", help="(default: webdataset)"
+    )
+    convert.add_argument(
+        "--shard-size",
+        default="10000",
+        help="samples per shard (10000) or image bytes per shard (512MB, 1GB) (default: 10000)",
+    )
+    convert.add_argument("--data-config", default="", help="configuration (subset) name of a hub dataset")
+    convert.add_argument("--allow-download", action="store_true", help="allow reading a hub id from the HF hub")
+    convert.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
+
+
+def run_data_command(args: argparse.Namespace) -> None:
+    """`trainer data convert`: prints what it wrote."""
+    _stay_offline(not args.allow_download, wandb=False)
+    from trainer.data.convert import convert
+
+    counts = convert(args.src, args.dst, args.format, args.shard_size, data_config=args.data_config)
+    written = ", ".join(f"{split} {n}" for split, n in counts.items())
+    print(f"trainer: wrote {args.format} shards to {args.dst} ({written} samples)", flush=True)
 
 
 def given_values(args: argparse.Namespace, dests: dict) -> dict[str, dict[str, Any]]:
@@ -232,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser, dests = build_parser()
         args = parser.parse_args(argv)
+        if args.command == "data":
+            run_data_command(args)
+            return 0
         if args.command != "train":
             run_use_command(args)
             return 0

@@ -38,7 +38,8 @@ class DataConfig:
     data: str = "mnist"
     """Dataset: a built-in name (`mnist`: 5,000 real MNIST digits embedded with the install, `digits`: scikit-learn's
     1,797 8x8 digits), an image folder (`train/`, `val/`, one subfolder per class), a `save_to_disk` folder, Parquet or
-    Arrow files (or a folder of them), or a HF hub dataset id (from the local cache unless --allow-download)."""
+    Arrow files (or a folder of them), WebDataset .tar shards (a folder, a glob or `train-{000000..000009}.tar`), or a
+    HF hub dataset id (from the local cache unless --allow-download)."""
     data_config: str = ""
     """Configuration (subset) name of a HF hub dataset, e.g. `plain_text`."""
     train_split: str = ""
@@ -72,6 +73,14 @@ class DataConfig:
     """Mixup alpha (timm Mixup; targets become class probabilities); 0: off. 0.2-0.8 is usual."""
     cutmix: float = 0.0
     """CutMix alpha (with --mixup too, each batch uses one of them at random); 0: off. 1.0 is usual."""
+    streaming: bool = False
+    """Stream the training split (a hub id, Parquet or WebDataset shards) instead of copying it into the datasets
+    cache; the validation split is read once into the cache. Every rank runs the same number of steps per epoch."""
+    train_samples: int = 0
+    """--streaming: samples per epoch; 0 reads the count from the data (dataset info, Parquet footers, tar headers)."""
+    shuffle_buffer: int = 10000
+    """--streaming: examples held in the shuffle buffer (shard order is shuffled too); larger mixes better, costs
+    memory."""
 
     def __post_init__(self):
         _check(bool(self.data.strip()), "--data must name a dataset, a folder, a file or a hub id")
@@ -85,6 +94,12 @@ class DataConfig:
         )
         _check(0.0 <= self.random_erase <= 1.0, f"--random-erase must be a probability, got {self.random_erase}")
         _check(self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix take an alpha >= 0 (0: off)")
+        _check(self.train_samples >= 0, f"--train-samples must be 0 (from the data) or more, got {self.train_samples}")
+        _check(
+            self.streaming or not self.train_samples,
+            "--train-samples sets the epoch length of --streaming data; add --streaming or drop it",
+        )
+        _check(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         if self.auto_augment:
             _check(
                 self.auto_augment.split("-")[0] in ("rand", "augmix", "original", "originalr", "v0", "v0r"),

@@ -45,6 +45,8 @@ def validate(
     check_classes(trained, info.class_names, data_cfg.data)
     if split not in splits:
         raise UserError(f"--split {split}: {info.source} has splits {', '.join(splits)}")
+    if not hasattr(splits[split], "__len__"):  # a --streaming run's training split is a stream
+        raise UserError(f"--split {split}: {info.source} streams its {split} split; evaluate --split val")
     world = accelerator.num_processes
     loader = data.build_eval_loader(
         splits[split],

@@ -5,7 +5,10 @@
 - `splits`: train/validation splits, the class checks, and what the run learns about the data (`DataInfo`);
 - `decode`: how a stored image is decoded (PIL) - the one place an image becomes pixels on the torch path;
 - `transforms`: how a decoded image is augmented and normalised (`ImageTransform`, `Preprocess`);
-- `loaders`: how batches reach a rank (seeded batches, DataLoaders; `accelerator.prepare` decides each rank's shard).
+- `loaders`: how batches reach a rank (seeded batches, DataLoaders; `accelerator.prepare` decides each rank's shard);
+- `streaming`: --streaming: a stream split by rank, the same step count on every rank (reached from `splits` and
+  `loaders` by a lazy import);
+- `convert`: `trainer data convert`: any source to WebDataset or Parquet shards.
 
 Imports flow one way: loaders -> transforms -> splits -> sources -> folders -> decode.
 """

@@ -2,6 +2,7 @@
 
 A rank's shard is decided in one place: `accelerator.prepare` wraps these loaders so each rank takes every
 N-th batch of one seeded shuffle (identical on all ranks); nothing here knows its rank except the augmentation seed.
+Streamed data (--streaming) is split by rank in data/streaming.py instead, reached from `build_dataloaders`.
 """
 
 from __future__ import annotations
@@ -150,6 +151,19 @@ def build_dataloaders(
     pin_memory: bool,
 ) -> tuple[DataLoader, DataLoader]:
     """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
+    if cfg.streaming:  # streamed data: every rank's part chosen and prepared in data/streaming.py, not by prepare()
+        from trainer.data.streaming import build_stream_loaders
+
+        return build_stream_loaders(
+            splits,
+            info,
+            cfg,
+            pre,
+            per_device_batch_size,
+            seed=seed,
+            local_processes=local_processes,
+            pin_memory=pin_memory,
+        )
     train_tf = build_train_transform(cfg, info, pre, per_device_batch_size)
     train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
     workers = num_workers(cfg, local_processes)

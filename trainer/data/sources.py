@@ -1,4 +1,5 @@
-"""Where images come from: built-in sets, image folders, `save_to_disk` folders, Parquet/Arrow files, HF hub ids.
+"""Where images come from: built-in sets, image folders, `save_to_disk` folders, Parquet/Arrow files, WebDataset
+tar shards, HF hub ids; and, for --streaming, which stream to open (`stream_source`).
 
 Every source becomes HF `datasets` splits with two columns: `image` (stored, not decoded: `data.decode`
 decodes) and `label` (a ClassLabel). Bad input is refused here, before anything is written.
@@ -19,8 +20,12 @@ import numpy as np
 from trainer.config import DataConfig, UserError
 from trainer.data.folders import scan_image_folder
 
-IMAGE_COLUMNS = ("image", "img", "pixel_values")
-LABEL_COLUMNS = ("label", "labels", "fine_label", "class")
+# WebDataset shards name their columns by file extension: `jpg`/`png`/... for the image, `cls` for the label.
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "jpg", "jpeg", "png", "webp")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "cls")
+# What `trainer data convert` writes beside the shards: datasets' own DatasetInfo (features with the ClassLabel
+# names, split sizes), read back here so tar shards keep their class names and streams know their length.
+INFO_FILE = "dataset_info.json"
 # Split names as written on disk or on the hub, and the order in which one is picked for validation.
 TRAIN_SPLITS = ("train", "training")
 VAL_SPLITS = ("validation", "val", "valid", "test")
@@ -70,16 +75,15 @@ def load_source(cfg: DataConfig) -> Source:
     if spec in BUILTIN:
         return _load_builtin(spec)
     path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return standardize(_load_saved(path, spec), cfg)
+    files = data_files(spec)
+    if files is not None:
+        return standardize(_load_files(files, spec), cfg)
     if path.exists():
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            source = _load_saved(path, spec)
-        elif path.is_file() or _table_files(path):
-            source = _load_tables(path, spec)
-        else:
-            folder = scan_image_folder(path, spec)
-            return Source(folder.splits, folder.class_names, f"folder:{spec}", folder.channels, folder.skipped)
-        return standardize(source, cfg)
-    if spec.startswith((".", "/", "~")) or spec.endswith((".parquet", ".arrow")) or spec.count("/") > 1:
+        folder = scan_image_folder(path, spec)
+        return Source(folder.splits, folder.class_names, f"folder:{spec}", folder.channels, folder.skipped)
+    if spec.startswith((".", "/", "~")) or spec.endswith((".parquet", ".arrow", ".tar")) or spec.count("/") > 1:
         raise UserError(
             f"--data {spec}: no such file or folder; give an image folder, a save_to_disk folder, Parquet/Arrow "
             f"files, a hub id or a built-in name ({', '.join(BUILTIN)})"
@@ -158,13 +162,83 @@ def _load_saved(path: Path, spec: str) -> Source:
     return Source(splits, [], f"saved:{spec}")
 
 
-def _table_files(path: Path) -> list[Path]:
-    # One os.walk rather than pathlib's rglob: an image folder passes through here, 10x faster at 100,000 files.
-    parquet, arrow = [], []
+@dataclass(frozen=True)
+class DataFiles:
+    """Shard files named by --data, by split, and what reads them."""
+
+    builder: str  # "parquet", "arrow" or "webdataset": the `datasets` packaged module
+    by_split: dict[str, list[str]]
+    root: Path  # where dataset_info.json may lie
+
+    def info(self):
+        """The `datasets.DatasetInfo` stored beside the shards (by `trainer data convert`), or None."""
+        import datasets
+
+        if not (self.root / INFO_FILE).is_file():
+            return None
+        return datasets.DatasetInfo.from_directory(str(self.root))
+
+    def stamp(self) -> list:
+        """Name, size and modification time of every file: what a cached copy of them must match."""
+        return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for fs in self.by_split.values() for f in fs]
+
+
+def data_files(spec: str) -> DataFiles | None:
+    """Parquet, Arrow or WebDataset (.tar) files named by --data: a file, a folder holding them (not an image
+    folder), a glob (`shards/train-*.tar`) or a brace pattern (`train-{000000..000009}.tar`, `{train,val}-*.tar`).
+    None when --data names something else."""
+    import glob
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = _shard_files(path), path
+        if not files:
+            return None
+    elif any(c in spec for c in "*?[{"):
+        files = sorted({Path(f) for p in expand_braces(str(path)) for f in glob.glob(p, recursive=True)})
+        if not files:
+            raise UserError(f"--data {spec}: the pattern matches no files")
+        root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    else:
+        return None
+    kinds = sorted({f.suffix for f in files})
+    builders = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+    builder = builders.get(kinds[0]) if len(kinds) == 1 else None
+    if builder is None:
+        raise UserError(f"--data {spec}: expected .parquet, .arrow or .tar files (one kind), got {sorted(kinds)}")
+    by_split: dict[str, list[str]] = {}
+    for f in files:
+        by_split.setdefault(_split_of(f, root), []).append(str(f))
+    return DataFiles(builder, by_split, root)
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar; `{train,val}` -> both (the WebDataset convention)."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def _shard_files(path: Path) -> list[Path]:
+    # One os.walk rather than pathlib's rglob: every image folder passes through here (10x faster at 100,000 files).
+    # Tar shards lie at the top or one folder down: an image folder may hold an unrelated archive deeper.
+    parquet, tars, arrow = [], [], []
     for dirpath, _, names in os.walk(path):
+        depth = len(Path(dirpath).relative_to(path).parts)
         parquet += [Path(dirpath, n) for n in names if n.endswith(".parquet")]
+        tars += [Path(dirpath, n) for n in names if n.endswith(".tar") and depth <= 1]
         arrow += [Path(dirpath, n) for n in names if n.endswith(".arrow") and not n.startswith("cache-")]
-    return sorted(parquet) or sorted(arrow)
+    return sorted(parquet) or sorted(tars) or sorted(arrow)
 
 
 def _split_of(file: Path, root: Path) -> str:
@@ -178,21 +252,110 @@ def _split_of(file: Path, root: Path) -> str:
     return "train"
 
 
-def _load_tables(path: Path, spec: str) -> Source:
+def _load_files(files: DataFiles, spec: str) -> Source:
     import datasets
 
-    files = [path] if path.is_file() else _table_files(path)
-    kinds = {f.suffix for f in files}
-    if not kinds <= {".parquet", ".arrow"}:
-        raise UserError(f"--data {spec}: expected a folder, a .parquet or an .arrow file")
-    by_split: dict[str, list[str]] = {}
-    for f in files:
-        by_split.setdefault(_split_of(f, path), []).append(str(f))
+    stored = files.info()
     try:
-        loaded = datasets.load_dataset("parquet" if ".parquet" in kinds else "arrow", data_files=by_split)
-    except Exception as e:  # pyarrow and datasets raise many types for an unreadable file
+        loaded = datasets.load_dataset(
+            files.builder, data_files=files.by_split, features=stored.features if stored else None
+        )
+    except Exception as e:  # pyarrow, tarfile and datasets raise many types for an unreadable file
         raise UserError(f"--data {spec}: cannot read the data files ({type(e).__name__}: {e})".split("\n")[0]) from e
-    return Source(dict(loaded), [], f"files:{spec}")
+    return Source(dict(loaded), [], f"{'webdataset' if files.builder == 'webdataset' else 'files'}:{spec}")
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """What --streaming reads: a hub id, or Parquet/WebDataset files; `open(split)` gives a `datasets.IterableDataset`
+    (nothing materialised), `counts` the split sizes known without reading the data."""
+
+    builder: str  # a packaged module (parquet, webdataset) or a hub id
+    config_name: str | None
+    files: DataFiles | None
+    split_names: tuple[str, ...]
+    counts: dict  # split -> number of examples, where the metadata says
+    features: object  # datasets.Features or None (then: as the stream reports them)
+    description: str
+
+    def open(self, split: str):
+        import datasets
+
+        return datasets.load_dataset(
+            self.builder,
+            self.config_name,
+            data_files=self.files.by_split if self.files else None,
+            features=self.features,
+            split=split,
+            streaming=True,
+        )
+
+    def count(self, split: str) -> int | None:
+        """The split's size: from the metadata, Parquet footers or tar headers (local files); None if unknown."""
+        if split in self.counts:
+            return self.counts[split]
+        if self.files is None:
+            return None
+        files = self.files.by_split[split]
+        if self.files.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        if self.files.builder == "webdataset":
+            return sum(_tar_samples(f) for f in files)
+        return None
+
+
+def _tar_samples(path: str) -> int:
+    """Samples in a WebDataset tar: distinct keys (the name up to its first dot), from the headers only."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return len({m.name.split("/")[-1].split(".")[0] + m.name.rpartition("/")[0] for m in tar if m.isfile()})
+
+
+def stream_source(cfg: DataConfig) -> StreamSource:
+    """Which stream --data --streaming names; refuses what cannot stream (built-ins, image and save_to_disk folders)."""
+    import datasets
+
+    spec = cfg.data
+    files = None if spec in BUILTIN else data_files(spec)
+    if files is not None:
+        if files.builder not in ("parquet", "webdataset"):
+            raise UserError(f"--data {spec}: --streaming reads Parquet or WebDataset shards, not {files.builder} files")
+        stored = files.info()
+        counts = {name: s.num_examples for name, s in (stored.splits or {}).items()} if stored else {}
+        return StreamSource(
+            files.builder,
+            None,
+            files,
+            tuple(files.by_split),
+            counts,
+            stored.features if stored else None,
+            f"stream:{files.builder}:{spec}",
+        )
+    if spec in BUILTIN or Path(spec).expanduser().exists():
+        raise UserError(
+            f"--data {spec}: --streaming reads a hub id or Parquet/WebDataset shards; convert this data once with "
+            f"`trainer data convert {spec} SHARDS_DIR`, then stream SHARDS_DIR (or drop --streaming)"
+        )
+    try:
+        builder = datasets.load_dataset_builder(spec, cfg.data_config or None)
+    except Exception as e:  # offline, unknown id, bad config: all mean this id cannot stream from here
+        reason = f"{type(e).__name__}: {e}".split("\n")[0]
+        raise UserError(
+            f"--data {spec}: cannot open for streaming ({reason}); hub ids stream with --allow-download"
+        ) from e
+    splits = builder.info.splits or {}
+    return StreamSource(
+        spec,
+        cfg.data_config or None,
+        None,
+        tuple(splits) or ("train",),
+        {name: s.num_examples for name, s in splits.items() if s.num_examples},
+        None,
+        f"stream:hub:{spec}" + (f"/{cfg.data_config}" if cfg.data_config else ""),
+    )
 
 
 def _load_hub(name: str, config_name: str) -> Source:

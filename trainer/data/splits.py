@@ -31,6 +31,10 @@ def load_splits(cfg: DataConfig):
 
     Refuses (UserError) data that cannot train a classifier: no images, one class, a class without training images.
     """
+    if cfg.streaming:  # streamed training data: its own module (a lazy import: streaming sits above this one)
+        from trainer.data.streaming import load_stream_splits
+
+        return load_stream_splits(cfg)
     source = load_source(cfg)
     names = list(source.splits)
     train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in names), names[0])
