@@ -127,8 +127,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     # do not change whether a size fits).
     size_kwargs(cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz)
 
-    with accelerator.main_process_first():  # the main process fills dataset caches first; the others reuse them
-        splits, info = data.load_splits(cfg.data)
+    splits, info = data.load_splits_in_turn(accelerator, cfg.data)  # Collective: every rank
     if info.skipped:
         reporter.print(data.unreadable_warning(info))
     if info.train_size < per_device_batch_size * world:

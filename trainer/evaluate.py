@@ -40,8 +40,7 @@ def validate(
         )
     data_cfg = replace(data_cfg, workers=workers)
     accelerator = build_accelerator(Config(data=data_cfg, run=RunConfig(tracker="none")))
-    with accelerator.main_process_first():  # the main process fills dataset caches first; the others reuse them
-        splits, info = data.load_splits(data_cfg)
+    splits, info = data.load_splits_in_turn(accelerator, data_cfg)  # Collective: every rank
     check_classes(trained, info.class_names, data_cfg.data)
     if split not in splits:
         raise UserError(f"--split {split}: {info.source} has splits {', '.join(splits)}")

@@ -23,7 +23,7 @@ from trainer.data.loaders import (
     set_epoch,
 )
 from trainer.data.sources import BUILTIN
-from trainer.data.splits import DataInfo, load_splits, unreadable_warning
+from trainer.data.splits import DataInfo, load_splits, load_splits_in_turn, unreadable_warning
 from trainer.data.transforms import (
     ImageTransform,
     Preprocess,
@@ -50,6 +50,7 @@ __all__ = [
     "decode_image",
     "describe_augmentation",
     "load_splits",
+    "load_splits_in_turn",
     "num_workers",
     "resolve_hflip",
     "resolve_preprocess",

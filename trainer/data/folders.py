@@ -195,7 +195,7 @@ def _listing(root: Path, split_dirs: dict[str, Path], keep: bool, where: str):
 def scan_image_folder(root: Path, where: str) -> FolderScan:
     """Build splits from `root/{train,val,...}/<class>/*.jpg` (or `root/<class>/*.jpg`: one split, held out later).
 
-    Call under `accelerator.main_process_first()`: the main process scans and fills the cache, the others reuse it.
+    Called through `splits.load_splits_in_turn`: the main process scans and fills the cache, the others reuse it.
     """
     import pyarrow as pa
 

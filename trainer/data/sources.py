@@ -69,7 +69,7 @@ BUILTIN = {"mnist": _mnist_5k, "digits": _sklearn_digits}
 def load_source(cfg: DataConfig) -> Source:
     """Load what `--data` names: a built-in name, a folder or file path, or a HF hub dataset id.
 
-    Call under `accelerator.main_process_first()`: the main process fills the HF datasets cache, the others reuse it.
+    Called through `splits.load_splits_in_turn`: the main process fills the HF datasets cache, the others reuse it.
     """
     spec = cfg.data
     if spec in BUILTIN:

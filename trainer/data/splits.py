@@ -71,6 +71,14 @@ def load_splits(cfg: DataConfig):
     return {"train": train, "val": val}, info
 
 
+def load_splits_in_turn(accelerator, cfg: DataConfig):
+    """`load_splits` on every rank in turn: the job's main process first (it scans folders and fills the caches), then
+    the first process of every other node (for caches on node-local disks), then the rest, which reuse the caches."""
+    # Collective: both context managers hold barriers (wait_for_everyone) that every rank passes twice in all.
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        return load_splits(cfg)
+
+
 def labels_of(dataset) -> np.ndarray:
     """The label column as one array. Read through Arrow: `np.asarray(dataset["label"])` goes row by row."""
     return dataset.with_format("arrow")["label"].to_numpy().astype(np.int64)
