@@ -5,11 +5,13 @@
 - `splits`: train/validation splits, the class checks, and what the run learns about the data (`DataInfo`);
 - `decode`: how a stored image is decoded (PIL) - the one place an image becomes pixels on the torch path;
 - `transforms`: how a decoded image is augmented and normalised (`ImageTransform`, `Preprocess`);
+- `dali`: the second input path (`--loader dali`): workers hand encoded bytes and crop windows to a DALI pipeline;
 - `loaders`: how batches reach a rank (seeded batches, DataLoaders; `accelerator.prepare` decides each rank's shard).
 
-Imports flow one way: loaders -> transforms -> splits -> sources -> folders -> decode.
+Imports flow one way: loaders -> dali -> transforms -> splits -> sources -> folders -> decode.
 """
 
+from trainer.data.dali import LoaderChoice, choose_loader
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.loaders import (
     SeededBatches,
@@ -17,7 +19,9 @@ from trainer.data.loaders import (
     build_dataloaders,
     build_eval_loader,
     num_workers,
+    prepare_loaders,
     set_epoch,
+    skip_first_batches,
 )
 from trainer.data.sources import BUILTIN
 from trainer.data.splits import DataInfo, load_splits, unreadable_warning
@@ -35,6 +39,7 @@ __all__ = [
     "BUILTIN",
     "DataInfo",
     "ImageTransform",
+    "LoaderChoice",
     "Preprocess",
     "SeededBatches",
     "SkipUnreadable",
@@ -42,13 +47,16 @@ __all__ = [
     "build_dataloaders",
     "build_eval_loader",
     "build_train_transform",
+    "choose_loader",
     "dataset_record",
     "decode_image",
     "load_splits",
     "num_workers",
+    "prepare_loaders",
     "resolve_hflip",
     "resolve_preprocess",
     "resolve_scale",
     "set_epoch",
+    "skip_first_batches",
     "unreadable_warning",
 ]
