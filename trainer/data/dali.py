@@ -197,13 +197,14 @@ class DaliLoader:
     """A prepared loader of DALI batches, decoded per batch: iterates it, delegates everything else to it.
 
     `mixup` (timm Mixup) and `random_erase` run on the decoded batch, on its device, under the batch's seed.
-    `dataset` (the `Indexed` dataset behind the loader) serves neighbours for files that fail inside DALI.
+    `dataset` (the `Indexed` dataset behind the loader, kept as `samples`) serves neighbours for files that fail
+    inside DALI.
     """
 
     def __init__(
         self, loader, spec: PipelineSpec, dataset, *, mixup=None, random_erase: float = 0.0, device=None, prefetch=1
     ):
-        self.loader, self.spec, self.dataset = loader, spec, dataset
+        self.loader, self.spec, self.samples = loader, spec, dataset
         self.mixup, self.random_erase, self.prefetch = mixup, random_erase, prefetch
         self.device = torch.device(device or "cpu")
         self.warned: set[str] = set()
@@ -303,14 +304,15 @@ class DaliLoader:
             reason = self._reason
             self._warn(paths[j], reason)
             for attempt in range(1, 17):
-                index = (int(indices[j]) + attempt * NEIGHBOUR_STRIDE) % len(self.dataset)
+                index = (int(indices[j]) + attempt * NEIGHBOUR_STRIDE) % len(self.samples)
                 try:
-                    row = _seeded_on(torch.device("cpu"), seed + j + attempt, lambda i=index: self.dataset[i])
+                    row = _seeded_on(torch.device("cpu"), seed + j + attempt, lambda i=index: self.samples[i])
                 except UnreadableImage as e:
                     self._warn(e.path, "unreadable")
                     continue
                 if self._decodes(row["encoded"], row["window"], row["flip"]):
-                    encoded[j], windows[j], flips[j], labels[j] = row["encoded"], row["window"], row["flip"], row["label"]
+                    encoded[j], windows[j], flips[j] = row["encoded"], row["window"], row["flip"]
+                    labels[j] = row["label"]
                     break
                 self._warn(row["path"], self._reason)
             else:
@@ -399,5 +401,3 @@ def _seeded_on(device: torch.device, seed: int, fn):
 def dali_threads(cpus_per_rank: int, workers: int) -> int:
     """DALI's CPU threads per rank: the cores the DataLoader workers (which only read bytes) leave."""
     return max(1, min(8, cpus_per_rank - workers))
-
-

@@ -180,7 +180,8 @@ def build_dataloaders(
         **_worker_options(workers, pin_memory, rank),
     )
     if loader == "dali":
-        spec = dali.PipelineSpec(per_device_batch_size, pre, dali.dali_threads(_cpus_per_rank(local_processes), workers))
+        threads = dali.dali_threads(_cpus_per_rank(local_processes), workers)
+        spec = dali.PipelineSpec(per_device_batch_size, pre, threads)
         train = dali.DaliLoader(train, spec, indexed, mixup=train_tf.mixup, random_erase=cfg.random_erase)
     val = build_eval_loader(
         splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory, loader=loader
