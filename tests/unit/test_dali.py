@@ -88,6 +88,8 @@ def test_same_seed_same_batches_across_runs_and_dali_threads(tmp_path: Path):
         train.spec = dataclasses.replace(train.spec, threads=threads)
         runs.append(list(train))
     assert runs[0][0][1].dim() == 2  # mixed targets: class probabilities
+    train.loader.dataset.set_epoch(2)  # through the DALI wrapper, as data.set_epoch reaches it
+    assert not torch.equal(next(iter(train))[0], runs[0][0][0])
     for other in runs[1:]:
         for (xa, ya), (xb, yb) in zip(runs[0], other, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)

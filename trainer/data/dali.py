@@ -209,6 +209,7 @@ class DaliLoader:
         self.device = torch.device(device or "cpu")
         self.warned: set[str] = set()
         self._pipe, self._reason = None, ""
+        self._failed: list = []  # pipelines stopped by a decode error, kept alive: destroying one crashes DALI
 
     # Delegation: the engine sees the prepared loader's length, epoch setting, workers and dataset.
     def __len__(self) -> int:
@@ -253,6 +254,10 @@ class DaliLoader:
             self._pipe = build_pipeline(self.spec, self.device)
         return self._pipe
 
+    def _discard_pipeline(self) -> None:
+        self._failed.append(self._pipe)
+        self._pipe = None
+
     def _feed(self, batch) -> None:
         encoded, windows, flips = batch[:3]
         pipe = self._pipeline()
@@ -267,7 +272,7 @@ class DaliLoader:
         try:
             images = self._images(self._pipeline().outputs()[0])
         except RuntimeError:  # DALI stops the whole pipeline at a decode error (DALI#3913): rebuild it
-            self._pipe = None
+            self._discard_pipeline()
             batch = self._repair(batch)
             self._feed(batch)
             images = self._images(self._pipeline().outputs()[0])
@@ -325,7 +330,8 @@ class DaliLoader:
             self._pipeline().outputs()
             return True
         except RuntimeError as e:
-            self._pipe, self._reason = None, str(e).split("\n")[0]
+            self._discard_pipeline()
+            self._reason = str(e).split("\n")[0]
             return False
 
     def _warn(self, path: str, reason: str) -> None:
