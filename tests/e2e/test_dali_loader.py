@@ -93,3 +93,12 @@ def test_dali_reaches_the_torch_loaders_accuracy_on_a_jpeg_folder(workdir: Path)
             assert (proc.stdout + proc.stderr).count("skipped unreadable image") == 1
     assert top1["torch"] >= 0.9, top1
     assert top1["dali"] >= top1["torch"] - 0.02, top1
+    # `trainer val` through either loader: the same images after the eval transform, the same numbers.
+    weights = str(workdir / "runs" / "train" / "dali" / "weights" / "best.safetensors")
+    metrics = {}
+    for loader in ("torch", "dali"):
+        check(run(trainer("val", "--weights", weights, "--loader", loader, "--name", loader), workdir))
+        metrics[loader] = json.loads((workdir / "runs" / "val" / loader / "metrics.json").read_text())
+        assert metrics[loader]["loader"] == loader
+    assert metrics["dali"]["val/top1"] == pytest.approx(metrics["torch"]["val/top1"], abs=1.01 / 96)
+    assert metrics["dali"]["val/loss"] == pytest.approx(metrics["torch"]["val/loss"], abs=0.01)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from trainer import data
 from trainer.config import DataConfig, UserError
+from trainer.data import dali
 from trainer.data.transforms import Preprocess
 
 pytest.importorskip("nvidia.dali")
@@ -95,14 +96,29 @@ def test_same_seed_same_batches_across_runs_and_dali_threads(tmp_path: Path):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_file_failing_inside_dali_is_replaced_by_its_neighbour_and_reported_once(tmp_path: Path, capfd):
+def _broken_png(good: Path) -> bytes:
+    """A PNG whose header and IEND end pass the up-front check, with its compressed data zeroed (a CRC error)."""
+    data = good.read_bytes()
+    at = data.index(b"IDAT") + 40
+    return data[:at] + bytes(200) + data[at + 200 :]
+
+
+@pytest.mark.parametrize("where", ["in the workers", "inside DALI"])
+def test_unreadable_file_is_replaced_by_its_neighbour_and_reported_once(tmp_path: Path, capfd, monkeypatch, where):
+    """A JPEG whose headers are cut (DALI would stop on it) is caught in the workers; a PNG handed to DALI (as
+    with NATIVE_FORMATS widened) fails inside DALI: the pipeline is rebuilt, the batch keeps its size."""
     root = _mixed_folder(tmp_path, 16)
-    good = (root / "train" / "c0" / "0.jpg").read_bytes()
-    bad = root / "train" / "c0" / "broken.jpg"  # header and end marker intact: the up-front check passes it
-    bad.write_bytes(good[:600] + bytes(range(256)) * 8 + b"\xff\xd9")
+    if where == "in the workers":
+        good = (root / "train" / "c0" / "0.jpg").read_bytes()
+        bad = root / "train" / "c0" / "broken.jpg"
+        bad.write_bytes(good[:600] + bytes(range(256)) * 8 + b"\xff\xd9")  # end marker intact
+    else:
+        monkeypatch.setattr(dali, "NATIVE_FORMATS", frozenset({"JPEG", "PNG"}))
+        bad = root / "train" / "c0" / "broken.png"
+        bad.write_bytes(_broken_png(root / "train" / "c1" / "1.png"))
     cfg = DataConfig(data=str(root), imgsz=32, workers=0)
     splits, info = data.load_splits(cfg)
-    assert not info.skipped and any("broken" in d["path"] for d in splits["train"]["image"])
+    assert not info.skipped and any(bad.name in d["path"] for d in splits["train"]["image"])
     train, _ = _loaders(cfg, RGB, "dali", batch=4)
     for epoch in (1, 2):
         train.loader.dataset.set_epoch(epoch)
@@ -110,6 +126,7 @@ def test_file_failing_inside_dali_is_replaced_by_its_neighbour_and_reported_once
         assert len(batches) == len(train) and all(x.shape[0] == 4 and y.shape[0] == 4 for x, y in batches)
     err = capfd.readouterr().err
     assert err.count("skipped unreadable image") == 1 and str(bad) in err, err
+    assert ("(DALI:" in err) == (where == "inside DALI")
 
 
 def test_loader_choice(monkeypatch):

@@ -28,9 +28,12 @@ from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.transforms import Preprocess
 
 INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 drivers)"
-# Handed to DALI as stored; anything else (CMYK, 16-bit, LA, GIF, TIFF, raw arrays) is decoded by PIL exactly as on
-# the torch path and handed over as PNM, which DALI reads without decoding work.
-NATIVE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+# Handed to DALI as stored: JPEG, where ROI decoding and the GPU's JPEG decoders pay. Anything else (PNG, WebP, CMYK,
+# 16-bit, GIF, raw arrays) is decoded by PIL in the workers exactly as on the torch path and handed over as PNM, which
+# DALI reads without decoding work; a file PIL cannot decode is replaced by its neighbour there (SkipUnreadable).
+# (DALI also decodes PNG, WebP and BMP as PIL does, but a decode error inside DALI 2.4 stops its pipeline and was
+# seen to crash the training process a few batches later.)
+NATIVE_FORMATS = frozenset({"JPEG"})
 NATIVE_MODES = {"RGB": frozenset({"L", "RGB", "RGBA", "P"}), "L": frozenset({"L"})}
 NEIGHBOUR_STRIDE = 7919  # as SkipUnreadable: the same neighbour replaces an unreadable image on both paths
 RATIO = (3 / 4, 4 / 3)  # timm's RandomResizedCrop aspect range, as create_transform uses it
@@ -123,7 +126,8 @@ class DaliExamples:
                 img = Image.open(io.BytesIO(data))  # the header only
             except Exception as e:  # PIL raises many types for a broken header
                 raise UnreadableImage(path, f"{type(e).__name__}: {e}".split("\n")[0]) from e
-            if img.format in NATIVE_FORMATS and img.mode in NATIVE_MODES[self.mode]:
+            native = img.format in NATIVE_FORMATS and img.mode in NATIVE_MODES[self.mode]
+            if native and (img.format != "JPEG" or not bad_jpeg_markers(data)):
                 return np.frombuffer(data, dtype=np.uint8), img, path
         pixels = decode_image(value if data is None else {"bytes": data, "path": path}).convert(self.mode)
         return _pnm(np.asarray(pixels)), pixels, path
@@ -135,11 +139,35 @@ class DaliExamples:
 
             top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.scale, RATIO)
             return np.array([left, top, w, h], dtype=np.float32)
+        # timm's eval transform: the shorter side to floor(imgsz / crop_pct) (torchvision Resize), then CenterCrop,
+        # mapped back to the image's own pixels (fractional: DALI's resize samples that sub-pixel region).
         width, height = img.size
-        scale_size = math.floor(self.pre.imgsz / self.pre.crop_pct)
-        side = min(width, height) * self.pre.imgsz / scale_size
-        crop_w, crop_h = min(width, round(side)), min(height, round(side))
-        return np.array([(width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h], dtype=np.float32)
+        short = math.floor(self.pre.imgsz / self.pre.crop_pct)
+        new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+        left, top = round((new_w - self.pre.imgsz) / 2.0), round((new_h - self.pre.imgsz) / 2.0)
+        sx, sy = width / new_w, height / new_h
+        return np.array([left * sx, top * sy, self.pre.imgsz * sx, self.pre.imgsz * sy], dtype=np.float32)
+
+
+def bad_jpeg_markers(encoded: bytes) -> bool:
+    """True when a JPEG's marker segments do not chain from its start to the start of its scan: DALI stops the
+    pipeline on those ("Invalid marker"), and a decode error inside DALI 2.4 was seen to crash the training process
+    a few batches later (SIGSEGV). Such files take the PIL path instead: decoded there if PIL can, else replaced by
+    a neighbour as on the torch path. Reads only the headers (microseconds)."""
+    pos, size = 2, len(encoded)
+    while pos + 4 <= size:
+        if encoded[pos] != 0xFF:
+            return True
+        marker = encoded[pos + 1]
+        if marker == 0xDA:  # start of scan: every header segment was where its predecessor said
+            return False
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # fill byte, markers without a length
+            pos += 1 if marker == 0xFF else 2
+        elif marker < 0xC0:
+            return True
+        else:
+            pos += 2 + (encoded[pos + 2] << 8 | encoded[pos + 3])
+    return True
 
 
 def _pnm(pixels: np.ndarray) -> np.ndarray:
@@ -191,6 +219,7 @@ class PipelineSpec:
     pre: Preprocess
     threads: int = 1
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100/H200), the rest on nvJPEG
+    prefetch: int = 0  # batches DALI decodes ahead of the one trained on (0: feed, decode, hand over, then the next)
 
 
 class DaliLoader:
@@ -201,11 +230,9 @@ class DaliLoader:
     inside DALI.
     """
 
-    def __init__(
-        self, loader, spec: PipelineSpec, dataset, *, mixup=None, random_erase: float = 0.0, device=None, prefetch=1
-    ):
+    def __init__(self, loader, spec: PipelineSpec, dataset, *, mixup=None, random_erase: float = 0.0, device=None):
         self.loader, self.spec, self.samples = loader, spec, dataset
-        self.mixup, self.random_erase, self.prefetch = mixup, random_erase, prefetch
+        self.mixup, self.random_erase = mixup, random_erase
         self.device = torch.device(device or "cpu")
         self.warned: set[str] = set()
         self._pipe, self._reason = None, ""
@@ -232,7 +259,7 @@ class DaliLoader:
         return new
 
     def __iter__(self):
-        # DALI decodes up to `prefetch` batches ahead (its threads, or the GPU, work while the model trains).
+        # With spec.prefetch > 0 DALI decodes batches ahead (its threads, or the GPU, work while the model trains).
         # accelerate reads end_of_dataloader from the inner loader: the batches queued before the last one
         # must not see it set.
         inner, queued = self.loader, deque()
@@ -244,7 +271,7 @@ class DaliLoader:
                 while len(queued) > 1:
                     yield self._finish(queued)
                 inner.end_of_dataloader = True
-            if len(queued) > self.prefetch or getattr(inner, "end_of_dataloader", False):
+            if len(queued) > self.spec.prefetch or getattr(inner, "end_of_dataloader", False):
                 yield self._finish(queued)
         while queued:
             yield self._finish(queued)
@@ -260,10 +287,15 @@ class DaliLoader:
 
     def _feed(self, batch) -> None:
         encoded, windows, flips = batch[:3]
+        # Decode the whole pixels covering the window; resize samples the (perhaps fractional) window inside them.
+        start = np.floor(windows[:, :2])
+        end = np.ceil(windows[:, :2] + windows[:, 2:])
         pipe = self._pipeline()
         pipe.feed_input("encoded", encoded)
-        pipe.feed_input("anchor", np.ascontiguousarray(windows[:, :2]))
-        pipe.feed_input("shape", np.ascontiguousarray(windows[:, 2:]))
+        pipe.feed_input("anchor", start.astype(np.float32))
+        pipe.feed_input("shape", (end - start).astype(np.float32))
+        pipe.feed_input("roi_start", (windows[:, 1::-1] - start[:, ::-1]).astype(np.float32))  # (y, x)
+        pipe.feed_input("roi_end", (windows[:, 1::-1] + windows[:, :1:-1] - start[:, ::-1]).astype(np.float32))
         pipe.feed_input("mirror", flips)
         pipe.schedule_run()
 
@@ -353,11 +385,17 @@ def build_pipeline(spec: PipelineSpec, device: torch.device):
         num_threads=spec.threads,
         device_id=(device.index or 0) if on_gpu else None,
         prefetch_queue_depth=1,  # inputs are fed one batch at a time; DaliLoader schedules ahead itself
+        # Synchronous without prefetch: DALI 2.4's asynchronous executors were seen to crash (SIGSEGV) in the
+        # runs after a decode error, even with the failed pipeline kept alive.
+        exec_async=spec.prefetch > 0,
+        exec_pipelined=spec.prefetch > 0,
     )
     def pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT)
         shape = fn.external_source(name="shape", dtype=types.FLOAT)
+        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT)
+        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT)
         mirror = fn.external_source(name="mirror", dtype=types.INT32)
         extra = {"hw_decoder_load": spec.hw_decoder_load} if on_gpu else {}
         images = fn.decoders.image_slice(
@@ -372,7 +410,15 @@ def build_pipeline(spec: PipelineSpec, device: torch.device):
             adjust_orientation=False,  # as data.decode: EXIF orientation is not applied on either path
             **extra,
         )
-        images = fn.resize(images, resize_x=pre.imgsz, resize_y=pre.imgsz, interp_type=interp, antialias=True)
+        images = fn.resize(
+            images,
+            size=[pre.imgsz, pre.imgsz],
+            roi_start=roi_start,
+            roi_end=roi_end,
+            roi_relative=False,
+            interp_type=interp,
+            antialias=True,
+        )
         return fn.crop_mirror_normalize(
             images,
             mirror=mirror,
