@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "trainer-gpu-jpegs"))
     args = parser.parse_args()
     if args.cpu_smoke:
-        args.images, args.model, args.imgsz, args.batch_size, args.epochs = 64, "test_resnet", 32, 16, 1
+        args.images, args.model, args.imgsz, args.batch_size, args.epochs = 160, "test_resnet", 32, 16, 1
         args.workers, args.dali_threads = 0, 1
     args.compile = not args.cpu_smoke
     from trainer.data.dali import dali_missing
