@@ -134,6 +134,9 @@ def _add_use_commands(commands) -> None:
     predict.add_argument("--topk", type=_positive_int, default=5, help="classes reported per image (default 5)")
     predict.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
     predict.add_argument("--workers", type=int, default=-1, help="DataLoader workers; -1 picks from the CPU count")
+    predict.add_argument(
+        "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
+    )
     predict.add_argument("--json", action="store_true", help="also write predictions.json")
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
@@ -215,6 +218,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             topk=args.topk,
             workers=args.workers,
+            loader=args.loader,
             project=args.project,
             name=args.name,
             exist_ok=args.exist_ok,

@@ -4,6 +4,7 @@ loader's accuracy."""
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -102,3 +103,22 @@ def test_dali_reaches_the_torch_loaders_accuracy_on_a_jpeg_folder(workdir: Path)
         assert metrics[loader]["loader"] == loader
     assert metrics["dali"]["val/top1"] == pytest.approx(metrics["torch"]["val/top1"], abs=1.01 / 96)
     assert metrics["dali"]["val/loss"] == pytest.approx(metrics["torch"]["val/loss"], abs=0.01)
+    # `trainer predict` through either loader: the same classes, EXIF orientation applied, unreadable files listed.
+    photos = workdir / "photos"
+    photos.mkdir()
+    for path in sorted((root / "val" / "class2").glob("*.jpg"))[:8]:
+        (photos / path.name).write_bytes(path.read_bytes())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown upright
+    Image.open(photos / "0.jpg").save(photos / "sideways.jpg", exif=exif.tobytes(), quality=90)
+    (photos / "broken.jpg").write_bytes((root / "train" / "class0" / "broken.jpg").read_bytes())
+    rows = {}
+    for loader in ("torch", "dali"):
+        check(run(trainer("predict", "--weights", weights, str(photos), "--loader", loader, "--name", loader), workdir))
+        with open(workdir / "runs" / "predict" / loader / "predictions.csv") as f:
+            rows[loader] = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    assert rows["torch"].keys() == rows["dali"].keys() and len(rows["dali"]) == 10
+    for name, row in rows["dali"].items():
+        assert row["top1"] == rows["torch"][name]["top1"] and bool(row["error"]) == (name == "broken.jpg")
+        if row["prob1"]:
+            assert float(row["prob1"]) == pytest.approx(float(rows["torch"][name]["prob1"]), abs=0.02)

@@ -88,8 +88,17 @@ class DaliExamples:
     the window of timm's eval transform (shorter side to imgsz / crop_pct, centre crop) in original pixels.
     """
 
-    def __init__(self, pre: Preprocess, train: bool, hflip: float = 0.0, scale: tuple[float, float] = (0.08, 1.0)):
-        self.pre, self.train, self.hflip, self.scale = pre, train, hflip, scale
+    def __init__(
+        self,
+        pre: Preprocess,
+        train: bool,
+        hflip: float = 0.0,
+        scale: tuple[float, float] = (0.08, 1.0),
+        *,
+        upright: bool = False,
+    ):
+        """`upright`: apply EXIF orientation, as `trainer predict` does (training and validation do not)."""
+        self.pre, self.train, self.hflip, self.scale, self.upright = pre, train, hflip, scale, upright
         self.mode = "L" if pre.in_chans == 1 else "RGB"
 
     def __call__(self, batch: dict) -> dict:
@@ -129,7 +138,12 @@ class DaliExamples:
             native = img.format in NATIVE_FORMATS and img.mode in NATIVE_MODES[self.mode]
             if native and (img.format != "JPEG" or not bad_jpeg_markers(data)):
                 return np.frombuffer(data, dtype=np.uint8), img, path
-        pixels = decode_image(value if data is None else {"bytes": data, "path": path}).convert(self.mode)
+        pixels = decode_image(value if data is None else {"bytes": data, "path": path})
+        if self.upright:
+            from PIL import ImageOps
+
+            pixels = ImageOps.exif_transpose(pixels)
+        pixels = pixels.convert(self.mode)
         return _pnm(np.asarray(pixels)), pixels, path
 
     def window(self, img) -> np.ndarray:
@@ -142,6 +156,8 @@ class DaliExamples:
         # timm's eval transform: the shorter side to floor(imgsz / crop_pct) (torchvision Resize), then CenterCrop,
         # mapped back to the image's own pixels (fractional: DALI's resize samples that sub-pixel region).
         width, height = img.size
+        if self.upright and img.format == "JPEG" and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width  # DALI turns it upright before taking the window
         short = math.floor(self.pre.imgsz / self.pre.crop_pct)
         new_w, new_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
         left, top = round((new_w - self.pre.imgsz) / 2.0), round((new_h - self.pre.imgsz) / 2.0)
@@ -220,6 +236,7 @@ class PipelineSpec:
     threads: int = 1
     hw_decoder_load: float = 0.65  # share of JPEGs for the hardware decoder (A100/H100/H200), the rest on nvJPEG
     prefetch: int = 0  # batches DALI decodes ahead of the one trained on (0: feed, decode, hand over, then the next)
+    upright: bool = False  # apply EXIF orientation (trainer predict)
 
 
 class DaliLoader:
@@ -227,7 +244,7 @@ class DaliLoader:
 
     `mixup` (timm Mixup) and `random_erase` run on the decoded batch, on its device, under the batch's seed.
     `dataset` (the `Indexed` dataset behind the loader, kept as `samples`) serves neighbours for files that fail
-    inside DALI.
+    inside DALI; without one (trainer predict) such files are left out of their batch and listed in `failed`.
     """
 
     def __init__(self, loader, spec: PipelineSpec, dataset, *, mixup=None, random_erase: float = 0.0, device=None):
@@ -235,6 +252,7 @@ class DaliLoader:
         self.mixup, self.random_erase = mixup, random_erase
         self.device = torch.device(device or "cpu")
         self.warned: set[str] = set()
+        self.failed: dict[str, str] = {}
         self._pipe, self._reason = None, ""
         self._failed: list = []  # pipelines stopped by a decode error, kept alive: destroying one crashes DALI
 
@@ -264,17 +282,26 @@ class DaliLoader:
         # must not see it set.
         inner, queued = self.loader, deque()
         for batch in inner:
+            if len(batch) > 7:  # trainer predict: files that failed in the workers, by path
+                self.failed.update(batch[7])
+                if not batch[0]:
+                    continue
             self._feed(batch)
             queued.append(batch)
             if getattr(inner, "end_of_dataloader", False):
                 inner.end_of_dataloader = False
                 while len(queued) > 1:
-                    yield self._finish(queued)
+                    yield from self._finished(queued)
                 inner.end_of_dataloader = True
             if len(queued) > self.spec.prefetch or getattr(inner, "end_of_dataloader", False):
-                yield self._finish(queued)
+                yield from self._finished(queued)
         while queued:
-            yield self._finish(queued)
+            yield from self._finished(queued)
+
+    def _finished(self, queued: deque):
+        out = self._finish(queued)
+        if out is not None:  # None: every file of the batch failed (trainer predict lists them)
+            yield out
 
     def _pipeline(self):
         if self._pipe is None:
@@ -306,6 +333,8 @@ class DaliLoader:
         except RuntimeError:  # DALI stops the whole pipeline at a decode error (DALI#3913): rebuild it
             self._discard_pipeline()
             batch = self._repair(batch)
+            if not batch[0]:
+                return None
             self._feed(batch)
             images = self._images(self._pipeline().outputs()[0])
             for later in queued:  # the batches scheduled behind the failed one died with the old pipeline
@@ -334,6 +363,13 @@ class DaliLoader:
     def _repair(self, batch) -> tuple:
         """The batch with each sample DALI cannot decode replaced by its neighbour (as SkipUnreadable does)."""
         encoded, windows, flips, labels, indices, paths, seed = batch
+        if self.samples is None:
+            keep = [
+                j
+                for j in range(len(encoded))
+                if self._decodes(encoded[j], windows[j], flips[j]) or self._fail(paths[j])
+            ]
+            return [encoded[j] for j in keep], windows[keep], flips[keep], labels[keep], indices[keep], paths, seed
         encoded, windows, flips, labels = list(encoded), windows.copy(), flips.copy(), labels.clone()
         for j in range(len(encoded)):
             if self._decodes(encoded[j], windows[j], flips[j]):
@@ -355,6 +391,10 @@ class DaliLoader:
             else:
                 raise RuntimeError(f"16 images in a row near index {indices[j]} fail to decode; check the dataset")
         return encoded, windows, flips, labels, indices, paths, seed
+
+    def _fail(self, path: str) -> bool:
+        self.failed[path] = f"DALI: {self._reason}"
+        return False
 
     def _decodes(self, encoded, window, flip) -> bool:
         try:
@@ -407,7 +447,7 @@ def build_pipeline(spec: PipelineSpec, device: torch.device):
             axis_names="WH",
             normalized_anchor=False,
             normalized_shape=False,
-            adjust_orientation=False,  # as data.decode: EXIF orientation is not applied on either path
+            adjust_orientation=spec.upright,  # as data.decode (off) for training, as trainer predict (on)
             **extra,
         )
         images = fn.resize(
