@@ -14,6 +14,8 @@ One command for the lent GPU machine (about 5 minutes), figures to a JSON file:
     python bench/gpu_pipeline.py --cpu-smoke --out /tmp/smoke.json  # here: every part, tiny, on the CPU
 
 Each part that fails records its error in the JSON and the rest goes on. Needs no wandb or mlxtend (--tracker none).
+On the lent GPU machine install `datasets` (../shared/device-wheels.sh) and DALI (../shared/device-dali.sh) first,
+as /work/shared/GPU.md describes; without DALI its parts record the import error.
 """
 
 from __future__ import annotations
