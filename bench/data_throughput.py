@@ -7,11 +7,16 @@ machine load hits both alike; the median epoch of each is reported, then the rat
 
     python bench/data_throughput.py            # 2,000 images, 5 timed epochs each
     python bench/data_throughput.py --quick    # 400 images, 3 epochs each: about a minute on 2 cores
+    python bench/data_throughput.py --loader dali   # also the DALI CPU path (goal: >= 1.5x trainer's torch loader)
+
+With --loader dali the DALI path gets the same CPU budget: its DataLoader workers only read bytes and draw windows
+(--dali-workers, default 0: in the main process) and DALI decodes with --workers threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -58,6 +63,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "trainer-bench-jpegs"))
+    parser.add_argument("--loader", choices=("torch", "dali"), default="torch", help="dali: add the DALI CPU path")
+    parser.add_argument("--dali-workers", type=int, default=0, help="byte-reading workers of the DALI path")
     args = parser.parse_args()
     if args.quick:
         args.images, args.epochs = 400, 3
@@ -112,17 +119,38 @@ def main() -> None:
         f"{len(bare_set)} training JPEGs 500x375 -> {args.imgsz}px, batch {args.batch_size}, {workers} workers, "
         f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; trainer setup (scan + check) {setup_s:.2f}s"
     )
-    time_epoch(ours), time_epoch(bare)  # warm-up: worker start, page cache
-    rates: dict[str, list[float]] = {"trainer": [], "torchvision": []}
+    loaders = {"trainer": ours, "torchvision": bare}
+    if args.loader == "dali":
+        dali_cfg = dataclasses.replace(cfg, workers=args.dali_workers, loader="dali")
+        dali, _ = build_dataloaders(
+            splits,
+            info,
+            dali_cfg,
+            pre,
+            args.batch_size,
+            seed=0,
+            rank=0,
+            local_processes=1,
+            pin_memory=False,
+            loader="dali",
+        )
+        dali.spec = dataclasses.replace(dali.spec, threads=max(1, workers))  # the torch loader's worker count
+        loaders["dali-cpu"] = dali
+        print(f"DALI CPU path: {args.dali_workers} byte-reading workers, {dali.spec.threads} DALI threads")
+    for loader in loaders.values():
+        time_epoch(loader)  # warm-up: worker start, page cache, DALI pipeline build
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
     for epoch in range(args.epochs):
-        rates["trainer"].append(time_epoch(ours))
-        rates["torchvision"].append(time_epoch(bare))
-        last = {name: f"{r[-1]:.0f}" for name, r in rates.items()}
-        print(f"epoch {epoch + 1}: trainer {last['trainer']} img/s, torchvision {last['torchvision']} img/s")
-    ours_med, bare_med = (statistics.median(r) for r in rates.values())
-    print(f"trainer loader     {ours_med:8.1f} img/s (median of {args.epochs})")
-    print(f"torchvision bare   {bare_med:8.1f} img/s (median of {args.epochs})")
-    print(f"ratio trainer/bare {ours_med / bare_med:8.3f}  (goal >= 0.95)")
+        for name, loader in loaders.items():  # alternating, so machine load hits every loader alike
+            rates[name].append(time_epoch(loader))
+        print(f"epoch {epoch + 1}: " + ", ".join(f"{name} {r[-1]:.0f} img/s" for name, r in rates.items()))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    for name, value in med.items():
+        print(f"{name + ' loader':18} {value:8.1f} img/s (median of {args.epochs})")
+    print(f"ratio trainer/bare {med['trainer'] / med['torchvision']:8.3f}  (goal >= 0.95)")
+    if "dali-cpu" in med:
+        print(f"ratio dali/trainer {med['dali-cpu'] / med['trainer']:8.3f}  (goal >= 1.5)")
+        print(f"ratio dali/bare    {med['dali-cpu'] / med['torchvision']:8.3f}")
 
 
 if __name__ == "__main__":

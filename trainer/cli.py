@@ -15,6 +15,7 @@ from typing import Any
 from trainer import __version__
 from trainer.config import (
     COMPILE_MODES,
+    LOADERS,
     MIXED_PRECISION,
     SECTIONS,
     Config,
@@ -51,8 +52,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif f.name == "pretrained":
                 kwargs.update(nargs="?", const="default", metavar="PATH")
-            elif f.name in ("mixed_precision", "compile_mode"):
-                kwargs["choices"] = MIXED_PRECISION if f.name == "mixed_precision" else COMPILE_MODES
+            elif f.name in ("mixed_precision", "compile_mode", "loader"):
+                kwargs["choices"] = {"mixed_precision": MIXED_PRECISION, "compile_mode": COMPILE_MODES}.get(
+                    f.name, LOADERS
+                )
             else:
                 kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
             group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
@@ -114,6 +117,9 @@ def _add_use_commands(commands) -> None:
     val.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default: val)")
     val.add_argument("--batch-size", type=_positive_int, default=256, help="GLOBAL batch, split over processes")
     val.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process; -1 picks")
+    val.add_argument(
+        "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
+    )
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -129,6 +135,9 @@ def _add_use_commands(commands) -> None:
     predict.add_argument("--topk", type=_positive_int, default=5, help="classes reported per image (default 5)")
     predict.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
     predict.add_argument("--workers", type=int, default=-1, help="DataLoader workers; -1 picks from the CPU count")
+    predict.add_argument(
+        "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
+    )
     predict.add_argument("--json", action="store_true", help="also write predictions.json")
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
@@ -231,6 +240,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             split=args.split,
             batch_size=args.batch_size,
             workers=args.workers,
+            loader=args.loader,
             project=args.project,
             name=args.name,
             exist_ok=args.exist_ok,
@@ -244,6 +254,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             topk=args.topk,
             workers=args.workers,
+            loader=args.loader,
             project=args.project,
             name=args.name,
             exist_ok=args.exist_ok,

@@ -25,6 +25,7 @@ class UserError(Exception):
 TRACKERS = ("wandb", "tensorboard", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULES = ("cosine", "tanh", "step", "constant", "plateau")  # timm.scheduler.create_scheduler_v2 names
+LOADERS = ("auto", "torch", "dali")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -56,6 +57,10 @@ class DataConfig:
     """Square image size in pixels fed to the model."""
     workers: int = -1
     """DataLoader worker processes per rank; -1 picks from the CPU count, 0 loads in the training process."""
+    loader: str = "auto"
+    """Input path: `torch` (PIL decoding in DataLoader workers), `dali` (NVIDIA DALI decodes and crops, on the GPU
+    when there is one; pip install 'trainer[dali]'), `auto`: DALI with a CUDA device, DALI installed and no
+    --auto-augment, else torch."""
     val_fraction: float = 0.1
     """Fraction held out (stratified, seeded by --split-seed) for validation when the data has no validation split."""
     split_seed: int = 0
@@ -86,6 +91,11 @@ class DataConfig:
         _check(bool(self.data.strip()), "--data must name a dataset, a folder, a file or a hub id")
         _check(self.imgsz >= 8, f"--imgsz must be at least 8 pixels, got {self.imgsz}")
         _check(self.workers >= -1, f"--workers must be -1 (auto), 0 or more, got {self.workers}")
+        _check(self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        _check(
+            not (self.loader == "dali" and self.auto_augment),
+            f"--auto-augment {self.auto_augment} has no DALI equivalent; use --loader torch (or auto) with it",
+        )
         _check(0.0 < self.val_fraction < 1.0, f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
         _check(self.hflip == -1.0 or 0.0 <= self.hflip <= 1.0, f"--hflip must be a probability or -1, got {self.hflip}")
         _check(

@@ -126,6 +126,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     # A misspelt --model or a size it cannot take fails before minutes of data preparation (classes and channels
     # do not change whether a size fits).
     size_kwargs(cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz)
+    loader = data.choose_loader(cfg.data, accelerator.device.type)  # --loader dali without DALI: refused up front
+    if loader.note:
+        reporter.print_once(loader.note)
 
     splits, info = data.load_splits_in_turn(accelerator, cfg.data)  # Collective: every rank
     if info.skipped:
@@ -157,9 +160,11 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         rank=accelerator.process_index,
         local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         pin_memory=accelerator.device.type == "cuda",
+        loader=loader.name,
     )
-    # Loaders first: the schedule's length comes from this rank's shard of the data.
-    train_loader, val_loader = accelerator.prepare(train_loader, val_loader)
+    # Loaders first: the schedule's length comes from this rank's shard of the data. (accelerator.prepare, with
+    # a DALI loader's decoding stage put back around its prepared DataLoader.)
+    train_loader, val_loader = data.prepare_loaders(accelerator, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     optimizer = optim.build_optimizer(cfg.optim, model)
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
@@ -193,6 +198,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     record = run_record(
         cfg, accelerator, model, optimizer, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
     )
+    record["launch"] |= {"loader": loader.name, "loader_reason": loader.reason}
     reporter.start(run_dir, record, cfg.run, resume=resume_dir is not None)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
@@ -349,7 +355,7 @@ def train_one_epoch(
     seen = torch.tensor(state.seen, device=accelerator.device)
     trained = torch.zeros((), device=accelerator.device)  # images this session, for img/s
     if state.batches_in_epoch:
-        loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+        loader = data.skip_first_batches(accelerator, loader, state.batches_in_epoch)
     nonfinite = torch.zeros((), device=accelerator.device)
     stop = False
     for images, labels in loader:

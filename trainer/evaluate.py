@@ -25,6 +25,7 @@ def validate(
     split: str = "val",
     batch_size: int = 256,
     workers: int = -1,
+    loader: str = "auto",
     project: str = "runs/val",
     name: str = "exp",
     exist_ok: bool = False,
@@ -38,8 +39,10 @@ def validate(
             f"--weights {weights}: no config.yaml of its run (RUN/weights/{trained.path.name} -> RUN/config.yaml) "
             "to say which data it was trained on; pass --data"
         )
-    data_cfg = replace(data_cfg, workers=workers)
+    # Evaluation augments nothing: a run trained with --auto-augment evaluates through DALI too.
+    data_cfg = replace(data_cfg, workers=workers, loader=loader, auto_augment="")
     accelerator = build_accelerator(Config(data=data_cfg, run=RunConfig(tracker="none")))
+    choice = data.choose_loader(data_cfg, accelerator.device.type)
     splits, info = data.load_splits_in_turn(accelerator, data_cfg)  # Collective: every rank
     check_classes(trained, info.class_names, data_cfg.data)
     if split not in splits:
@@ -47,16 +50,18 @@ def validate(
     if not hasattr(splits[split], "__len__"):  # a --streaming run's training split is a stream
         raise UserError(f"--split {split}: {info.source} streams its {split} split; evaluate --split val")
     world = accelerator.num_processes
-    loader = data.build_eval_loader(
+    batches = data.build_eval_loader(
         splits[split],
         trained.pre,
         math.ceil(batch_size / world),
         workers=data.num_workers(data_cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
         pin_memory=accelerator.device.type == "cuda",
+        loader=choice.name,
     )
-    model, loader = accelerator.prepare(load_model(trained), loader)
+    model = accelerator.prepare(load_model(trained))
+    batches = data.prepare_loaders(accelerator, batches)
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
-    metrics, preds = evaluate(accelerator, model, loader, trained.num_classes)
+    metrics, preds = evaluate(accelerator, model, batches, trained.num_classes)
     # Every rank: the main process picks and creates the folder, then broadcasts its name.
     run_dir = checkpoint.create_run_dir(accelerator, project, name, exist_ok, weights_dir=False)
     summary = {
@@ -67,6 +72,7 @@ def validate(
         "data": info.source,
         "split": split,
         "num_processes": world,
+        "loader": choice.name,
     }
     if accelerator.is_main_process:
         write_report(run_dir, summary, preds, trained.class_names, trained.describe())

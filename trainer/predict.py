@@ -94,6 +94,7 @@ def predict(
     batch_size: int = 32,
     topk: int = 5,
     workers: int = -1,
+    loader: str = "auto",
     project: str = "runs/predict",
     name: str = "exp",
     exist_ok: bool = False,
@@ -112,16 +113,26 @@ def predict(
         raise UserError("trainer predict runs in one process; start it without accelerate launch or torchrun")
     model = accelerator.prepare_model(load_model(trained), evaluation_mode=True)  # device + launcher's precision
     k = min(topk, trained.num_classes)
-    dataset = ImageFiles(paths, data.ImageTransform(trained.pre, False, 0.0, (1.0, 1.0)))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=data.num_workers(DataConfig(workers=workers), 1),
-        collate_fn=_as_list,
-    )
+    workers = data.num_workers(DataConfig(workers=workers), 1)
     start = time.time()
     results: list[Prediction] = []
-    for batch in loader:
+    if data.choose_loader(DataConfig(loader=loader), accelerator.device.type).name == "dali":
+        batches, unreadable = _dali_batches(paths, trained, batch_size, workers, accelerator.device)
+        for images, indices in batches:
+            probs, classes = model(images).float().softmax(dim=1).topk(k, dim=1)
+            for i, p, c in zip(indices.tolist(), probs.tolist(), classes.tolist(), strict=True):
+                results.append(Prediction(str(paths[i]), [trained.class_names[j] for j in c], c, p))
+        unreadable += [Prediction(path, error=reason) for path, reason in batches.failed.items()]
+        results += unreadable
+        torch_batches = None
+    else:
+        torch_batches = DataLoader(
+            ImageFiles(paths, data.ImageTransform(trained.pre, False, 0.0, (1.0, 1.0))),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_as_list,
+        )
+    for batch in torch_batches or ():
         good = [(i, x) for i, x, _ in batch if x is not None]
         results += [Prediction(str(paths[i]), error=err) for i, x, err in batch if x is None]
         if not good:
@@ -150,6 +161,51 @@ def predict(
         f"({done / max(seconds, 1e-9):.0f} img/s on {accelerator.device.type}). Results saved to {run_dir}"
     )
     return run_dir, results
+
+
+class _Files(torch.utils.data.Dataset):
+    """Image paths -> DALI examples (encoded bytes, the eval window of the upright image); label: the file's index."""
+
+    def __init__(self, paths: list[Path], indices: list[int], examples):
+        self.paths, self.indices, self.examples = paths, indices, examples
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.indices[k]
+        try:
+            row = self.examples({"image": [str(self.paths[i])], "label": [i]})
+        except data.UnreadableImage as e:  # the header read, the pixels did not (decoded by PIL: not a JPEG)
+            return {"path": e.path, "error": str(e).removeprefix(f"{e.path} (").removesuffix(")")}
+        return {key: values[0] for key, values in row.items()} | {"index": k}
+
+
+def _collate_files(rows: list[dict]) -> tuple:
+    """A DALI batch of the readable files, and {path: error} of the others (DaliLoader lists them as failed)."""
+    from trainer.data import dali
+
+    good = [r for r in rows if "error" not in r]
+    failed = {r["path"]: r["error"] for r in rows if "error" in r}
+    return (*dali.collate(good), failed) if good else ([], None, None, None, None, [], 0, failed)
+
+
+def _dali_batches(paths: list[Path], trained, batch_size: int, workers: int, device):
+    """A DALI loader over the files whose header reads (the others come back as failed predictions)."""
+    from trainer.data import dali
+    from trainer.data.folders import check_image
+
+    readable, unreadable = [], []
+    for i, path in enumerate(paths):
+        mode, reason = check_image(str(path))
+        if mode is None:
+            unreadable.append(Prediction(str(path), error=reason))
+        else:
+            readable.append(i)
+    files = _Files(paths, readable, dali.DaliExamples(trained.pre, False, upright=True))
+    batches = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate_files)
+    spec = dali.PipelineSpec(batch_size, trained.pre, max(1, workers), upright=True)
+    return dali.DaliLoader(batches, spec, None, device=device), unreadable
 
 
 def print_table(results: list[Prediction], k: int) -> None:

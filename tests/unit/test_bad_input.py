@@ -64,6 +64,8 @@ CASES = [
     (["--epochs", "abc"], "--epochs expects int, got 'abc'"),
     (["--lr", "fast"], "--lr expects float, got 'fast'"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be 0 (off) or more"),
+    (["--loader", "fast"], "argument --loader: invalid choice: 'fast'"),
+    (["--loader", "dali", "--auto-augment", "rand-m9-mstd0.5"], "has no DALI equivalent; use --loader torch"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
     (["--data", "no/such/folder"], "--data no/such/folder: no such file or folder"),
     (["--streaming"], "--data digits: --streaming reads a hub id or Parquet/WebDataset shards; convert this data once"),

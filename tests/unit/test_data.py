@@ -177,3 +177,22 @@ def test_header_line_states_the_augmentation_in_force(cfg, source, default_hflip
     # The line describes the transform the run really builds.
     pre = Preprocess(cfg.imgsz, 3, (0.5,) * 3, (0.5,) * 3, "bilinear", 0.9)
     assert _in_force(build_train_transform(cfg, info, pre, per_device_batch_size=8)) == in_force
+
+
+def test_decode_turns_exif_rotated_photos_upright_as_datasets_does(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 decodes upright, exactly as HF datasets' Image feature decodes
+    it (and as `trainer predict` classifies it)."""
+    import datasets
+    from PIL import Image
+
+    from trainer.data import decode_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored image
+    Image.fromarray(pixels).save(tmp_path / "sideways.jpg", quality=95, exif=exif.tobytes())
+    ours = decode_image({"bytes": None, "path": str(tmp_path / "sideways.jpg")})
+    theirs = datasets.Image().decode_example({"bytes": None, "path": str(tmp_path / "sideways.jpg")})
+    assert ours.size == theirs.size == (20, 40)  # width and height swapped: upright
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))

@@ -5,14 +5,16 @@
 - `splits`: train/validation splits, the class checks, and what the run learns about the data (`DataInfo`);
 - `decode`: how a stored image is decoded (PIL) - the one place an image becomes pixels on the torch path;
 - `transforms`: how a decoded image is augmented and normalised (`ImageTransform`, `Preprocess`);
+- `dali`: the second input path (`--loader dali`): workers hand encoded bytes and crop windows to a DALI pipeline;
 - `loaders`: how batches reach a rank (seeded batches, DataLoaders; `accelerator.prepare` decides each rank's shard);
 - `streaming`: --streaming: a stream split by rank, the same step count on every rank (reached from `splits` and
   `loaders` by a lazy import);
 - `convert`: `trainer data convert`: any source to WebDataset or Parquet shards.
 
-Imports flow one way: loaders -> transforms -> splits -> sources -> folders -> decode.
+Imports flow one way: loaders -> dali -> transforms -> splits -> sources -> folders -> decode.
 """
 
+from trainer.data.dali import LoaderChoice, choose_loader
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.loaders import (
     SeededBatches,
@@ -20,7 +22,9 @@ from trainer.data.loaders import (
     build_dataloaders,
     build_eval_loader,
     num_workers,
+    prepare_loaders,
     set_epoch,
+    skip_first_batches,
 )
 from trainer.data.sources import BUILTIN
 from trainer.data.splits import DataInfo, load_splits, load_splits_in_turn, unreadable_warning
@@ -39,6 +43,7 @@ __all__ = [
     "BUILTIN",
     "DataInfo",
     "ImageTransform",
+    "LoaderChoice",
     "Preprocess",
     "SeededBatches",
     "SkipUnreadable",
@@ -46,15 +51,18 @@ __all__ = [
     "build_dataloaders",
     "build_eval_loader",
     "build_train_transform",
+    "choose_loader",
     "dataset_record",
     "decode_image",
     "describe_augmentation",
     "load_splits",
     "load_splits_in_turn",
     "num_workers",
+    "prepare_loaders",
     "resolve_hflip",
     "resolve_preprocess",
     "resolve_scale",
     "set_epoch",
+    "skip_first_batches",
     "unreadable_warning",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 
 # PIL modes of one-channel images: such data trains 1-channel models.
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
 
 
 class UnreadableImage(Exception):
@@ -40,4 +41,10 @@ def decode_image(value):
         raise UnreadableImage(path or "<embedded bytes>", f"{type(e).__name__}: {e}".split("\n")[0]) from e
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        from PIL import ImageOps
+
+        # Upright, as HF datasets' Image feature decodes and as `trainer predict` classifies: a phone photo trains
+        # and predicts the way it is seen.
+        img = ImageOps.exif_transpose(img)
     return img

@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig
+from trainer.data import dali
 from trainer.data.decode import UnreadableImage
 from trainer.data.splits import DataInfo
-from trainer.data.transforms import ImageTransform, Preprocess, build_train_transform
+from trainer.data.transforms import ImageTransform, Preprocess, build_train_transform, resolve_hflip, resolve_scale
 
 
 class SkipUnreadable(Dataset):
@@ -128,12 +129,16 @@ def _seed_worker(rank: int, worker_id: int) -> None:
     pyarrow.set_io_thread_count(1)
 
 
+def _cpus_per_rank(local_processes: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, local_processes))
+
+
 def num_workers(cfg: DataConfig, local_processes: int) -> int:
     """Workers per rank: the configured count, or the CPU share of this rank minus the training process."""
     if cfg.workers >= 0:
         return cfg.workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cpus_per_rank = cpus // max(1, local_processes)
+    cpus_per_rank = _cpus_per_rank(local_processes)
     # With two cores or fewer per rank, a worker process only fights the training threads (measured: -20 %).
     return 0 if cpus_per_rank <= 2 else min(8, cpus_per_rank - 1)
 
@@ -149,8 +154,12 @@ def build_dataloaders(
     rank: int,
     local_processes: int,
     pin_memory: bool,
-) -> tuple[DataLoader, DataLoader]:
-    """Train and val DataLoaders (not yet prepared: `accelerator.prepare` shards them across ranks)."""
+    loader: str = "torch",
+) -> tuple:
+    """Train and val loaders (not yet prepared: `prepare_loaders` shards them across ranks).
+
+    `loader` "dali": the workers hand encoded bytes and crop windows to a DALI pipeline in the training process
+    (trainer/data/dali.py); the shuffle, the per-batch seeds and the sharding are the torch path's."""
     if cfg.streaming:  # streamed data: every rank's part chosen and prepared in data/streaming.py, not by prepare()
         from trainer.data.streaming import build_stream_loaders
 
@@ -165,8 +174,14 @@ def build_dataloaders(
             pin_memory=pin_memory,
         )
     train_tf = build_train_transform(cfg, info, pre, per_device_batch_size)
-    train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
     workers = num_workers(cfg, local_processes)
+    if loader == "dali":
+        examples = dali.DaliExamples(pre, True, resolve_hflip(cfg, info), resolve_scale(cfg))
+        indexed = dali.Indexed(splits["train"].with_transform(examples))
+        train_ds, collate_fn = SeededBatches(SkipUnreadable(indexed), seed), dali.collate
+    else:
+        train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
+        collate_fn = train_tf.collate
     generator = torch.Generator().manual_seed(seed)  # same on every rank: the shuffle order must agree
     # drop_last keeps every optimizer step at the full global batch (and BatchNorm away from tiny batches).
     train = DataLoader(
@@ -175,23 +190,59 @@ def build_dataloaders(
         shuffle=True,
         drop_last=True,
         generator=generator,
-        collate_fn=partial(train_ds.collate, train_tf.collate),
+        collate_fn=partial(train_ds.collate, collate_fn),
         **_worker_options(workers, pin_memory, rank),
     )
-    val = build_eval_loader(splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory)
+    if loader == "dali":
+        threads = dali.dali_threads(_cpus_per_rank(local_processes), workers)
+        spec = dali.PipelineSpec(per_device_batch_size, pre, threads)
+        train = dali.DaliLoader(train, spec, indexed, mixup=train_tf.mixup, random_erase=cfg.random_erase)
+    val = build_eval_loader(
+        splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory, loader=loader
+    )
     return train, val
 
 
-def build_eval_loader(split, pre: Preprocess, per_device_batch_size: int, *, workers: int, pin_memory: bool):
+def build_eval_loader(
+    split, pre: Preprocess, per_device_batch_size: int, *, workers: int, pin_memory: bool, loader: str = "torch"
+):
     """An unshuffled loader of one split with the evaluation transform (resize, centre crop, normalise)."""
-    tf = ImageTransform(pre, False)
-    return DataLoader(
-        SkipUnreadable(split.with_transform(tf)),
+    tf = dali.DaliExamples(pre, False) if loader == "dali" else ImageTransform(pre, False)
+    dataset = SkipUnreadable(dali.Indexed(split.with_transform(tf)) if loader == "dali" else split.with_transform(tf))
+    batches = DataLoader(
+        dataset,
         batch_size=per_device_batch_size,
         shuffle=False,
-        collate_fn=tf.collate,
+        collate_fn=_seeded_collate if loader == "dali" else tf.collate,
         **_worker_options(workers, pin_memory, rank=0),
     )
+    if loader != "dali":
+        return batches
+    threads = dali.dali_threads(_cpus_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", 1))), workers)
+    return dali.DaliLoader(batches, dali.PipelineSpec(per_device_batch_size, pre, threads), dataset.dataset)
+
+
+def _seeded_collate(examples: list) -> tuple:
+    return _seeded(0, lambda: dali.collate(examples))  # evaluation draws nothing: a fixed seed keeps it repeatable
+
+
+def prepare_loaders(accelerator, *loaders):
+    """`accelerator.prepare` for our loaders: a DALI loader's DataLoader is prepared (sharded), then rewrapped,
+    since prepare rebuilds DataLoaders and drops wrappers and subclasses (accelerate#3322, #2975)."""
+    prepared = []
+    for loader in loaders:
+        if isinstance(loader, dali.DaliLoader):
+            prepared.append(loader.wrapping(accelerator.prepare(loader.loader), accelerator.device))
+        else:
+            prepared.append(accelerator.prepare(loader))
+    return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def skip_first_batches(accelerator, loader, num_batches: int):
+    """`accelerator.skip_first_batches` through a DALI wrapper: the batches skipped are never read or decoded."""
+    if isinstance(loader, dali.DaliLoader):
+        return loader.wrapping(accelerator.skip_first_batches(loader.loader, num_batches))
+    return accelerator.skip_first_batches(loader, num_batches)
 
 
 def _worker_options(workers: int, pin_memory: bool, rank: int) -> dict:
