@@ -178,7 +178,8 @@ def main() -> None:
     for case in args.cases.split(","):
         results.append(launch_case(case, args))
         print(json.dumps(results[-1]), flush=True)
-    Path(args.out).write_text(json.dumps({"results": results}, indent=2) + "\n")
+        # After every case: a run stopped by its time limit still leaves what it measured.
+        Path(args.out).write_text(json.dumps({"results": results}, indent=2) + "\n")
     print(f"{'case':10} {'peak alloc GiB':>15} {'img/s':>8}  error")
     for r in results:
         peak, speed = r.get("peak_allocated_gib", "-"), r.get("imgs_per_sec", "-")

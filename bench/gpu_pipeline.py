@@ -172,8 +172,9 @@ class Setup:
         return rates
 
 
-def part(results: dict, name: str, fn) -> None:
-    """Run one measurement; on failure record the error and go on."""
+def part(results: dict, out: Path, name: str, fn) -> None:
+    """Run one measurement; on failure record the error and go on. The JSON is rewritten after every part, so a run
+    stopped by its time limit still leaves what it measured."""
     start = time.perf_counter()
     try:
         results[name] = fn()
@@ -183,6 +184,7 @@ def part(results: dict, name: str, fn) -> None:
             "traceback": traceback.format_exc()[-2000:],
         }
     print(f"{name}: {json.dumps(results[name])[:300]} ({time.perf_counter() - start:.0f}s)", flush=True)
+    out.write_text(json.dumps(results, indent=1))
 
 
 def main() -> None:
@@ -205,6 +207,7 @@ def main() -> None:
     from trainer.data.dali import dali_missing
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
     results: dict = {"args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     results["dali_missing"] = dali_missing()
     root = write_jpegs(Path(args.root) / str(args.images), args.images)
@@ -220,9 +223,9 @@ def main() -> None:
             model = torch.compile(model)
         return {"imgs_per_sec": ceiling(model, args.batch_size, args.imgsz, steps, device, not args.cpu_smoke)}
 
-    part(results, "ceiling_eager", lambda: synthetic_ceiling(False))
+    part(results, out, "ceiling_eager", lambda: synthetic_ceiling(False))
     if not args.cpu_smoke:
-        part(results, "ceiling_compiled", lambda: synthetic_ceiling(True))
+        part(results, out, "ceiling_compiled", lambda: synthetic_ceiling(True))
     top = results.get("ceiling_compiled", results["ceiling_eager"]).get("imgs_per_sec")
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -233,7 +236,7 @@ def main() -> None:
             setup = Setup(args, root, Path(run_dir))
             return {"train_images": setup.info.train_size, "mixed_precision": setup.accelerator.mixed_precision}
 
-        part(results, "setup", build)
+        part(results, out, "setup", build)
 
         def loop(name: str, hw: float = 0.65):
             rates = setup.epoch_imgs_per_sec(setup.loader(name, hw), args.epochs)
@@ -262,16 +265,16 @@ def main() -> None:
             }
 
         if setup is not None:
-            part(results, "loop_torch_loader", lambda: loop("torch"))
+            part(results, out, "loop_torch_loader", lambda: loop("torch"))
             for hw in (0.65, 0.9):
-                part(results, f"loop_dali_hw{hw}", lambda hw=hw: loop("dali", hw))
-            part(results, "check_step_sync", check_step_cost)
+                part(results, out, f"loop_dali_hw{hw}", lambda hw=hw: loop("dali", hw))
+            part(results, out, "check_step_sync", check_step_cost)
     dali = [results.get(f"loop_dali_hw{hw}", {}).get("best") or 0 for hw in (0.65, 0.9)]
     torch_best = results.get("loop_torch_loader", {}).get("best")
     if max(dali) and torch_best:
         results["dali_over_torch_loader"] = max(dali) / torch_best
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
