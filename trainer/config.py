@@ -281,7 +281,8 @@ class RunConfig:
             self.dist_backend in ("", "nccl", "gloo"), f"--dist-backend must be nccl or gloo, got {self.dist_backend!r}"
         )
         _check(
-            self.dist_timeout >= 0, f"--dist-timeout must be 0 (PyTorch's default) or minutes, got {self.dist_timeout}"
+            self.dist_timeout >= 0,
+            f"--dist-timeout must be minutes, or 0 for PyTorch's default, got {self.dist_timeout}",
         )
 
     def wandb_project_name(self) -> str:

@@ -59,6 +59,8 @@ CASES = [
     (["--lr", "fast"], "--lr expects float, got 'fast'"),
     (["--checkpoint-every", "-1"], "--checkpoint-every must be 0 (off) or more"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--dist-timeout", "-1"], "--dist-timeout must be minutes, or 0 for PyTorch's default, got -1.0"),
+    (["--resume", "auto", "--model", "resnet18"], "--model resnet18 differs from the run's resnet10t"),
     (["--data", "no/such/folder"], "--data no/such/folder: no such file or folder"),
     (["--model", "resnet181"], "did you mean resnet18"),
     (["--optimizer", "adamx"], "--optimizer 'adamx' is unknown"),
