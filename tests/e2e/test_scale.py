@@ -119,7 +119,9 @@ def test_torchrun_restart_resumes_by_itself(reference: Path, workdir: Path):
     """SIGKILL one rank mid-epoch: torchrun restarts both, and the same command line continues the run."""
     runs = workdir / "runs" / "train"
     cut = runs / "cut"
-    launch = torchrun(2, "train", *ARGS, *WANDB, "--name", "cut", "--resume", "auto")
+    # --dist-timeout: an attempt whose group does not form (seen here under heavy load, in init_process_group after
+    # a restart) fails within 2 minutes and is restarted, instead of waiting gloo's 30.
+    launch = torchrun(2, "train", *ARGS, *WANDB, "--name", "cut", "--resume", "auto", "--dist-timeout", "2")
     at = launch.index("--standalone") + 1
     launch[at:at] = ["--max-restarts", "2"]
     proc = start(launch, workdir)
