@@ -203,9 +203,10 @@ class Checkpointer:
             self.accelerator.end_training()  # close the trackers cleanly; --resume continues the run
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self.signum:  # the second Ctrl-C: leave now, the last complete checkpoint stays
-            os._exit(128 + signum)
-        self.signum = signum
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:  # the second Ctrl-C: leave now, the last
+            os._exit(128 + signum)  # complete checkpoint stays
+        # A repeated SIGTERM asks the same: under SLURM a rank gets one from the scheduler and one from its launcher.
+        self.signum = self.signum or signum
 
     def check_step(self, nonfinite: torch.Tensor, step: int, skip_nonfinite: bool) -> tuple[bool, bool]:
         """At each optimizer step, before the update: all ranks agree on (skip this update, stop after it).

@@ -26,7 +26,7 @@ from trainer.config import (
     field_docs,
     load_yaml,
 )
-from trainer.resume import LATEST, find_run_dir, resume_config
+from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
@@ -83,7 +83,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         const=LATEST,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR (e.g. runs/train/exp) from its newest checkpoint to its original epoch "
-        "count; alone: the most recent run under --project ({project}/{name} with --name)",
+        "count; alone: the most recent run under --project ({project}/{name} with --name); `auto`: continue "
+        "{project}/{name} if it has a checkpoint, else start it there (the same command for every restart)",
     )
     dests = _add_config_flags(train)
     _add_use_commands(commands)
@@ -210,9 +211,12 @@ def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
     return build_config(given_values(args, dests))
 
 
-def resolve_resume(args: argparse.Namespace, dests: dict) -> tuple[Config, Path]:
-    """--resume: the run folder, and its stored config with the harmless settings given now."""
+def resolve_resume(args: argparse.Namespace, dests: dict) -> tuple[Config, Path | None]:
+    """--resume: the run folder, and its stored config with the harmless settings given now. `--resume auto`
+    finding no checkpoint: the config given, and None (a new run)."""
     values = given_values(args, dests)
+    if args.resume == AUTO:
+        return auto_resume(values)
     run = values.get("run") or {}
     run_dir = find_run_dir(args.resume, run.get("project", RunConfig.project), run.get("name"))
     return resume_config(run_dir, values), run_dir
@@ -286,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             run_use_command(args)
             return 0
         cfg, resume_dir = resolve_resume(args, dests) if args.resume else (resolve_config(args, dests), None)
+        if args.resume == AUTO and resume_dir is not None and finished(resume_dir, cfg.train.epochs):
+            _say(f"trainer: {resume_dir} already finished its {cfg.train.epochs} epochs; nothing to do")
+            return 0
         _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
         from trainer.checkpoint import Stopped
         from trainer.engine import train

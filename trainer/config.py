@@ -289,6 +289,10 @@ class RunConfig:
     """wandb run notes: a sentence on what this run tries."""
     dist_backend: str = ""
     """torch.distributed backend (nccl, gloo); empty lets Accelerate choose."""
+    dist_timeout: float = 0.0
+    """Minutes the processes wait for each other (forming the group, any collective) before the job fails, so a
+    dead peer ends it; 0: PyTorch's default (NCCL 10, gloo 30). Leave room for the slowest wait: dataset caching on
+    the main process, checkpoint writes."""
     allow_download: bool = False
     """Allow downloads from the HF hub (pretrained weights). Off: only the local cache is used (HF_HUB_OFFLINE=1)."""
     debug: bool = False
@@ -303,6 +307,10 @@ class RunConfig:
             _check(tracker in TRACKERS, f"--tracker {tracker!r} is unknown; choose from {', '.join(TRACKERS)}")
         _check(
             self.dist_backend in ("", "nccl", "gloo"), f"--dist-backend must be nccl or gloo, got {self.dist_backend!r}"
+        )
+        _check(
+            self.dist_timeout >= 0,
+            f"--dist-timeout must be minutes, or 0 for PyTorch's default, got {self.dist_timeout}",
         )
 
     def wandb_project_name(self) -> str:

@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, TorchDynamoPlugin, gather_object, set_seed
 
 from trainer import checkpoint, data, optim
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
+from trainer.resume import checkpoint_dirs
 from trainer.tracking import Reporter
 
 WORKING_CPU_LAUNCH = (
     "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m trainer train ..., "
     "or torchrun --nproc_per_node N -m trainer train ..."
+)
+MULTI_NODE_HINT = (
+    "check that every machine started, reaches the main address and port, and has its own machine rank (or that the "
+    "launch uses --rdzv_backend c10d), and name the network interface in NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME; "
+    "see README, Scale out"
 )
 
 
@@ -34,9 +42,17 @@ class EpochStats:
     seconds: float
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """One Accelerator; the launcher decides processes and precision, --mixed-precision may override it."""
-    handlers = [InitProcessGroupKwargs(backend=cfg.run.dist_backend)] if cfg.run.dist_backend else []
+def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerator:
+    """One Accelerator; the launcher decides processes and precision, --mixed-precision may override it.
+
+    `resume_dir`: the run this process is about to continue (None: a new run); every process must agree on it."""
+    group: dict = {"backend": cfg.run.dist_backend} if cfg.run.dist_backend else {}
+    if cfg.run.dist_timeout:
+        # accelerate passes on only values that differ from its own defaults, one of which is 10 minutes (NCCL's):
+        # exactly 10 would leave gloo at PyTorch's 30. One second more keeps it.
+        seconds = cfg.run.dist_timeout * 60
+        group["timeout"] = timedelta(seconds=seconds + (seconds == 600))
+    handlers = [InitProcessGroupKwargs(**group)] if group else []
     # prepare() compiles the model after wrapping it; without --compile a launcher's dynamo config still applies.
     dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode) if cfg.train.compile else None
     try:
@@ -56,12 +72,18 @@ def build_accelerator(cfg: Config) -> Accelerator:
         )
     except ValueError as e:  # e.g. fp16 requested where it cannot run
         raise UserError(f"cannot set up Accelerate: {e}".split("\n")[0]) from e
-    check_launch(accelerator)
+    except torch.distributed.DistError as e:  # the peers never all arrived within the timeout
+        raise UserError(
+            f"the {os.environ.get('WORLD_SIZE', '?')} processes did not form one group ({str(e).splitlines()[0]}); "
+            f"{MULTI_NODE_HINT}"
+        ) from e
+    check_launch(accelerator, resume_dir)
     return accelerator
 
 
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse launches that asked for N processes but got fewer, instead of silently training alone."""
+def check_launch(accelerator: Accelerator, resume_dir: Path | None = None) -> None:
+    """Refuse launches that asked for N processes but got fewer, instead of silently training alone, and launches
+    whose processes disagree on who they are or on the run they continue."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world != accelerator.num_processes:
         raise UserError(
@@ -94,6 +116,19 @@ def check_launch(accelerator: Accelerator) -> None:
             "(see accelerate_configs/fsdp.yaml)"
         )
 
+    if accelerator.num_processes > 1:
+        newest = checkpoint_dirs(resume_dir)[-1].name if resume_dir is not None and checkpoint_dirs(resume_dir) else ""
+        seen = {
+            "rank": accelerator.process_index,
+            "host": socket.gethostname(),
+            "machine": os.environ.get("GROUP_RANK", ""),  # the node rank torchrun gave this process's launcher
+            "run": f"{resume_dir}/{newest}" if resume_dir is not None else "",
+        }
+        # Collective: every rank sends what it sees, all receive the same list and decide alike.
+        problem = launch_problem(gather_object([seen]))
+        if problem:
+            raise UserError(problem)
+
 
 def check_fsdp_options(cfg: Config) -> None:
     """Refuse what a sharded model cannot do, before anything is loaded or written."""
@@ -104,10 +139,38 @@ def check_fsdp_options(cfg: Config) -> None:
         )
 
 
+def launch_problem(seen: list[dict]) -> str:
+    """What is wrong with a formed group, from each process's view of itself (see check_launch); '' if nothing."""
+    ranks = sorted(s["rank"] for s in seen)
+    if ranks != list(range(len(seen))):
+        return f"the processes claim ranks {ranks} instead of 0..{len(seen) - 1}; {MULTI_NODE_HINT}"
+    hosts_of: dict[str, set[str]] = {}
+    for s in seen:
+        if s["machine"]:
+            hosts_of.setdefault(s["machine"], set()).add(s["host"])
+    for machine, hosts in sorted(hosts_of.items()):
+        if len(hosts) > 1:
+            return (
+                f"machines {', '.join(sorted(hosts))} all claim machine rank {machine}; give each its own "
+                "--machine_rank ($SLURM_NODEID expanded on each node, not once by the batch script), or launch with "
+                "--rdzv_backend c10d"
+            )
+    runs = {s["run"] for s in seen}
+    if len(runs) > 1:
+        views = "; ".join(
+            f"rank {s['rank']} on {s['host']}: {s['run'] or 'a new run'}" for s in sorted(seen, key=lambda s: s["rank"])
+        )
+        return (
+            f"the processes see different checkpoints ({views}); the run folder must be on a filesystem every "
+            "machine shares, and nothing else may write to it while the job starts"
+        )
+    return ""
+
+
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary."""
     start = time.time()
-    accelerator = build_accelerator(cfg)
+    accelerator = build_accelerator(cfg, resume_dir)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if fsdp:
         check_fsdp_options(cfg)

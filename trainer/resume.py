@@ -1,4 +1,5 @@
-"""`--resume [RUN_DIR]`: find the run and rebuild its config. Light imports only: the CLI runs this before torch loads.
+"""`--resume [RUN_DIR|auto]`: find the run and rebuild its config. Light imports only: the CLI runs this before torch
+loads.
 
 A resumed run continues the stored config. Flags given with `--resume` may change only how the run is carried out
 (workers, trackers, logging, checkpoint cadence), never what it computes (model, data, batch size, schedule, ...).
@@ -7,17 +8,20 @@ A resumed run continues the stored config. Flags given with `--resume` may chang
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import SECTIONS, Config, UserError, build_config, load_yaml
+from trainer.config import SECTIONS, Config, RunConfig, UserError, build_config, load_yaml
 
 LATEST = "latest"  # `--resume` with no folder
+AUTO = "auto"  # `--resume auto`: continue {project}/{name} if it holds a checkpoint, else start the run there
 CHECKPOINTS = "checkpoints"
+RANK0_STATE = "trainer_state_0.json"  # written into each checkpoint by checkpoint.Checkpointer.save
 # Settings that do not change what the run computes; given with --resume they replace the stored ones.
 HARMLESS = frozenset(
     {"workers", "tracker", "log_every", "debug", "allow_download", "dist_backend"}
-    | {"checkpoint_every", "keep_checkpoints", "grad_checkpointing"}
+    | {"checkpoint_every", "keep_checkpoints", "grad_checkpointing", "dist_timeout"}
 )
 # Settings that only locate the run folder: with --resume they find it, the stored values are kept.
 LOCATORS = frozenset({"project", "name", "exist_ok"})
@@ -49,6 +53,37 @@ def find_run_dir(resume: str, project: str, name: str | None) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--resume {run_dir}: not a trainer run folder (no config.yaml); give a folder under runs/")
     return run_dir
+
+
+def auto_resume(given: dict[str, dict[str, Any]]) -> tuple[Config, Path | None]:
+    """`--resume auto`: one command line that starts a run and continues it after every restart (torchrun
+    --max-restarts, a requeued SLURM job, the user running it again).
+
+    {project}/{name} as named, never incremented: with a complete checkpoint, returns its stored config with the
+    harmless settings of `given` and the folder to resume; without one (no folder yet, or stopped before its first
+    save), the config `given` with --exist-ok, and None: a new run in that folder. Every process decides alone from
+    the same files, and alike: a checkpoint only ever appears complete (renamed into place after every rank wrote its
+    part), and none is written before all of them have decided (a save needs them all). The engine checks that they
+    did decide alike.
+    """
+    run = given.get("run") or {}
+    run_dir = Path(run.get("project", RunConfig.project)) / run.get("name", RunConfig.name)
+    if checkpoint_dirs(run_dir):
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume auto: {run_dir} has checkpoints but no config.yaml; choose another --name")
+        return resume_config(run_dir, given), run_dir
+    fresh = {section: dict(values) for section, values in given.items()}
+    fresh.setdefault("run", {})["exist_ok"] = True
+    return build_config(fresh), None
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    """Whether the newest checkpoint of the run is its last epoch's (an unreadable one is left to the loader)."""
+    found = checkpoint_dirs(run_dir)
+    try:
+        return bool(found) and json.loads((found[-1] / RANK0_STATE).read_text())["epoch"] >= epochs
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def resume_config(run_dir: Path, given: dict[str, dict[str, Any]]) -> Config:

@@ -67,6 +67,8 @@ CASES = [
     (["--loader", "fast"], "argument --loader: invalid choice: 'fast'"),
     (["--loader", "dali", "--auto-augment", "rand-m9-mstd0.5"], "has no DALI equivalent; use --loader torch"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--dist-timeout", "-1"], "--dist-timeout must be minutes, or 0 for PyTorch's default, got -1.0"),
+    (["--resume", "auto", "--model", "resnet18"], "--model resnet18 differs from the run's resnet10t"),
     (["--data", "no/such/folder"], "--data no/such/folder: no such file or folder"),
     (["--streaming"], "--data digits: --streaming reads a hub id or Parquet/WebDataset shards; convert this data once"),
     (["--train-samples", "100"], "--train-samples sets the epoch length of --streaming data"),

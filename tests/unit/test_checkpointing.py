@@ -277,3 +277,20 @@ def test_second_signal_exits_at_once(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "noted True"
     assert proc.returncode == 128 + signal.SIGINT
+
+
+def test_repeated_sigterm_still_saves(tmp_path):
+    """Under SLURM a rank gets SIGTERM from the scheduler and again from its launcher: one request, not an abort."""
+    code = (
+        "import os, signal\n"
+        "from accelerate import Accelerator\n"
+        "from trainer.checkpoint import Checkpointer\n"
+        "from trainer.config import CheckpointConfig\n"
+        f"with Checkpointer(Accelerator(cpu=True), {str(tmp_path)!r}, CheckpointConfig()) as c:\n"
+        "    for _ in range(2):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        print('noted', c.signum == signal.SIGTERM, flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[:2] == ["noted True", "noted True"], proc.stderr
+    assert proc.returncode == 0
