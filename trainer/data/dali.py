@@ -25,7 +25,7 @@ import torch
 
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import EXIF_ORIENTATION, UnreadableImage, decode_image
-from trainer.data.transforms import Preprocess
+from trainer.data.transforms import Preprocess, seeded
 
 INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 drivers)"
 # Handed to DALI as stored: JPEG, where ROI decoding and the GPU's JPEG decoders pay. Anything else (PNG, WebP, CMYK,
@@ -350,7 +350,7 @@ class DaliLoader:
             for later in queued:  # the batches scheduled behind the failed one died with the old pipeline
                 self._feed(later)
         labels, seed = batch[3].to(self.device), batch[6]
-        return _seeded_on(self.device, seed, lambda: self._augment(images, labels))
+        return seeded(seed, lambda: self._augment(images, labels), self.device)
 
     def _images(self, output) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -389,7 +389,7 @@ class DaliLoader:
             for attempt in range(1, 17):
                 index = (int(indices[j]) + attempt * NEIGHBOUR_STRIDE) % len(self.samples)
                 try:
-                    row = _seeded_on(torch.device("cpu"), seed + j + attempt, lambda i=index: self.samples[i])
+                    row = seeded(seed + j + attempt, lambda i=index: self.samples[i])
                 except UnreadableImage as e:
                     self._warn(e.path, "unreadable")
                     continue
@@ -481,23 +481,6 @@ def build_pipeline(spec: PipelineSpec, device: torch.device):
     pipe = pipeline()
     pipe.build()
     return pipe
-
-
-def _seeded_on(device: torch.device, seed: int, fn):
-    """`fn` under `seed` for Python, NumPy, the CPU and `device`'s generators; every stream restored afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return fn()
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
 
 
 def dali_threads(cpus_per_rank: int, workers: int) -> int:

@@ -22,7 +22,14 @@ from trainer.config import DataConfig
 from trainer.data import dali
 from trainer.data.decode import UnreadableImage
 from trainer.data.splits import DataInfo
-from trainer.data.transforms import ImageTransform, Preprocess, build_train_transform, resolve_hflip, resolve_scale
+from trainer.data.transforms import (
+    ImageTransform,
+    Preprocess,
+    build_train_transform,
+    resolve_hflip,
+    resolve_scale,
+    seeded,
+)
 
 
 class SkipUnreadable(Dataset):
@@ -80,26 +87,11 @@ class SeededBatches(torch.utils.data.Dataset):
         key = f"{self.seed}/{int(self.epoch)}/{','.join(map(str, indices))}".encode()
         self._batch_seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
         fetch = getattr(self.dataset, "__getitems__", None)
-        return _seeded(self._batch_seed, lambda: fetch(indices) if fetch else [self.dataset[i] for i in indices])
+        return seeded(self._batch_seed, lambda: fetch(indices) if fetch else [self.dataset[i] for i in indices])
 
     def collate(self, collate_fn, examples: list):
         """`collate_fn` under the seed of the batch just fetched (DataLoader collates right after fetching)."""
-        return _seeded(self._batch_seed + 1, lambda: collate_fn(examples))
-
-
-def _seeded(seed: int, fn):
-    py_state, np_state = random.getstate(), np.random.get_state()
-    # fork_rng restores the CPU generator afterwards: the training process's own stream (dropout, drop-path)
-    # stays untouched when batches load in-process (--workers 0).
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)  # CPU only: leave the CUDA generators alone
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return fn()
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        return seeded(self._batch_seed + 1, lambda: collate_fn(examples))
 
 
 def set_epoch(loader, epoch: int) -> None:
@@ -223,7 +215,7 @@ def build_eval_loader(
 
 
 def _seeded_collate(examples: list) -> tuple:
-    return _seeded(0, lambda: dali.collate(examples))  # evaluation draws nothing: a fixed seed keeps it repeatable
+    return seeded(0, lambda: dali.collate(examples))  # evaluation draws nothing: a fixed seed keeps it repeatable
 
 
 def prepare_loaders(accelerator, *loaders):

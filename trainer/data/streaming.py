@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import UnreadableImage
-from trainer.data.loaders import _seeded, _worker_options, build_eval_loader, num_workers
+from trainer.data.loaders import _worker_options, build_eval_loader, num_workers
 from trainer.data.sources import TRAIN_SPLITS, VAL_SPLITS, StreamSource, detect_columns, stream_source
 from trainer.data.splits import DataInfo, _guess_channels
-from trainer.data.transforms import Preprocess, build_train_transform
+from trainer.data.transforms import Preprocess, build_train_transform, seeded
 
 # set_epoch(epoch * PASSES + p) reshuffles the p-th re-read of a rank's stream within one epoch.
 PASSES = 1000
@@ -157,7 +157,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         for batch in range(index, self.steps, workers):
             key = f"{self.seed}/{epoch}/{self.rank}/{batch}".encode()
             seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-            yield _seeded(seed, lambda: self._batch(rows))
+            yield seeded(seed, lambda: self._batch(rows))
 
     def _rows(self, epoch: int):
         for n in itertools.count():

@@ -176,3 +176,26 @@ def build_train_transform(
         random_erase=cfg.random_erase,
         mixup=mixup,
     )
+
+
+def seeded(seed: int, fn, device: torch.device | None = None):
+    """`fn()` with Python, NumPy and the CPU generator (and `device`'s, when it is a CUDA device) seeded by `seed`;
+    every stream is restored afterwards, so the training process's own draws (dropout, drop-path) stay untouched
+    when batches load in-process (--workers 0) or augment on the device."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return fn()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
