@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run on a lent GPU machine, in under 8 minutes; figures as JSON.
 #
-#   bash bench/gpu_checks.sh [OUT_DIR]        # OUT_DIR defaults to $OUT (the device tool's) or ./gpu-out
+#   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT (the device tool's) or ./gpu-out
+#   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # here, without a GPU: every part tiny, to see none is broken
 #
 # Writes OUT_DIR/gpu_checks.json (the summary: machine, versions, each part's exit code and seconds) beside each
 # part's own JSON and log:
@@ -22,6 +23,8 @@
 # (timeout_s 540: the parts below sum to at most 440 s plus start-up).
 set -u
 cd "$(dirname "$0")/.."
+smoke=()
+if [ "${1:-}" = "--cpu-smoke" ]; then smoke=(--cpu-smoke); shift; fi
 out=${1:-${OUT:-gpu-out}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
@@ -43,8 +46,8 @@ part() {  # part NAME SECONDS COMMAND...: run one check under its own limit, not
   echo "== $name: exit $code after $((SECONDS - start)) s"
 }
 
-part gpu_pipeline 270 python3 bench/gpu_pipeline.py --out "$out/gpu_pipeline.json"
-part fsdp_memory 120 python3 bench/fsdp_memory.py --case-timeout 38 --out "$out/fsdp_memory.json"
+part gpu_pipeline 270 python3 bench/gpu_pipeline.py "${smoke[@]}" --out "$out/gpu_pipeline.json"
+part fsdp_memory 120 python3 bench/fsdp_memory.py "${smoke[@]}" --case-timeout 38 --out "$out/fsdp_memory.json"
 part gpu_tests 50 python3 -m pytest tests/gpu -q -p no:cacheprovider
 
 machine=$(python3 - <<'EOF'

@@ -45,6 +45,9 @@ def main(weights: str, out: str) -> None:
         with open(out, "w") as f:
             record = {"labels": preds.labels.tolist(), "predicted": preds.predicted.tolist()}
             json.dump({**metrics, **record, "world_size": accelerator.num_processes}, f)
+    # Collective: leave together, as `trainer val` does; a rank that tears the group down while rank 0 still writes
+    # can abort in gloo ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

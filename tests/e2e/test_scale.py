@@ -99,6 +99,9 @@ def test_slurm_script_on_two_loopback_nodes(reference: Path, workdir: Path):
         LAUNCH_CONFIG=str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),  # MULTI_GPU on CPU: gloo ranks
         MAIN_PORT=str(free_port()),
         MAX_RESTARTS="0",
+        # torchrun gives each of the reference's 2 local ranks one OpenMP thread; a launcher of one process per node
+        # leaves torch its default (here 2), and another thread count sums floats in another order: not bitwise.
+        OMP_NUM_THREADS="1",
         **slurm,
     )
     out = finish(proc)

@@ -129,6 +129,7 @@ def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys
     import onnxruntime as ort
 
     from trainer import data
+    from trainer.config import DataConfig
     from trainer.inference import load_model, read_weights
 
     weights = run_dir / "weights" / "best.safetensors"
@@ -141,7 +142,7 @@ def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys
     assert session.get_inputs()[0].shape == ["batch", 1, 16, 16]
     assert json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) == [str(i) for i in range(10)]
     trained = read_weights(weights)
-    splits, _ = data.load_splits(data.DataConfig(data="digits", imgsz=16))
+    splits, _ = data.load_splits(DataConfig(data="digits", imgsz=16))
     images, _ = next(iter(data.build_eval_loader(splits["val"], trained.pre, 48, workers=0, pin_memory=False)))
     with torch.no_grad():
         expected = load_model(trained)(images).numpy()
