@@ -66,16 +66,18 @@ def choose_loader(cfg: DataConfig, device_type: str) -> LoaderChoice:
         if cfg.loader == "dali":
             raise UserError("--loader dali does not read --streaming data yet; use --loader torch (or auto)")
         return LoaderChoice("torch", "auto: --streaming reads through the torch DataLoader")
-    missing = dali_missing()
     if cfg.loader == "dali":
+        missing = dali_missing()
         if missing:
             raise UserError(f"--loader dali needs NVIDIA DALI, which does not import ({missing}); {INSTALL}")
         return LoaderChoice("dali", "--loader dali")
+    # Importing DALI takes a second: only when auto could take it.
     if device_type != "cuda":
         return LoaderChoice("torch", "auto: no CUDA device (DALI's CPU path is for tests; --loader dali forces it)")
     if cfg.auto_augment:
         reason = f"auto: --auto-augment {cfg.auto_augment} has no DALI equivalent"
         return LoaderChoice("torch", reason, note=f"{reason}; loading with the torch DataLoader")
+    missing = dali_missing()
     if missing:
         return LoaderChoice("torch", f"auto: nvidia.dali not installed ({INSTALL})")
     return LoaderChoice("dali", "auto: CUDA device and nvidia.dali available")
