@@ -43,7 +43,9 @@ class FirstStep(Exception):
     pass
 
 def timed(owner, name, label):
-    fn = getattr(owner, name)
+    fn = getattr(owner, name, None)
+    if fn is None:  # an older tree (--baseline) without this step
+        return
     def wrapper(*args, **kwargs):
         out = fn(*args, **kwargs)
         mark(label)
@@ -55,8 +57,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from trainer import cli, engine, tracking
 marks[0] = (marks[0][0], time.perf_counter() - t0)
 timed(engine, "build_accelerator", "Accelerator")
+timed(engine, "size_kwargs", "model name and size check (imports timm)")
+timed(engine.data, "load_splits_in_turn", "dataset (imports datasets)")
 timed(engine.data, "load_splits", "dataset (imports datasets)")
-timed(engine, "build_model", "model (imports timm)")
+timed(engine, "build_model", "model")
 timed(engine.data, "build_dataloaders", "transforms and DataLoaders")
 timed(engine.optim, "build_scheduler", "prepare loaders, optimizer, schedule")
 timed(tracking.Reporter, "start", "prepare model, run folder, config.yaml, trackers")
