@@ -154,7 +154,7 @@ class Reporter:
             # The id ends every session's folder name, so one pattern uploads a resumed run's sessions in order.
             self.print(
                 f"wandb: no API key found, logging offline to {folder}; "
-                f"upload later with: wandb sync {folder}/offline-run-*-{run_id}"
+                f"upload later with: wandb sync {folder}/offline-run-*-{run_id}*"
             )
         tracker.store_init_configuration(flatten(self.record))
         # Validation charts default to epochs on the x-axis; the summary keeps the best, not the last, value.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,12 @@ def _offline_run_dirs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
+def _of_run(session: Path, run_id: str) -> bool:
+    """An offline session folder of run `run_id`: wandb names it offline-run-<time>-<id>, adding -1, -2, ... when
+    another session of the run started within the same second."""
+    return re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", session.name) is not None
+
+
 def test_resume_continues_the_stored_wandb_run_and_keeps_results(tmp_path, wandb_env, capsys):
     run_dir = tmp_path / "exp"
     (run_dir / "weights").mkdir(parents=True)
@@ -72,7 +79,7 @@ def test_resume_continues_the_stored_wandb_run_and_keeps_results(tmp_path, wandb
     # The best epoch ran before the resume: the reports come from the latest epoch, and say so.
     assert "per-class accuracy at epoch 2 (the best ran before the resume)" in capsys.readouterr().out
     runs = _offline_run_dirs(run_dir)
-    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
+    assert len(runs) == 2 and all(_of_run(p, run_id) for p in runs)
     with open(run_dir / "results.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == list(tracking.RESULTS_COLUMNS) and [r[0] for r in rows[1:]] == ["1", "2"]
@@ -99,9 +106,9 @@ def test_explicit_wandb_dir_is_honoured_and_resume_continues_the_run(tmp_path, w
         _one_epoch(reporter, epoch)
         reporter.finish(summary)
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
-    assert f"wandb sync {scratch / 'wandb'}/offline-run-*-{run_id}" in capsys.readouterr().out
+    assert f"wandb sync {scratch / 'wandb'}/offline-run-*-{run_id}*" in capsys.readouterr().out
     sessions = sorted((scratch / "wandb").glob("offline-run-*"))
-    assert [p.name.endswith(f"-{run_id}") for p in sessions] == [True, True]
+    assert [_of_run(p, run_id) for p in sessions] == [True, True], (run_id, [p.name for p in sessions])
     assert all((p / f"run-{run_id}.wandb").is_file() for p in sessions)
     assert not (run_dir / "wandb").exists()
 
