@@ -40,18 +40,14 @@ def accelerate_launch(config: Path, *args: str) -> list[str]:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
+    """`torchrun ... -m trainer ARGS`."""
+    return torchrun_script(nproc, "-m", "trainer", *args)
+
+
+def torchrun_script(nproc: int, *target: str) -> list[str]:
+    """`torchrun ... TARGET`: a script and its arguments, or `-m module ...`."""
     # --standalone picks a free rendezvous port, so leftover or parallel runs never collide.
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        "trainer",
-        *args,
-    ]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
 
 
 def results(run_dir: Path) -> list[dict[str, str]]:

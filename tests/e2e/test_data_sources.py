@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import check, config_of, results, run, torchrun, trainer
+from conftest import check, config_of, results, run, torchrun, torchrun_script, trainer
 from PIL import Image
 from safetensors import safe_open
 
@@ -75,17 +74,7 @@ def test_two_ranks_share_one_scan_of_a_folder(workdir: Path):
     script = str(Path(__file__).with_name("folder_ranks.py"))
     check(
         run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                script,
-                str(root),
-                str(workdir),
-            ],
+            torchrun_script(2, script, str(root), str(workdir)),
             workdir,
         )
     )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU_2PROC, accelerate_launch, check, config_of, results, run, torchrun, trainer
+from conftest import CPU_2PROC, accelerate_launch, check, config_of, results, run, torchrun, torchrun_script, trainer
 from PIL import Image
 from safetensors import safe_open
 from wandb_file import read_run
@@ -135,17 +135,7 @@ def test_two_rank_evaluation_equals_one_rank(workdir: Path):
     check(run([sys.executable, script, str(weights), "one.json"], workdir))
     check(
         run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                script,
-                str(weights),
-                "two.json",
-            ],
+            torchrun_script(2, script, str(weights), "two.json"),
             workdir,
         )
     )
