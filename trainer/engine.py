@@ -117,7 +117,8 @@ def check_launch(accelerator: Accelerator, resume_dir: Path | None = None) -> No
         )
 
     if accelerator.num_processes > 1:
-        newest = checkpoint_dirs(resume_dir)[-1].name if resume_dir is not None and checkpoint_dirs(resume_dir) else ""
+        found = checkpoint_dirs(resume_dir) if resume_dir is not None else []
+        newest = found[-1].name if found else ""
         seen = {
             "rank": accelerator.process_index,
             "host": socket.gethostname(),
