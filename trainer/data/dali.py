@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from trainer.config import DataConfig, UserError
-from trainer.data.decode import EXIF_ORIENTATION, UnreadableImage, decode_image
+from trainer.data.decode import EXIF_ORIENTATION, NEIGHBOUR_STRIDE, UnreadableImage, decode_image
 from trainer.data.transforms import Preprocess, seeded
 
 INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 drivers)"
@@ -35,7 +35,6 @@ INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-da
 # seen to crash the training process a few batches later.)
 NATIVE_FORMATS = frozenset({"JPEG"})
 NATIVE_MODES = {"RGB": frozenset({"L", "RGB", "RGBA", "P"}), "L": frozenset({"L"})}
-NEIGHBOUR_STRIDE = 7919  # as SkipUnreadable: the same neighbour replaces an unreadable image on both paths
 RATIO = (3 / 4, 4 / 3)  # timm's RandomResizedCrop aspect range, as create_transform uses it
 
 

@@ -12,6 +12,9 @@ import numpy as np
 # PIL modes of one-channel images: such data trains 1-channel models.
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; 1 is upright
+# An image that fails to decode mid-run is replaced by the one this many places on (wrapping): the same neighbour
+# on every loader path, so the torch and DALI paths stay interchangeable.
+NEIGHBOUR_STRIDE = 7919
 
 
 class UnreadableImage(Exception):

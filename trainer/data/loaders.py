@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig
 from trainer.data import dali
-from trainer.data.decode import UnreadableImage
+from trainer.data.decode import NEIGHBOUR_STRIDE, UnreadableImage
 from trainer.data.splits import DataInfo
 from trainer.data.transforms import (
     ImageTransform,
@@ -51,7 +51,7 @@ class SkipUnreadable(Dataset):
     def __getitem__(self, index: int) -> dict:
         for attempt in range(self.retries):
             try:
-                return self.dataset[(index + attempt * 7919) % len(self.dataset)]
+                return self.dataset[(index + attempt * NEIGHBOUR_STRIDE) % len(self.dataset)]
             except UnreadableImage as e:
                 if e.path not in self.warned:
                     self.warned.add(e.path)
