@@ -190,11 +190,12 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     # A misspelt --model or a size it cannot take fails before minutes of data preparation (classes and channels
     # do not change whether a size fits).
     size_kwargs(cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz)
-    loader = data.choose_loader(cfg.data, accelerator.device.type)  # --loader dali without DALI: refused up front
-    if loader.note:
-        reporter.print_once(loader.note)
+    backend = data.choose_backend(cfg.data, accelerator.device.type)  # --loader dali without DALI: refused up front
+    if backend.note:
+        reporter.print_once(backend.note)
 
-    splits, info = data.load_splits_in_turn(accelerator, cfg.data)  # Collective: every rank
+    dataset = data.load_data(accelerator, cfg.data)  # Collective: every rank
+    info = dataset.info
     if info.skipped:
         reporter.print(data.unreadable_warning(info))
     if info.train_size < per_device_batch_size * world:
@@ -214,21 +215,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
             f"FSDP: {cfg.model.model} has no blocks to shard one by one; it is one unit, gathered whole"
         )
     pre = data.resolve_preprocess(cfg.data, model, in_chans)
-    train_loader, val_loader = data.build_dataloaders(
-        splits,
-        info,
-        cfg.data,
-        pre,
-        per_device_batch_size,
-        seed=cfg.train.seed,
-        rank=accelerator.process_index,
-        local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-        pin_memory=accelerator.device.type == "cuda",
-        loader=loader.name,
-    )
-    # Loaders first: the schedule's length comes from this rank's shard of the data. (accelerator.prepare, with
-    # a DALI loader's decoding stage put back around its prepared DataLoader.)
-    train_loader, val_loader = data.prepare_loaders(accelerator, train_loader, val_loader)
+    # Loaders first, already sharded: the schedule's length comes from this rank's shard of the data.
+    spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
+    train_loader, val_loader = data.build_loaders(accelerator, dataset, cfg.data, spec, per_device_batch_size)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     optimizer = optim.build_optimizer(cfg.optim, model)
     scheduler = optim.build_scheduler(cfg.optim, optimizer, steps_per_epoch, cfg.train.epochs)
@@ -262,7 +251,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     record = run_record(
         cfg, accelerator, model, optimizer, train_loader, info, pre, per_device_batch_size, steps_per_epoch, sync_bn
     )
-    record["launch"] |= {"loader": loader.name, "loader_reason": loader.reason}
+    record["launch"] |= {"loader": backend.name, "loader_reason": backend.reason}
     reporter.start(run_dir, record, cfg.run, resume=resume_dir is not None)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
@@ -298,7 +287,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
     if state.skipped_steps:
         summary["train/skipped_steps"] = state.skipped_steps
-    reporter.finish(summary, val_split=splits["val"])
+    reporter.finish(summary, val_split=dataset.val)
     return summary
 
 
@@ -364,7 +353,7 @@ def fit(
     Returns (best top-1, its epoch)."""
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        data.set_epoch(train_loader, epoch)
+        train_loader.set_epoch(epoch)
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
         stats = train_one_epoch(
             accelerator, model, optimizer, scheduler, train_loader, cfg, state, reporter, checkpointer, ema=ema
@@ -419,10 +408,11 @@ def train_one_epoch(
     seen = torch.tensor(state.seen, device=accelerator.device)
     trained = torch.zeros((), device=accelerator.device)  # images this session, for img/s
     if state.batches_in_epoch:
-        loader = data.skip_first_batches(accelerator, loader, state.batches_in_epoch)
+        loader = loader.skip(accelerator, state.batches_in_epoch)
     nonfinite = torch.zeros((), device=accelerator.device)
     stop = False
-    for images, labels in loader:
+    for batch in loader:
+        images, labels = batch.images, batch.labels
         with accelerator.accumulate(model):
             logits = model(images)
             # labels are class indices, or class probabilities when --mixup/--cutmix mixed the batch
@@ -472,7 +462,8 @@ def evaluate(accelerator, model, loader, num_classes: int) -> tuple[dict[str, fl
     model.eval()
     k = min(5, num_classes)
     parts: list[tuple[torch.Tensor, ...]] = []
-    for images, labels in loader:
+    for batch in loader:
+        images, labels = batch.images, batch.labels
         with accelerator.autocast():  # the EMA copy is not prepared, so it has no autocast of its own
             logits = model(images).float()
         loss = F.cross_entropy(logits, labels, reduction="none")

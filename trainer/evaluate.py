@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,24 +41,18 @@ def validate(
     # Evaluation augments nothing: a run trained with --auto-augment evaluates through DALI too.
     data_cfg = replace(data_cfg, workers=workers, loader=loader, auto_augment="")
     accelerator = build_accelerator(Config(data=data_cfg, run=RunConfig(tracker="none")))
-    choice = data.choose_loader(data_cfg, accelerator.device.type)
-    splits, info = data.load_splits_in_turn(accelerator, data_cfg)  # Collective: every rank
+    backend = data.choose_backend(data_cfg, accelerator.device.type)
+    dataset = data.load_data(accelerator, data_cfg)  # Collective: every rank
+    info = dataset.info
     check_classes(trained, info.class_names, data_cfg.data)
-    if split not in splits:
-        raise UserError(f"--split {split}: {info.source} has splits {', '.join(splits)}")
-    if not hasattr(splits[split], "__len__"):  # a --streaming run's training split is a stream
+    if split not in dataset.splits:
+        raise UserError(f"--split {split}: {info.source} has splits {', '.join(dataset.splits)}")
+    if not hasattr(dataset.splits[split], "__len__"):  # a --streaming run's training split is a stream
         raise UserError(f"--split {split}: {info.source} streams its {split} split; evaluate --split val")
     world = accelerator.num_processes
-    batches = data.build_eval_loader(
-        splits[split],
-        trained.pre,
-        math.ceil(batch_size / world),
-        workers=data.num_workers(data_cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
-        pin_memory=accelerator.device.type == "cuda",
-        loader=choice.name,
-    )
+    spec = data.loader_spec(data_cfg, backend, trained.pre)
+    batches = data.eval_loader(accelerator, dataset.splits[split], spec, math.ceil(batch_size / world))  # sharded
     model = accelerator.prepare(load_model(trained))
-    batches = data.prepare_loaders(accelerator, batches)
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
     metrics, preds = evaluate(accelerator, model, batches, trained.num_classes)
     # Every rank: the main process picks and creates the folder, then broadcasts its name.
@@ -72,7 +65,7 @@ def validate(
         "data": info.source,
         "split": split,
         "num_processes": world,
-        "loader": choice.name,
+        "loader": backend.name,
     }
     if accelerator.is_main_process:
         write_report(run_dir, summary, preds, trained.class_names, trained.describe())

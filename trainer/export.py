@@ -106,8 +106,8 @@ def check_inputs(trained: TrainedWeights, data_name: str | None, count: int) -> 
     splits, info = data.load_splits(cfg)
     check_classes(trained, info.class_names, cfg.data)
     val = splits["val"].select(range(min(count, len(splits["val"]))))
-    loader = data.build_eval_loader(val, pre, len(val), workers=0, pin_memory=False)
-    images, _ = next(iter(loader))
+    spec = data.LoaderSpec(data.Backend("torch", "export's check"), pre, workers=0)
+    images = next(iter(data.eval_loader(None, val, spec, len(val)))).images
     return images, f"validation images of {info.source}"
 
 

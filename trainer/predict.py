@@ -1,7 +1,7 @@
 """`trainer predict`: top-k classes with probabilities for image files, folders and globs, batched.
 
-Images are preprocessed by `data.ImageTransform` exactly as in validation. A file that cannot be read is listed
-with the reason and skipped; the run goes on.
+Images come through the data pipeline's `files_loader`, preprocessed exactly as in validation by either backend. A
+file that cannot be read is listed with the reason and skipped; the run goes on.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from trainer import data
 from trainer.checkpoint import increment_path
 from trainer.config import DataConfig, UserError
+from trainer.data.decode import IMAGE_EXTENSIONS
 from trainer.inference import load_model, read_weights
 
-IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 PRINTED_ROWS = 30  # the table on screen; the files hold every image
 
 
@@ -47,7 +46,7 @@ def find_images(sources: list[str]) -> tuple[list[Path], list[Prediction]]:
             found += _images_under(path)
         elif any(c in source for c in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(source, recursive=True))]
-            found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_EXTENSIONS]
             for folder in (m for m in matches if m.is_dir()):
                 found += _images_under(folder)
             if not matches:
@@ -58,32 +57,7 @@ def find_images(sources: list[str]) -> tuple[list[Path], list[Prediction]]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-class ImageFiles(Dataset):
-    """Decoded, preprocessed images; an unreadable file yields its error instead of a tensor."""
-
-    def __init__(self, paths: list[Path], transform: data.ImageTransform):
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        from PIL import Image, ImageOps
-
-        try:
-            with Image.open(self.paths[index]) as img:
-                img = ImageOps.exif_transpose(img)  # as HF datasets decodes training images: upright
-                return index, self.transform({"image": [img], "label": [0]})["image"][0], ""
-        except Exception as e:  # any decoder failure (truncated, not an image, bomb) means "unreadable"
-            return index, None, f"{type(e).__name__}: {e}".split("\n")[0]
-
-
-def _as_list(items: list) -> list:
-    return items  # unreadable files have no tensor: stack the good ones in the loop
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @torch.no_grad()
@@ -114,32 +88,19 @@ def predict(
     model = accelerator.prepare_model(load_model(trained), evaluation_mode=True)  # device + launcher's precision
     k = min(topk, trained.num_classes)
     workers = data.num_workers(DataConfig(workers=workers), 1)
+    device = accelerator.device
     start = time.time()
     results: list[Prediction] = []
-    if data.choose_loader(DataConfig(loader=loader), accelerator.device.type).name == "dali":
-        batches, unreadable = _dali_batches(paths, trained, batch_size, workers, accelerator.device)
-        for images, indices in batches:
-            probs, classes = model(images).float().softmax(dim=1).topk(k, dim=1)
-            for i, p, c in zip(indices.tolist(), probs.tolist(), classes.tolist(), strict=True):
-                results.append(Prediction(str(paths[i]), [trained.class_names[j] for j in c], c, p))
-        unreadable += [Prediction(path, error=reason) for path, reason in batches.failed.items()]
-        results += unreadable
-        torch_batches = None
-    else:
-        torch_batches = DataLoader(
-            ImageFiles(paths, data.ImageTransform(trained.pre, False, 0.0, (1.0, 1.0))),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=_as_list,
-        )
-    for batch in torch_batches or ():
-        good = [(i, x) for i, x, _ in batch if x is not None]
-        results += [Prediction(str(paths[i]), error=err) for i, x, err in batch if x is None]
-        if not good:
+    backend = data.choose_backend(DataConfig(loader=loader), accelerator.device.type)
+    batches, unreadable = data.files_loader(paths, data.LoaderSpec(backend, trained.pre, workers), batch_size, device)
+    results += [Prediction(path, error=reason) for path, reason in unreadable.items()]
+    for batch in batches:
+        results += [Prediction(path, error=reason) for path, reason in batch.failed.items()]
+        if not len(batch):
             continue
-        images = torch.stack([x for _, x in good]).to(accelerator.device)
-        probs, indices = model(images).float().softmax(dim=1).topk(k, dim=1)
-        for (i, _), p, c in zip(good, probs.tolist(), indices.tolist(), strict=True):
+        # labels: the files' positions in `paths`
+        probs, classes = model(batch.images.to(device)).float().softmax(dim=1).topk(k, dim=1)
+        for i, p, c in zip(batch.labels.tolist(), probs.tolist(), classes.tolist(), strict=True):
             results.append(Prediction(str(paths[i]), [trained.class_names[j] for j in c], c, p))
     seconds = time.time() - start
     order = {str(p): n for n, p in enumerate(paths)}
@@ -161,51 +122,6 @@ def predict(
         f"({done / max(seconds, 1e-9):.0f} img/s on {accelerator.device.type}). Results saved to {run_dir}"
     )
     return run_dir, results
-
-
-class _Files(torch.utils.data.Dataset):
-    """Image paths -> DALI examples (encoded bytes, the eval window of the upright image); label: the file's index."""
-
-    def __init__(self, paths: list[Path], indices: list[int], examples):
-        self.paths, self.indices, self.examples = paths, indices, examples
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k: int) -> dict:
-        i = self.indices[k]
-        try:
-            row = self.examples({"image": [str(self.paths[i])], "label": [i]})
-        except data.UnreadableImage as e:  # the header read, the pixels did not (decoded by PIL: not a JPEG)
-            return {"path": e.path, "error": str(e).removeprefix(f"{e.path} (").removesuffix(")")}
-        return {key: values[0] for key, values in row.items()} | {"index": k}
-
-
-def _collate_files(rows: list[dict]) -> tuple:
-    """A DALI batch of the readable files, and {path: error} of the others (DaliLoader lists them as failed)."""
-    from trainer.data import dali
-
-    good = [r for r in rows if "error" not in r]
-    failed = {r["path"]: r["error"] for r in rows if "error" in r}
-    return (*dali.collate(good), failed) if good else ([], None, None, None, None, [], 0, failed)
-
-
-def _dali_batches(paths: list[Path], trained, batch_size: int, workers: int, device):
-    """A DALI loader over the files whose header reads (the others come back as failed predictions)."""
-    from trainer.data import dali
-    from trainer.data.folders import check_image
-
-    readable, unreadable = [], []
-    for i, path in enumerate(paths):
-        mode, reason = check_image(str(path))
-        if mode is None:
-            unreadable.append(Prediction(str(path), error=reason))
-        else:
-            readable.append(i)
-    files = _Files(paths, readable, dali.DaliExamples(trained.pre, False, upright=True))
-    batches = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate_files)
-    spec = dali.PipelineSpec(batch_size, trained.pre, max(1, workers), upright=True)
-    return dali.DaliLoader(batches, spec, None, device=device), unreadable
 
 
 def print_table(results: list[Prediction], k: int) -> None:

@@ -70,31 +70,31 @@ def first_batches(cfg: DataConfig, loader: str, count: int = 2) -> dict:
     accelerator = Accelerator(
         cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=SEED)
     )
-    splits, info = data.load_splits(cfg)
-    train, val = data.build_dataloaders(
-        splits, info, cfg, PRE, BATCH, seed=SEED, rank=0, local_processes=1, pin_memory=False, loader=loader
-    )
-    train, val = data.prepare_loaders(accelerator, train, val)
-    data.set_epoch(train, 1)
+    dataset = data.Data(*data.load_splits(cfg))
+    spec = data.loader_spec(cfg, data.Backend(loader, "test"), PRE, seed=SEED)
+    train, val = data.build_loaders(accelerator, dataset, cfg, spec, BATCH)
+    train.set_epoch(1)
     batches = []
     if loader == "dali":  # the workers' side too: which samples, which windows, which flips
-        inner = iter(train.loader)
+        inner = iter(train.batches)
         for _ in range(count):
-            _encoded, windows, flips, _labels, indices, _paths, _seed = next(inner)
-            batches.append({"indices": indices.tolist(), "windows": _sha(windows), "flips": flips.tolist()})
-        data.set_epoch(train, 1)
+            encoded = next(inner)
+            batches.append(
+                {"indices": encoded.indices.tolist(), "windows": _sha(encoded.windows), "flips": encoded.flips.tolist()}
+            )
+        train.set_epoch(1)
     elif not cfg.streaming:
-        sampler = list(iter(train.batch_sampler))[:count]
+        sampler = list(iter(train.batches.batch_sampler))[:count]
         batches = [{"indices": [int(i) for i in b]} for b in sampler]
-    for n, (images, labels) in enumerate(train):
+    for n, batch in enumerate(train):
         if n == count:
             break
         if n < len(batches):
-            batches[n] |= _fingerprint(images, labels)
+            batches[n] |= _fingerprint(batch.images, batch.labels)
         else:
-            batches.append(_fingerprint(images, labels))
-    images, labels = next(iter(val))
-    return {"train": batches, "val": _fingerprint(images, labels), "train_size": info.train_size}
+            batches.append(_fingerprint(batch.images, batch.labels))
+    batch = next(iter(val))
+    return {"train": batches, "val": _fingerprint(batch.images, batch.labels), "train_size": dataset.info.train_size}
 
 
 def _cases(folder: Path, tmp: Path) -> dict:

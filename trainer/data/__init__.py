@@ -1,68 +1,107 @@
-"""The data side of a run. Each module owns one question:
+"""The data side of a run: one pipeline, each step one module's job, imports running down it.
 
-- `sources`: where images come from (built-in sets, folders, save_to_disk folders, Parquet/Arrow, hub ids);
-- `folders`: how an image folder is scanned and its files checked up front;
-- `splits`: train/validation splits, the class checks, and what the run learns about the data (`DataInfo`);
-- `decode`: how a stored image is decoded (PIL) - the one place an image becomes pixels on the torch path;
-- `transforms`: how a decoded image is augmented and normalised (`ImageTransform`, `Preprocess`);
-- `dali`: the second input path (`--loader dali`): workers hand encoded bytes and crop windows to a DALI pipeline;
-- `loaders`: how batches reach a rank (seeded batches, DataLoaders; `accelerator.prepare` decides each rank's shard);
-- `streaming`: --streaming: a stream split by rank, the same step count on every rank (reached from `splits` and
-  `loaders` by a lazy import);
-- `convert`: `trainer data convert`: any source to WebDataset or Parquet shards.
+    source -> splits -> samples -> decode -> backend -> loader -> rank shard
 
-Imports flow one way: loaders -> dali -> transforms -> splits -> sources -> folders -> decode.
+- `sources` (map-style: built-ins, folders via `folders`, save_to_disk, Parquet/Arrow, hub ids; the split names) and
+  `streams` (--streaming: WebDataset/Parquet shards or hub ids, never materialised): where images come from;
+- `splits`: train/validation splits of either kind, the class checks, and what the run learns (`DataInfo`);
+- `samples`: which examples make a batch under which seed (`batch_seed`), and what replaces an unreadable image
+  (`Replacement`): one policy, one warning;
+- `decode`: the one place an image's encoded bytes and header are read and where it is decoded;
+- `transforms` (the augmentation in force, `Preprocess`, the torch backend's transform) and `dali` (the DALI
+  backend), behind `backends` (`Backend`: per-sample work, collate, in-process stage; `choose_backend`);
+- `batch`: what loaders yield (`Batch`; `EncodedBatch` between DALI's halves);
+- `loaders`: every loader of a run (`train_loader`, `eval_loader`, `files_loader`) as a `Loader`;
+- `shard`: which data each rank sees, for map-style data and streams alike;
+- `convert`: `trainer data convert` (any source to WebDataset or Parquet shards).
+
+The engine asks this package for two things: the data (`load_data`: splits + what the model needs to know) and the
+loaders (`build_loaders`), already sharded.
 """
 
-from trainer.data.dali import LoaderChoice, choose_loader
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from trainer.config import DataConfig
+from trainer.data.backends import Backend, choose_backend
+from trainer.data.batch import Batch
 from trainer.data.decode import UnreadableImage, decode_image
-from trainer.data.loaders import (
-    SeededBatches,
-    SkipUnreadable,
-    build_dataloaders,
-    build_eval_loader,
-    num_workers,
-    prepare_loaders,
-    set_epoch,
-    skip_first_batches,
-)
+from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
 from trainer.data.sources import BUILTIN
 from trainer.data.splits import DataInfo, load_splits, load_splits_in_turn, unreadable_warning
 from trainer.data.transforms import (
     ImageTransform,
     Preprocess,
-    build_train_transform,
     dataset_record,
     describe_augmentation,
-    resolve_hflip,
+    resolve_augment,
     resolve_preprocess,
-    resolve_scale,
 )
+
+
+@dataclass(frozen=True)
+class Data:
+    """A run's data: its splits (`train` map-style or a stream, `val` map-style) and what it learned of them."""
+
+    splits: dict
+    info: DataInfo
+
+    @property
+    def train(self):
+        return self.splits["train"]
+
+    @property
+    def val(self):
+        return self.splits["val"]
+
+
+def load_data(accelerator, cfg: DataConfig) -> Data:
+    """The data `cfg` names, loaded on every rank in turn (the main process fills the caches first)."""
+    # Collective: the barriers of main_process_first/local_main_process_first inside; every rank calls it.
+    return Data(*load_splits_in_turn(accelerator, cfg))
+
+
+def build_loaders(accelerator, data: Data, cfg: DataConfig, spec: LoaderSpec, per_device_batch_size: int):
+    """(train, val) Loaders of this rank, already sharded: the training split shuffled and augmented (steps per epoch
+    equal on every rank, streams included), validation unshuffled at twice the batch."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    augment = resolve_augment(cfg, data.info, per_device_batch_size)
+    steps = data.info.train_size // (world * per_device_batch_size)
+    train = train_loader(accelerator, data.train, spec, augment, per_device_batch_size, steps=steps)
+    val = eval_loader(accelerator, data.val, spec, per_device_batch_size * 2)
+    return train, val
+
+
+def loader_spec(cfg: DataConfig, backend: Backend, pre: Preprocess, *, seed: int = 0) -> LoaderSpec:
+    """What every loader of a run shares, from the data flags: backend, geometry, workers per rank, seed."""
+    workers = num_workers(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return LoaderSpec(backend, pre, workers, seed, cfg.shuffle_buffer)
+
 
 __all__ = [
     "BUILTIN",
+    "Backend",
+    "Batch",
+    "Data",
     "DataInfo",
     "ImageTransform",
-    "LoaderChoice",
+    "Loader",
+    "LoaderSpec",
     "Preprocess",
-    "SeededBatches",
-    "SkipUnreadable",
     "UnreadableImage",
-    "build_dataloaders",
-    "build_eval_loader",
-    "build_train_transform",
-    "choose_loader",
+    "build_loaders",
+    "choose_backend",
     "dataset_record",
     "decode_image",
     "describe_augmentation",
+    "eval_loader",
+    "files_loader",
+    "load_data",
     "load_splits",
-    "load_splits_in_turn",
+    "loader_spec",
     "num_workers",
-    "prepare_loaders",
-    "resolve_hflip",
     "resolve_preprocess",
-    "resolve_scale",
-    "set_epoch",
-    "skip_first_batches",
     "unreadable_warning",
 ]

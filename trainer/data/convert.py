@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 from trainer.config import DataConfig, UserError
-from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.decode import UnreadableImage, decode_image, read_encoded
 from trainer.data.sources import INFO_FILE, load_source
 
 FORMATS = ("webdataset", "parquet")
@@ -103,10 +103,8 @@ def _shards(sizes: list[int], max_samples: int, max_bytes: int) -> list[range]:
 
 
 def _image_bytes(value) -> bytes:
-    if value.get("bytes") is not None:
-        return value["bytes"]
-    with open(value["path"], "rb") as f:
-        return f.read()
+    data, _ = read_encoded(value)
+    return data
 
 
 def _image_size(value) -> int:

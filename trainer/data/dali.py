@@ -7,79 +7,43 @@ decoding), resizes it to --imgsz, flips and normalises: on the GPU with the "mix
 on the CPU elsewhere. So the torch DataLoader, accelerate's sharding, the per-batch seeds and `skip_first_batches`
 stay as they are, and a resumed run needs nothing new: the pipeline holds no state.
 
-`DaliLoader` wraps a loader AFTER `accelerator.prepare`: prepare rebuilds DataLoaders and drops subclasses
-(accelerate#3322) and cannot prepare DALI iterators (accelerate#2975).
+The backend has two halves: `DaliExamples` + `collate` in the DataLoader workers (bytes, windows, flips: an
+`EncodedBatch`), and `DaliStage` in the training process (decode, then mixup and erasing on the device: a `Batch`).
+The stage runs AFTER the loader is sharded (`loaders.Loader`): accelerate's prepare rebuilds DataLoaders and drops
+subclasses (accelerate#3322) and cannot prepare DALI iterators (accelerate#2975). Which backend a run uses is
+decided in data/backends.py.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import random
-import sys
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from trainer.config import DataConfig, UserError
-from trainer.data.decode import EXIF_ORIENTATION, NEIGHBOUR_STRIDE, UnreadableImage, decode_image
-from trainer.data.transforms import Preprocess, seeded
+from trainer.data.batch import Batch, EncodedBatch, Failed
+from trainer.data.decode import (
+    EXIF_ORIENTATION,
+    UnreadableImage,
+    decode_image,
+    jpeg_header_intact,
+    open_header,
+    read_encoded,
+)
+from trainer.data.samples import Replacement, seeded
+from trainer.data.transforms import Preprocess
 
-INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 drivers)"
 # Handed to DALI as stored: JPEG, where ROI decoding and the GPU's JPEG decoders pay. Anything else (PNG, WebP, CMYK,
 # 16-bit, GIF, raw arrays) is decoded by PIL in the workers exactly as on the torch path and handed over as PNM, which
-# DALI reads without decoding work; a file PIL cannot decode is replaced by its neighbour there (SkipUnreadable).
+# DALI reads without decoding work; a file PIL cannot decode is replaced there (samples.Replacement).
 # (DALI also decodes PNG, WebP and BMP as PIL does, but a decode error inside DALI 2.4 stops its pipeline and was
 # seen to crash the training process a few batches later.)
 NATIVE_FORMATS = frozenset({"JPEG"})
 NATIVE_MODES = {"RGB": frozenset({"L", "RGB", "RGBA", "P"}), "L": frozenset({"L"})}
 RATIO = (3 / 4, 4 / 3)  # timm's RandomResizedCrop aspect range, as create_transform uses it
-
-
-@dataclass(frozen=True)
-class LoaderChoice:
-    """The loader a run uses, and why (recorded in config.yaml; `note` is said once on the console)."""
-
-    name: str
-    reason: str
-    note: str = ""
-
-
-def dali_missing() -> str:
-    """Why `nvidia.dali` cannot be used here ("" when it imports)."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
-        return f"{type(e).__name__}: {e}"
-    return ""
-
-
-def choose_loader(cfg: DataConfig, device_type: str) -> LoaderChoice:
-    """--loader torch|dali|auto -> the loader used. `auto` takes DALI only with CUDA, DALI installed and an
-    augmentation DALI can reproduce; `dali` without DALI installed is refused."""
-    if cfg.loader == "torch":
-        return LoaderChoice("torch", "--loader torch")
-    if cfg.streaming:  # a stream's batches come from data/streaming.py's own DataLoader, which feeds no DALI stage
-        if cfg.loader == "dali":
-            raise UserError("--loader dali does not read --streaming data yet; use --loader torch (or auto)")
-        return LoaderChoice("torch", "auto: --streaming reads through the torch DataLoader")
-    if cfg.loader == "dali":
-        missing = dali_missing()
-        if missing:
-            raise UserError(f"--loader dali needs NVIDIA DALI, which does not import ({missing}); {INSTALL}")
-        return LoaderChoice("dali", "--loader dali")
-    # Importing DALI takes a second: only when auto could take it.
-    if device_type != "cuda":
-        return LoaderChoice("torch", "auto: no CUDA device (DALI's CPU path is for tests; --loader dali forces it)")
-    if cfg.auto_augment:
-        reason = f"auto: --auto-augment {cfg.auto_augment} has no DALI equivalent"
-        return LoaderChoice("torch", reason, note=f"{reason}; loading with the torch DataLoader")
-    missing = dali_missing()
-    if missing:
-        return LoaderChoice("torch", f"auto: nvidia.dali not installed ({INSTALL})")
-    return LoaderChoice("dali", "auto: CUDA device and nvidia.dali available")
 
 
 # --- DataLoader workers: bytes, windows, flips; no pixels -------------------------------------------------------
@@ -121,31 +85,15 @@ class DaliExamples:
     def encoded(self, value) -> tuple[np.ndarray, object, str]:
         """(bytes DALI decodes to what `decode_image(value).convert(mode)` gives, the PIL image (perhaps only its
         header read), path)."""
-        from PIL import Image
-
-        data, path = None, "<embedded bytes>"
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path") or path
-        elif isinstance(value, str):
-            path = value
-        elif isinstance(value, bytes):
-            data = value
-        if data is None and path != "<embedded bytes>" and not isinstance(value, Image.Image):
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise UnreadableImage(path, f"{type(e).__name__}: {e}") from e
+        data, path = read_encoded(value)
         if data is not None:
-            try:
-                img = Image.open(io.BytesIO(data))  # the header only
-            except Exception as e:  # PIL raises many types for a broken header
-                raise UnreadableImage(path, f"{type(e).__name__}: {e}".split("\n")[0]) from e
+            img = open_header(data, path)
             native = img.format in NATIVE_FORMATS and img.mode in NATIVE_MODES[self.mode]
             # A rotated photo (EXIF orientation) is turned upright by decode_image, as on the torch path: PIL here.
             # (Read for JPEGs only, where EXIF sits in the header: PIL finds a PNG's by reading the whole file.)
             upright = img.format != "JPEG" or img.getexif().get(EXIF_ORIENTATION, 1) == 1
-            if native and upright and (img.format != "JPEG" or not bad_jpeg_markers(data)):
+            # A JPEG whose header segments do not chain would stop DALI's pipeline: PIL decodes it (or it is replaced).
+            if native and upright and (img.format != "JPEG" or jpeg_header_intact(data)):
                 return np.frombuffer(data, dtype=np.uint8), img, path
         pixels = decode_image(value if data is None else {"bytes": data, "path": path})
         if self.upright:
@@ -174,62 +122,28 @@ class DaliExamples:
         return np.array([left * sx, top * sy, self.pre.imgsz * sx, self.pre.imgsz * sy], dtype=np.float32)
 
 
-def bad_jpeg_markers(encoded: bytes) -> bool:
-    """True when a JPEG's marker segments do not chain from its start to the start of its scan: DALI stops the
-    pipeline on those ("Invalid marker"), and a decode error inside DALI 2.4 was seen to crash the training process
-    a few batches later (SIGSEGV). Such files take the PIL path instead: decoded there if PIL can, else replaced by
-    a neighbour as on the torch path. Reads only the headers (microseconds)."""
-    pos, size = 2, len(encoded)
-    while pos + 4 <= size:
-        if encoded[pos] != 0xFF:
-            return True
-        marker = encoded[pos + 1]
-        if marker == 0xDA:  # start of scan: every header segment was where its predecessor said
-            return False
-        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # fill byte, markers without a length
-            pos += 1 if marker == 0xFF else 2
-        elif marker < 0xC0:
-            return True
-        else:
-            pos += 2 + (encoded[pos + 2] << 8 | encoded[pos + 3])
-    return True
-
-
 def _pnm(pixels: np.ndarray) -> np.ndarray:
     height, width = pixels.shape[:2]
     header = f"{'P6' if pixels.ndim == 3 else 'P5'}\n{width} {height}\n255\n".encode()
     return np.frombuffer(header + np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), dtype=np.uint8)
 
 
-class Indexed(torch.utils.data.Dataset):
-    """Adds each example's dataset index, so the training process can fetch a neighbour for a file DALI rejects."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "index": index}
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        return [{**row, "index": i} for row, i in zip(self.dataset.__getitems__(indices), indices, strict=True)]
-
-
-def collate(examples: list[dict]) -> tuple:
-    """A DALI batch: (encoded bytes, windows (B, 4), flips (B,), labels, indices, paths, the batch's device seed).
+def collate(examples: list) -> EncodedBatch:
+    """An EncodedBatch of worker examples (those that failed and were not replaced go to `failed`).
 
     Runs under the batch's seed (SeededBatches.collate): the seed drawn here drives mixup/cutmix and random erasing
     on the device, so they repeat exactly as on the torch path."""
-    return (
-        [e["encoded"] for e in examples],
-        np.stack([e["window"] for e in examples]),
-        np.array([e["flip"] for e in examples], dtype=np.int32),
-        torch.tensor([e["label"] for e in examples], dtype=torch.long),
-        np.array([e["index"] for e in examples], dtype=np.int64),
-        [e["path"] for e in examples],
-        random.getrandbits(62),
+    failed = {e.path: e.reason for e in examples if isinstance(e, Failed)}
+    examples = [e for e in examples if not isinstance(e, Failed)]
+    return EncodedBatch(
+        encoded=[e["encoded"] for e in examples],
+        windows=np.stack([e["window"] for e in examples]) if examples else np.zeros((0, 4), np.float32),
+        flips=np.array([e["flip"] for e in examples], dtype=np.int32),
+        labels=torch.tensor([e["label"] for e in examples], dtype=torch.long),
+        indices=np.array([e["index"] for e in examples], dtype=np.int64),
+        paths=[e["path"] for e in examples],
+        seed=random.getrandbits(62),
+        failed=failed,
     )
 
 
@@ -248,71 +162,52 @@ class PipelineSpec:
     upright: bool = False  # apply EXIF orientation (trainer predict)
 
 
-class DaliLoader:
-    """A prepared loader of DALI batches, decoded per batch: iterates it, delegates everything else to it.
+class DaliStage:
+    """The DALI backend's work in the training process: EncodedBatches in, decoded `Batch`es out, on `device`.
 
     `mixup` (timm Mixup) and `random_erase` run on the decoded batch, on its device, under the batch's seed.
-    `dataset` (the `Indexed` dataset behind the loader, kept as `samples`) serves neighbours for files that fail
-    inside DALI; without one (trainer predict) such files are left out of their batch and listed in `failed`.
+    `samples` (the `Indexed` dataset the workers read) serves replacements for files that fail inside DALI, by the
+    one `Replacement` policy; without it (trainer predict) such files are left out and listed in `Batch.failed`.
     """
 
-    def __init__(self, loader, spec: PipelineSpec, dataset, *, mixup=None, random_erase: float = 0.0, device=None):
-        self.loader, self.spec, self.samples = loader, spec, dataset
+    def __init__(self, spec: PipelineSpec, samples=None, *, mixup=None, random_erase: float = 0.0, device=None):
+        self.spec, self.samples = spec, samples
         self.mixup, self.random_erase = mixup, random_erase
         self.device = torch.device(device or "cpu")
-        self.warned: set[str] = set()
-        self.failed: dict[str, str] = {}
-        self._pipe, self._reason = None, ""
+        self.policy = Replacement(replace=samples is not None)
+        self._pipe = None
         # Pipelines stopped by a decode error stay referenced: a crash (SIGSEGV) was seen in runs after such an error,
         # and destroying one is the step we could not rule out. Rare, and small.
         self._stopped_pipelines: list = []
 
-    # Delegation: the engine sees the prepared loader's length, epoch setting, workers and dataset.
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str):
-        if name in ("loader", "__setstate__"):
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def wrapping(self, loader, device=None) -> DaliLoader:
-        """The same DALI stage around another loader (the prepared one, or one with its first batches skipped)."""
-        new = DaliLoader.__new__(DaliLoader)
-        new.__dict__.update(self.__dict__, loader=loader, _pipe=None)
-        if device is not None:
-            new.device = torch.device(device)
+    def on(self, device) -> DaliStage:
+        """The same stage decoding onto `device` (the prepared loader's), with a pipeline of its own."""
+        new = DaliStage.__new__(DaliStage)
+        new.__dict__.update(self.__dict__, device=torch.device(device), _pipe=None)
         return new
 
-    def __iter__(self):
-        # With spec.prefetch > 0 DALI decodes batches ahead (its threads, or the GPU, work while the model trains).
-        # accelerate reads end_of_dataloader from the inner loader: the batches queued before the last one
-        # must not see it set.
-        inner, queued = self.loader, deque()
+    def run(self, inner):
+        """Decode every EncodedBatch of `inner` (a prepared DataLoader). With spec.prefetch > 0 DALI decodes batches
+        ahead (its threads, or the GPU, work while the model trains); accelerate reads end_of_dataloader from the
+        inner loader: the batches queued before the last one must not see it set."""
+        queued: deque = deque()
         for batch in inner:
-            if len(batch) > 7:  # trainer predict: files that failed in the workers, by path
-                self.failed.update(batch[7])
-                if not batch[0]:
-                    continue
+            failed = batch.failed
+            if not len(batch):
+                if failed:  # every file of the batch failed in the workers (trainer predict lists them)
+                    yield Batch(torch.empty(0), batch.labels, torch.empty(0, dtype=torch.long), failed)
+                continue
             self._feed(batch)
             queued.append(batch)
             if getattr(inner, "end_of_dataloader", False):
                 inner.end_of_dataloader = False
                 while len(queued) > 1:
-                    yield from self._finished(queued)
+                    yield self._finish(queued)
                 inner.end_of_dataloader = True
             if len(queued) > self.spec.prefetch or getattr(inner, "end_of_dataloader", False):
-                yield from self._finished(queued)
+                yield self._finish(queued)
         while queued:
-            yield from self._finished(queued)
-
-    def _finished(self, queued: deque):
-        out = self._finish(queued)
-        if out is not None:  # None: every file of the batch failed (trainer predict lists them)
-            yield out
+            yield self._finish(queued)
 
     def _pipeline(self):
         if self._pipe is None:
@@ -323,35 +218,38 @@ class DaliLoader:
         self._stopped_pipelines.append(self._pipe)
         self._pipe = None
 
-    def _feed(self, batch) -> None:
-        encoded, windows, flips = batch[:3]
+    def _feed(self, batch: EncodedBatch) -> None:
+        windows = batch.windows
         # Decode the whole pixels covering the window; resize samples the (perhaps fractional) window inside them.
         start = np.floor(windows[:, :2])
         end = np.ceil(windows[:, :2] + windows[:, 2:])
         pipe = self._pipeline()
-        pipe.feed_input("encoded", encoded)
+        pipe.feed_input("encoded", batch.encoded)
         pipe.feed_input("anchor", start.astype(np.float32))
         pipe.feed_input("shape", (end - start).astype(np.float32))
         pipe.feed_input("roi_start", (windows[:, 1::-1] - start[:, ::-1]).astype(np.float32))  # (y, x)
         pipe.feed_input("roi_end", (windows[:, 1::-1] + windows[:, :1:-1] - start[:, ::-1]).astype(np.float32))
-        pipe.feed_input("mirror", flips)
+        pipe.feed_input("mirror", batch.flips)
         pipe.schedule_run()
 
-    def _finish(self, queued: deque):
+    def _finish(self, queued: deque) -> Batch:
         batch = queued.popleft()
         try:
             images = self._images(self._pipeline().outputs()[0])
         except RuntimeError:  # DALI stops the whole pipeline at a decode error (DALI#3913): rebuild it
             self._discard_pipeline()
             batch = self._repair(batch)
-            if not batch[0]:
-                return None
-            self._feed(batch)
-            images = self._images(self._pipeline().outputs()[0])
+            if len(batch):
+                self._feed(batch)
+                images = self._images(self._pipeline().outputs()[0])
+            else:
+                images = torch.empty(0, device=self.device)
             for later in queued:  # the batches scheduled behind the failed one died with the old pipeline
                 self._feed(later)
-        labels, seed = batch[3].to(self.device), batch[6]
-        return seeded(seed, lambda: self._augment(images, labels), self.device)
+        labels = batch.labels.to(self.device)
+        images, labels = seeded(batch.seed, lambda: self._augment(images, labels), self.device)
+        indices = torch.from_numpy(batch.indices)
+        return Batch(images, labels, indices, batch.failed)
 
     def _images(self, output) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -371,56 +269,51 @@ class DaliLoader:
             images, labels = self.mixup(images, labels)
         return images, labels
 
-    def _repair(self, batch) -> tuple:
-        """The batch with each sample DALI cannot decode replaced by its neighbour (as SkipUnreadable does)."""
-        encoded, windows, flips, labels, indices, paths, seed = batch
-        if self.samples is None:
-            keep = [
-                j
-                for j in range(len(encoded))
-                if self._decodes(encoded[j], windows[j], flips[j]) or self._fail(paths[j])
-            ]
-            return [encoded[j] for j in keep], windows[keep], flips[keep], labels[keep], indices[keep], paths, seed
-        encoded, windows, flips, labels = list(encoded), windows.copy(), flips.copy(), labels.clone()
-        for j in range(len(encoded)):
-            if self._decodes(encoded[j], windows[j], flips[j]):
+    def _repair(self, batch: EncodedBatch) -> EncodedBatch:
+        """The batch with each sample DALI cannot decode replaced by the `Replacement` policy (or, without samples to
+        replace it from, left out and listed in `failed`)."""
+        encoded, windows, flips, labels = list(batch.encoded), batch.windows.copy(), batch.flips.copy(), batch.labels
+        labels, keep, failed = labels.clone(), [], dict(batch.failed)
+        for j in range(len(batch)):
+            own = {"encoded": encoded[j], "window": windows[j], "flip": flips[j], "label": int(labels[j])}
+            row = self.policy.first_readable(self._candidates(batch, j, own), f"index {batch.indices[j]}")
+            if isinstance(row, Failed):
+                failed[row.path] = row.reason
                 continue
-            reason = self._reason
-            self._warn(paths[j], reason)
-            for attempt in range(1, 17):
-                index = (int(indices[j]) + attempt * NEIGHBOUR_STRIDE) % len(self.samples)
-                try:
-                    row = seeded(seed + j + attempt, lambda i=index: self.samples[i])
-                except UnreadableImage as e:
-                    self._warn(e.path, "unreadable")
-                    continue
-                if self._decodes(row["encoded"], row["window"], row["flip"]):
-                    encoded[j], windows[j], flips[j] = row["encoded"], row["window"], row["flip"]
-                    labels[j] = row["label"]
-                    break
-                self._warn(row["path"], self._reason)
-            else:
-                raise RuntimeError(f"16 images in a row near index {indices[j]} fail to decode; check the dataset")
-        return encoded, windows, flips, labels, indices, paths, seed
+            keep.append(j)
+            encoded[j], windows[j], flips[j], labels[j] = row["encoded"], row["window"], row["flip"], row["label"]
+        repaired = EncodedBatch(encoded, windows, flips, labels, batch.indices, batch.paths, batch.seed, failed)
+        return repaired.take(keep)
 
-    def _fail(self, path: str) -> bool:
-        self.failed[path] = f"DALI: {self._reason}"
-        return False
+    def _candidates(self, batch: EncodedBatch, j: int, own: dict):
+        """Sample j of the batch as it is, then its neighbours (each drawn under its own seed), checked by DALI."""
+        yield lambda: self._checked(own, batch.paths[j])
+        if self.samples is None:
+            return
+        neighbours = self.policy.neighbours(self.samples, int(batch.indices[j]))
+        next(neighbours)  # the sample itself: yielded above, as the batch holds it
+        for k, fetch in enumerate(neighbours, start=1):
+            yield lambda k=k, fetch=fetch: self._checked(seeded(batch.seed + j + k, fetch))
 
-    def _decodes(self, encoded, window, flip) -> bool:
+    def _checked(self, row: dict, path: str | None = None) -> dict:
+        """`row` if DALI decodes its window, else UnreadableImage (the pipeline it stopped is set aside)."""
         try:
-            self._feed(([encoded], window[None], np.array([flip], dtype=np.int32)))
+            self._feed(
+                EncodedBatch(
+                    [row["encoded"]],
+                    row["window"][None],
+                    np.array([row["flip"]], dtype=np.int32),
+                    torch.zeros(1, dtype=torch.long),
+                    np.zeros(1, np.int64),
+                    [""],
+                    0,
+                )
+            )
             self._pipeline().outputs()
-            return True
+            return row
         except RuntimeError as e:
             self._discard_pipeline()
-            self._reason = str(e).split("\n")[0]
-            return False
-
-    def _warn(self, path: str, reason: str) -> None:
-        if path not in self.warned:
-            self.warned.add(path)
-            print(f"trainer: warning: skipped unreadable image {path} (DALI: {reason})", file=sys.stderr, flush=True)
+            raise UnreadableImage(path or row["path"], f"DALI: {str(e).splitlines()[0]}") from e
 
 
 def build_pipeline(spec: PipelineSpec, device: torch.device):

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import UserError
-from trainer.data.decode import GRAY_MODES
+from trainer.data.decode import GRAY_MODES, IMAGE_EXTENSIONS, jpeg_markers
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "valid", "validation": "validation"}
 SPLIT_FOLDERS["test"] = "test"
 LAYOUT = "expected train/ and val/ (or valid/, validation/, test/) holding one subfolder per class"
@@ -96,14 +95,11 @@ def _quick_mode(path: str, size: int) -> str | None:
         return PNG_MODES.get(head[25]) if head[12:16] == b"IHDR" and b"IEND" in tail else None
     if not head.startswith(b"\xff\xd8\xff") or b"\xff\xd9" not in tail:
         return None
-    i = 2  # walk the marker segments up to the frame header, which holds the component count
-    while i + 10 <= len(head) and head[i] == 0xFF:
-        marker = head[i + 1]
+    for marker, i in jpeg_markers(head):  # up to the frame header, which holds the component count
         if marker in JPEG_SOF:
-            return JPEG_MODES.get(head[i + 9])
+            return JPEG_MODES.get(head[i + 9]) if i + 10 <= len(head) else None
         if marker == 0xDA:  # start of scan before any frame header: not a JPEG PIL opens
             return None
-        i += 2 + int.from_bytes(head[i + 2 : i + 4], "big")
     return None
 
 

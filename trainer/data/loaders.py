@@ -1,105 +1,66 @@
-"""How batches reach a rank: seeded batches, skip-unreadable, and the torch DataLoaders.
+"""Loaders: samples -> backend -> torch DataLoader -> rank shard, as one `Loader` the loop iterates for `Batch`es.
 
-A rank's shard is decided in one place: `accelerator.prepare` wraps these loaders so each rank takes every
-N-th batch of one seeded shuffle (identical on all ranks); nothing here knows its rank except the augmentation seed.
-Streamed data (--streaming) is split by rank in data/streaming.py instead, reached from `build_dataloaders`.
+Every loader of a run is made here, by one function per kind: `train_loader` (map-style data or a stream),
+`eval_loader` (an unshuffled split: validation, `trainer val`, `trainer export`'s check) and `files_loader` (`trainer
+predict`'s image files). Each wires the same pieces: samples (seeded batches, one replacement policy), the backend's
+per-sample transform and collate in the workers, the DataLoader's worker settings, the rank shard (data/shard.py),
+and the backend's stage in the training process (DALI's decode). The loop never knows which backend feeds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
-import sys
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from trainer.config import DataConfig
-from trainer.data import dali
-from trainer.data.decode import NEIGHBOUR_STRIDE, UnreadableImage
-from trainer.data.splits import DataInfo
-from trainer.data.transforms import (
-    ImageTransform,
-    Preprocess,
-    build_train_transform,
-    resolve_hflip,
-    resolve_scale,
-    seeded,
-)
+from trainer.data import shard as sharding
+from trainer.data.backends import Backend
+from trainer.data.folders import check_image
+from trainer.data.samples import EpochStream, Indexed, Replacement, Replacing, SeededBatches, seeded
+from trainer.data.transforms import Augment, Preprocess
 
 
-class SkipUnreadable(Dataset):
-    """Serves a neighbour in place of an image that fails to decode mid-run (the up-front check catches the usual
-    cases), so a batch keeps its size and every rank its step count."""
+@dataclass(frozen=True)
+class Loader:
+    """A sharded torch DataLoader and, for DALI, the stage that decodes its batches in this process.
 
-    def __init__(self, dataset, retries: int = 16):
-        self.dataset, self.retries, self.warned = dataset, retries, set()
+    `batches` is the prepared DataLoader (accelerate's, when there is an accelerator); `len()` counts this rank's
+    batches."""
+
+    batches: object
+    stage: object = None  # dali.DaliStage, or None
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.batches)
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        try:  # one columnar read for the whole batch, as HF datasets serve it
-            return self.dataset.__getitems__(indices)
-        except UnreadableImage:
-            return [self[i] for i in indices]
+    def __iter__(self):
+        return iter(self.batches) if self.stage is None else self.stage.run(self.batches)
 
-    def __getitem__(self, index: int) -> dict:
-        for attempt in range(self.retries):
-            try:
-                return self.dataset[(index + attempt * NEIGHBOUR_STRIDE) % len(self.dataset)]
-            except UnreadableImage as e:
-                if e.path not in self.warned:
-                    self.warned.add(e.path)
-                    print(f"trainer: warning: skipped unreadable image {e}", file=sys.stderr, flush=True)
-        raise RuntimeError(f"{self.retries} images in a row near index {index} are unreadable; check the dataset")
+    @property
+    def num_workers(self) -> int:
+        return self.batches.num_workers
 
-
-class SeededBatches(torch.utils.data.Dataset):
-    """Seeds the augmentation of every batch from (seed, epoch, the batch's indices), not from a running stream.
-
-    The same batch then gets the same crops, and through `collate` the same mixup/cutmix draws, whichever process or
-    worker loads it and whatever ran before it, so a run resumed mid-epoch (its first batches skipped, workers
-    restarted) continues bitwise as if never stopped.
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self._batch_seed = 0  # the seed of the batch this process fetched last; its collate runs next
-        # Shared memory: persistent DataLoader workers see the epoch the main process sets.
-        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+    @property
+    def dataset(self):
+        return self.batches.dataset
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.fill_(epoch)
+        """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
+        runs one process)."""
+        self.batches.set_epoch(epoch)
+        if hasattr(self.batches.dataset, "set_epoch"):
+            self.batches.dataset.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list:
-        key = f"{self.seed}/{int(self.epoch)}/{','.join(map(str, indices))}".encode()
-        self._batch_seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-        fetch = getattr(self.dataset, "__getitems__", None)
-        return seeded(self._batch_seed, lambda: fetch(indices) if fetch else [self.dataset[i] for i in indices])
-
-    def collate(self, collate_fn, examples: list):
-        """`collate_fn` under the seed of the batch just fetched (DataLoader collates right after fetching)."""
-        return seeded(self._batch_seed + 1, lambda: collate_fn(examples))
-
-
-def set_epoch(loader, epoch: int) -> None:
-    """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
-    runs one process)."""
-    loader.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+    def skip(self, accelerator, num_batches: int) -> Loader:
+        """This loader without its first `num_batches` (a resumed epoch): those are never read or decoded."""
+        return replace(self, batches=accelerator.skip_first_batches(self.batches, num_batches))
 
 
 def _seed_worker(rank: int, worker_id: int) -> None:
@@ -121,7 +82,7 @@ def _seed_worker(rank: int, worker_id: int) -> None:
     pyarrow.set_io_thread_count(1)
 
 
-def _cpus_per_rank(local_processes: int) -> int:
+def cpus_per_rank(local_processes: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cpus // max(1, local_processes))
 
@@ -130,119 +91,124 @@ def num_workers(cfg: DataConfig, local_processes: int) -> int:
     """Workers per rank: the configured count, or the CPU share of this rank minus the training process."""
     if cfg.workers >= 0:
         return cfg.workers
-    cpus_per_rank = _cpus_per_rank(local_processes)
     # With two cores or fewer per rank, a worker process only fights the training threads (measured: -20 %).
-    return 0 if cpus_per_rank <= 2 else min(8, cpus_per_rank - 1)
+    share = cpus_per_rank(local_processes)
+    return 0 if share <= 2 else min(8, share - 1)
 
 
-def build_dataloaders(
-    splits: dict,
-    info: DataInfo,
-    cfg: DataConfig,
-    pre: Preprocess,
-    per_device_batch_size: int,
-    *,
-    seed: int,
-    rank: int,
-    local_processes: int,
-    pin_memory: bool,
-    loader: str = "torch",
-) -> tuple:
-    """Train and val loaders (not yet prepared: `prepare_loaders` shards them across ranks).
-
-    `loader` "dali": the workers hand encoded bytes and crop windows to a DALI pipeline in the training process
-    (trainer/data/dali.py); the shuffle, the per-batch seeds and the sharding are the torch path's."""
-    if cfg.streaming:  # streamed data: every rank's part chosen and prepared in data/streaming.py, not by prepare()
-        from trainer.data.streaming import build_stream_loaders
-
-        return build_stream_loaders(
-            splits,
-            info,
-            cfg,
-            pre,
-            per_device_batch_size,
-            seed=seed,
-            local_processes=local_processes,
-            pin_memory=pin_memory,
-        )
-    train_tf = build_train_transform(cfg, info, pre, per_device_batch_size)
-    workers = num_workers(cfg, local_processes)
-    if loader == "dali":
-        examples = dali.DaliExamples(pre, True, resolve_hflip(cfg, info), resolve_scale(cfg))
-        indexed = dali.Indexed(splits["train"].with_transform(examples))
-        train_ds, collate_fn = SeededBatches(SkipUnreadable(indexed), seed), dali.collate
-    else:
-        train_ds = SeededBatches(SkipUnreadable(splits["train"].with_transform(train_tf)), seed)
-        collate_fn = train_tf.collate
-    generator = torch.Generator().manual_seed(seed)  # same on every rank: the shuffle order must agree
-    # drop_last keeps every optimizer step at the full global batch (and BatchNorm away from tiny batches).
-    train = DataLoader(
-        train_ds,
-        batch_size=per_device_batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        collate_fn=partial(train_ds.collate, collate_fn),
-        **_worker_options(workers, pin_memory, rank),
-    )
-    if loader == "dali":
-        threads = dali.dali_threads(_cpus_per_rank(local_processes), workers)
-        spec = dali.PipelineSpec(per_device_batch_size, pre, threads)
-        train = dali.DaliLoader(train, spec, indexed, mixup=train_tf.mixup, random_erase=cfg.random_erase)
-    val = build_eval_loader(
-        splits["val"], pre, per_device_batch_size * 2, workers=workers, pin_memory=pin_memory, loader=loader
-    )
-    return train, val
+def dali_threads(local_processes: int, workers: int) -> int:
+    """DALI's CPU threads per rank: the cores the DataLoader workers (which only read bytes) leave."""
+    return max(1, min(8, cpus_per_rank(local_processes) - workers))
 
 
-def build_eval_loader(
-    split, pre: Preprocess, per_device_batch_size: int, *, workers: int, pin_memory: bool, loader: str = "torch"
-):
-    """An unshuffled loader of one split with the evaluation transform (resize, centre crop, normalise)."""
-    tf = dali.DaliExamples(pre, False) if loader == "dali" else ImageTransform(pre, False)
-    dataset = SkipUnreadable(dali.Indexed(split.with_transform(tf)) if loader == "dali" else split.with_transform(tf))
-    batches = DataLoader(
-        dataset,
-        batch_size=per_device_batch_size,
-        shuffle=False,
-        collate_fn=_seeded_collate if loader == "dali" else tf.collate,
-        **_worker_options(workers, pin_memory, rank=0),
-    )
-    if loader != "dali":
-        return batches
-    threads = dali.dali_threads(_cpus_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", 1))), workers)
-    return dali.DaliLoader(batches, dali.PipelineSpec(per_device_batch_size, pre, threads), dataset.dataset)
-
-
-def _seeded_collate(examples: list) -> tuple:
-    return seeded(0, lambda: dali.collate(examples))  # evaluation draws nothing: a fixed seed keeps it repeatable
-
-
-def prepare_loaders(accelerator, *loaders):
-    """`accelerator.prepare` for our loaders: a DALI loader's DataLoader is prepared (sharded), then rewrapped,
-    since prepare rebuilds DataLoaders and drops wrappers and subclasses (accelerate#3322, #2975)."""
-    prepared = []
-    for loader in loaders:
-        if isinstance(loader, dali.DaliLoader):
-            prepared.append(loader.wrapping(accelerator.prepare(loader.loader), accelerator.device))
-        else:
-            prepared.append(accelerator.prepare(loader))
-    return prepared[0] if len(prepared) == 1 else tuple(prepared)
-
-
-def skip_first_batches(accelerator, loader, num_batches: int):
-    """`accelerator.skip_first_batches` through a DALI wrapper: the batches skipped are never read or decoded."""
-    if isinstance(loader, dali.DaliLoader):
-        return loader.wrapping(accelerator.skip_first_batches(loader.loader, num_batches))
-    return accelerator.skip_first_batches(loader, num_batches)
-
-
-def _worker_options(workers: int, pin_memory: bool, rank: int) -> dict:
+def _worker_options(workers: int, device, rank: int) -> dict:
     """DataLoader settings every loader shares: persistent, prefetching workers set up by `_seed_worker`."""
     return dict(
         num_workers=workers,
-        pin_memory=pin_memory,
+        pin_memory=device is not None and device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=partial(_seed_worker, rank) if workers > 0 else None,
     )
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What every loader of a run shares: the backend, the model's input geometry, worker count, seed."""
+
+    backend: Backend
+    pre: Preprocess
+    workers: int
+    seed: int = 0
+    shuffle_buffer: int = 1000  # a stream's shuffle buffer (examples)
+
+
+def train_loader(accelerator, split, spec: LoaderSpec, augment: Augment, batch_size: int, *, steps: int = 0):
+    """The training loader of this rank: `split` map-style (seeded shuffle, drop_last, sharded by batches) or a
+    stream (this rank's part, `steps` batches per epoch). `batch_size` is per process."""
+    shard = sharding.Shard.of(accelerator)
+    if not hasattr(split, "__len__"):  # a stream
+        part = sharding.stream_part(split, shard, seed=spec.seed, buffer_size=spec.shuffle_buffer)
+        workers = sharding.stream_workers(split, shard, spec.workers)
+        epochs = EpochStream(part, spec.backend.examples(spec.pre, augment), batch_size, steps, spec.seed, shard.rank)
+        loader = DataLoader(epochs, batch_size=None, **_worker_options(workers, shard.device, shard.rank))
+        if accelerator is not None:  # what decides the order of the epochs: a resumed run repeats it with the same
+            accelerator.print(
+                f"stream: {steps * batch_size * shard.world} samples per epoch, {steps} batches of {batch_size} per "
+                f"process, {shard.world} process(es), {workers} worker(s) per process, shuffle buffer "
+                f"{spec.shuffle_buffer}"
+            )
+        return Loader(sharding.shard_loader(accelerator, loader, streamed=True))
+    examples = spec.backend.examples(spec.pre, augment)
+    samples = Indexed(split.with_transform(examples))
+    dataset = SeededBatches(Replacing(samples, Replacement(where=f"rank {shard.rank}")), spec.seed)
+    generator = torch.Generator().manual_seed(spec.seed)  # same on every rank: the shuffle order must agree
+    # drop_last keeps every optimizer step at the full global batch (and BatchNorm away from tiny batches).
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+        collate_fn=partial(dataset.collate, spec.backend.collate(examples)),
+        **_worker_options(spec.workers, shard.device, shard.rank),
+    )
+    threads = dali_threads(shard.local_world, spec.workers)
+    stage = spec.backend.stage(spec.pre, batch_size, threads, samples, augment)
+    return Loader(sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)))
+
+
+def eval_loader(accelerator, split, spec: LoaderSpec, batch_size: int) -> Loader:
+    """An unshuffled loader of one map-style split with the evaluation transform, sharded by batches (the last
+    padded; `gather_for_metrics` drops the padding)."""
+    shard = sharding.Shard.of(accelerator)
+    examples = spec.backend.examples(spec.pre)
+    samples = Indexed(split.with_transform(examples))
+    collate = spec.backend.collate(examples)
+    loader = DataLoader(
+        Replacing(samples, Replacement(where=f"rank {shard.rank}")),
+        batch_size=batch_size,
+        shuffle=False,
+        # evaluation draws nothing, but DALI's collate draws the batch's device seed: a fixed one keeps it repeatable
+        collate_fn=partial(_seeded_collate, collate) if spec.backend.name == "dali" else collate,
+        **_worker_options(spec.workers, shard.device, rank=0),
+    )
+    stage = spec.backend.stage(spec.pre, batch_size, dali_threads(shard.local_world, spec.workers), samples)
+    return Loader(sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)))
+
+
+def files_loader(paths: list, spec: LoaderSpec, batch_size: int, device) -> tuple[Loader, dict[str, str]]:
+    """`trainer predict`'s loader over image files, in one process, and {path: reason} of the files whose header does
+    not read (checked up front, as a folder's files are). A file that fails later is not replaced but listed in its
+    batch's `failed`. A batch's `labels` are its files' positions in `paths`."""
+    import datasets
+
+    checked = [(str(path), *check_image(str(path))) for path in paths]
+    failed = {path: reason for path, mode, reason in checked if mode is None}
+    readable = [n for n, (_, mode, _) in enumerate(checked) if mode is not None]
+    files = datasets.Dataset.from_dict(
+        {"image": [str(paths[n]) for n in readable], "label": readable},
+        features=datasets.Features({"image": datasets.Value("string"), "label": datasets.Value("int64")}),
+    )
+    examples = spec.backend.examples(spec.pre, upright=True)
+    samples = Replacing(Indexed(files.with_transform(examples)), Replacement(replace=False))
+    collate = spec.backend.collate(examples)
+    loader = DataLoader(
+        samples,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=partial(_seeded_collate, collate) if spec.backend.name == "dali" else collate,
+        num_workers=spec.workers,
+    )
+    stage = spec.backend.stage(spec.pre, batch_size, max(1, spec.workers), None, upright=True)
+    return Loader(loader, stage and stage.on(device)), failed
+
+
+def _seeded_collate(collate, examples: list):
+    return seeded(0, lambda: collate(examples))
+
+
+def _device(shard: sharding.Shard):
+    return shard.device if shard.device is not None else torch.device("cpu")
+
+

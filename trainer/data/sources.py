@@ -1,5 +1,5 @@
-"""Where images come from: built-in sets, image folders, `save_to_disk` folders, Parquet/Arrow files, WebDataset
-tar shards, HF hub ids; and, for --streaming, which stream to open (`stream_source`).
+"""Where images come from (map-style): built-in sets, image folders, `save_to_disk` folders, Parquet/Arrow files,
+WebDataset tar shards, HF hub ids; and which of their splits train and validate (`split_names`). Streams: streams.py.
 
 Every source becomes HF `datasets` splits with two columns: `image` (stored, not decoded: `data.decode`
 decodes) and `label` (a ClassLabel). Bad input is refused here, before anything is written.
@@ -29,6 +29,17 @@ INFO_FILE = "dataset_info.json"
 # Split names as written on disk or on the hub, and the order in which one is picked for validation.
 TRAIN_SPLITS = ("train", "training")
 VAL_SPLITS = ("validation", "val", "valid", "test")
+
+
+def split_names(names: list[str], cfg: DataConfig) -> tuple[str, str]:
+    """(training split, validation split or "") among `names`: the flags', else the first known name (the first
+    split for training). The one place split names are chosen, for every source and streams."""
+    train = cfg.train_split or next((n for n in TRAIN_SPLITS if n in names), names[0])
+    val = cfg.val_split or next((n for n in VAL_SPLITS if n in names and n != train), "")
+    for flag, name in (("--train-split", train), ("--val-split", val)):
+        if name and name not in names:
+            raise UserError(f"--data {cfg.data}: {flag} {name!r} is not a split; splits: {', '.join(names)}")
+    return train, val
 
 
 @dataclass(frozen=True)
@@ -265,99 +276,6 @@ def _load_files(files: DataFiles, spec: str) -> Source:
     return Source(dict(loaded), [], f"{'webdataset' if files.builder == 'webdataset' else 'files'}:{spec}")
 
 
-@dataclass(frozen=True)
-class StreamSource:
-    """What --streaming reads: a hub id, or Parquet/WebDataset files; `open(split)` gives a `datasets.IterableDataset`
-    (nothing materialised), `counts` the split sizes known without reading the data."""
-
-    builder: str  # a packaged module (parquet, webdataset) or a hub id
-    config_name: str | None
-    files: DataFiles | None
-    split_names: tuple[str, ...]
-    counts: dict  # split -> number of examples, where the metadata says
-    features: object  # datasets.Features or None (then: as the stream reports them)
-    description: str
-
-    def open(self, split: str):
-        import datasets
-
-        return datasets.load_dataset(
-            self.builder,
-            self.config_name,
-            data_files=self.files.by_split if self.files else None,
-            features=self.features,
-            split=split,
-            streaming=True,
-        )
-
-    def count(self, split: str) -> int | None:
-        """The split's size: from the metadata, Parquet footers or tar headers (local files); None if unknown."""
-        if split in self.counts:
-            return self.counts[split]
-        if self.files is None:
-            return None
-        files = self.files.by_split[split]
-        if self.files.builder == "parquet":
-            import pyarrow.parquet as pq
-
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        if self.files.builder == "webdataset":
-            return sum(_tar_samples(f) for f in files)
-        return None
-
-
-def _tar_samples(path: str) -> int:
-    """Samples in a WebDataset tar: distinct keys (the name up to its first dot), from the headers only."""
-    import tarfile
-
-    with tarfile.open(path) as tar:
-        return len({m.name.split("/")[-1].split(".")[0] + m.name.rpartition("/")[0] for m in tar if m.isfile()})
-
-
-def stream_source(cfg: DataConfig) -> StreamSource:
-    """Which stream --data --streaming names; refuses what cannot stream (built-ins, image and save_to_disk folders)."""
-    import datasets
-
-    spec = cfg.data
-    files = None if spec in BUILTIN else data_files(spec)
-    if files is not None:
-        if files.builder not in ("parquet", "webdataset"):
-            raise UserError(f"--data {spec}: --streaming reads Parquet or WebDataset shards, not {files.builder} files")
-        stored = files.info()
-        counts = {name: s.num_examples for name, s in (stored.splits or {}).items()} if stored else {}
-        return StreamSource(
-            files.builder,
-            None,
-            files,
-            tuple(files.by_split),
-            counts,
-            stored.features if stored else None,
-            f"stream:{files.builder}:{spec}",
-        )
-    if spec in BUILTIN or Path(spec).expanduser().exists():
-        raise UserError(
-            f"--data {spec}: --streaming reads a hub id or Parquet/WebDataset shards; convert this data once with "
-            f"`trainer data convert {spec} SHARDS_DIR`, then stream SHARDS_DIR (or drop --streaming)"
-        )
-    try:
-        builder = datasets.load_dataset_builder(spec, cfg.data_config or None)
-    except Exception as e:  # offline, unknown id, bad config: all mean this id cannot stream from here
-        reason = f"{type(e).__name__}: {e}".split("\n")[0]
-        raise UserError(
-            f"--data {spec}: cannot open for streaming ({reason}); hub ids stream with --allow-download"
-        ) from e
-    splits = builder.info.splits or {}
-    return StreamSource(
-        spec,
-        cfg.data_config or None,
-        None,
-        tuple(splits) or ("train",),
-        {name: s.num_examples for name, s in splits.items() if s.num_examples},
-        None,
-        f"stream:hub:{spec}" + (f"/{cfg.data_config}" if cfg.data_config else ""),
-    )
-
-
 def _load_hub(name: str, config_name: str) -> Source:
     import datasets
 
@@ -410,7 +328,7 @@ def standardize(source: Source, cfg: DataConfig) -> Source:
         names = list(label_feature.names)
     else:
         values = {name: split[label_col] for name, split in source.splits.items()}
-        train_name = cfg.train_split or _default_train(list(values))
+        train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in values), next(iter(values)))
         # Class names come from the training split: a label seen only elsewhere is an error, caught below.
         names = sorted({str(v) for v in values.get(train_name, [])}, key=_natural_key)
     splits = {}
@@ -444,10 +362,6 @@ def _standard_split(split, image_col: str, label_col: str, names: list[str], whe
     elif label_col != "label":
         split = split.rename_column(label_col, "label")
     return split
-
-
-def _default_train(names: list[str]) -> str:
-    return next((n for n in TRAIN_SPLITS if n in names), names[0])
 
 
 def _natural_key(text: str):

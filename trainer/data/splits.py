@@ -1,4 +1,5 @@
-"""Train and validation splits of a loaded source, the class checks, and what the run learns about the data."""
+"""Train and validation splits of a source, map-style or stream, the class checks, and what the run learns about
+the data (`DataInfo`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import GRAY_MODES, UnreadableImage, decode_image
-from trainer.data.sources import TRAIN_SPLITS, VAL_SPLITS, load_source
+from trainer.data.sources import detect_columns, load_source, split_names
+from trainer.data.streams import read_split, standard, stream_source
 
 
 @dataclass(frozen=True)
@@ -31,17 +33,10 @@ def load_splits(cfg: DataConfig):
 
     Refuses (UserError) data that cannot train a classifier: no images, one class, a class without training images.
     """
-    if cfg.streaming:  # streamed training data: its own module (a lazy import: streaming sits above this one)
-        from trainer.data.streaming import load_stream_splits
-
-        return load_stream_splits(cfg)
+    if cfg.streaming:
+        return _stream_splits(cfg)
     source = load_source(cfg)
-    names = list(source.splits)
-    train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in names), names[0])
-    val_name = cfg.val_split or next((n for n in VAL_SPLITS if n in names and n != train_name), "")
-    for flag, name in (("--train-split", train_name), ("--val-split", val_name)):
-        if name and name not in names:
-            raise UserError(f"--data {cfg.data}: {flag} {name!r} is not a split; splits: {', '.join(names)}")
+    train_name, val_name = split_names(list(source.splits), cfg)
     train = source.splits[train_name]
     _check_classes(train, source.class_names, cfg.data)
     if val_name:
@@ -60,7 +55,7 @@ def load_splits(cfg: DataConfig):
         raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
     info = DataInfo(
         class_names=source.class_names,
-        channels=source.channels or _guess_channels(train),
+        channels=source.channels or guess_channels(train),
         train_size=len(train),
         val_size=len(val),
         source=source.description,
@@ -69,6 +64,51 @@ def load_splits(cfg: DataConfig):
         skipped=source.skipped,
     )
     return {"train": train, "val": val}, info
+
+
+def _stream_splits(cfg: DataConfig):
+    """({"train": IterableDataset (all ranks' data), "val": Dataset}, DataInfo) for --streaming. An epoch is a sample
+    count: the dataset info, Parquet footers, tar headers, or --train-samples."""
+    import datasets
+
+    source = stream_source(cfg)
+    names = list(source.split_names)
+    train_name, val_name = split_names(names, cfg)
+    if not val_name:
+        raise UserError(
+            f"--data {cfg.data} --streaming: no validation split (splits: {', '.join(names)}); a stream has no "
+            "hold-out: add val-*/validation-* shards (trainer data convert writes them) or name one with --val-split"
+        )
+    train = source.open(train_name)
+    if train.features is None:
+        raise UserError(f"--data {cfg.data}: the stream does not declare its columns; name them in dataset_info.json")
+    image_col, label_col = detect_columns(train.features, cfg.image_column, cfg.label_column, cfg.data)
+    label = train.features[label_col]
+    if not isinstance(label, datasets.ClassLabel):
+        raise UserError(
+            f"--data {cfg.data} --streaming: the label column {label_col!r} has no class names (not a ClassLabel); "
+            "write the shards with `trainer data convert` (it stores them) or drop --streaming"
+        )
+    size = cfg.train_samples or source.count(train_name)
+    if not size:
+        raise UserError(
+            f"--data {cfg.data} --streaming: the number of training samples is unknown; give --train-samples"
+        )
+    val = read_split(source, val_name, image_col, label_col, label.names)
+    if len(val) == 0:
+        raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
+    if len(label.names) < 2:
+        raise UserError(f"--data {cfg.data}: only one class; classification needs two or more")
+    info = DataInfo(
+        class_names=list(label.names),
+        channels=guess_channels(val),
+        train_size=int(size),
+        val_size=len(val),
+        source=source.description,
+        default_hflip=0.5,
+        val_split=f"split {val_name}, read once into the datasets cache",
+    )
+    return {"train": standard(train, image_col, label_col), "val": val}, info
 
 
 def load_splits_in_turn(accelerator, cfg: DataConfig):
@@ -114,7 +154,7 @@ def _check_classes(train, class_names: list[str], where: str) -> None:
         raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")
 
 
-def _guess_channels(train, sample: int = 16) -> int:
+def guess_channels(train, sample: int = 16) -> int:
     """1 when the first images are all grayscale, else 3 (palette, RGBA and CMYK become RGB)."""
     modes = set()
     for value in train.select(range(min(sample, len(train))))["image"]:

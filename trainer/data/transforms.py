@@ -1,6 +1,6 @@
-"""Augmentation and normalisation: the seam (`ImageTransform`) between decoded images and the model's tensors.
-
-Also the input geometry (`Preprocess`) a model expects, resolved from timm and stored with the weights.
+"""Augmentation and normalisation: what the run's flags mean for its images (`resolve_hflip`, `resolve_scale`,
+`train_mixup`, `describe_augmentation`), the input geometry a model expects (`Preprocess`, resolved from timm and
+stored with the weights), and the torch backend's transform (`ImageTransform`: decoded images -> tensors).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer.config import DataConfig, UserError
+from trainer.data.batch import Batch, Failed
 from trainer.data.decode import decode_image
 
 if TYPE_CHECKING:
@@ -60,9 +61,10 @@ def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
 
 
 class ImageTransform:
-    """Stored examples -> (C, H, W) float tensors + labels. The single seam for decoding and augmentation.
+    """The torch backend's per-sample work: stored examples -> decoded, augmented (C, H, W) float tensors + labels.
 
-    `collate` stacks a batch and, when `mixup` (a timm `Mixup`) is given, mixes it into class-probability targets.
+    `collate` stacks a batch into a `Batch` and, when `mixup` (a timm `Mixup`) is given, mixes it into
+    class-probability targets. Samples that failed and were not replaced (`Failed`) go to `Batch.failed`.
     """
 
     def __init__(
@@ -100,18 +102,23 @@ class ImageTransform:
 
     def __call__(self, batch: dict) -> dict:
         return {
+            **batch,
             "image": [self.tf(decode_image(value).convert(self.mode)) for value in batch["image"]],
-            "label": batch["label"],
         }
 
-    def collate(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, examples: list) -> Batch:
+        failed = {e.path: e.reason for e in examples if isinstance(e, Failed)}
+        examples = [e for e in examples if not isinstance(e, Failed)]
+        if not examples:
+            return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
         images = torch.stack([e["image"] for e in examples])
         labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        indices = torch.tensor([e["index"] for e in examples]) if "index" in examples[0] else None
         if self.mixup is not None:
             # Label smoothing stays with the loss: F.cross_entropy smooths probability targets exactly as timm's
             # Mixup would, so the loop's loss is unchanged.
             images, labels = self.mixup(images, labels)
-        return images, labels
+        return Batch(images, labels, indices, failed)
 
 
 def resolve_hflip(cfg: DataConfig, info: DataInfo) -> float:
@@ -151,51 +158,37 @@ def describe_augmentation(cfg: DataConfig, info: DataInfo) -> str:
     return f"augment: {', '.join(on)}" + (f"; off: {', '.join(off)}" if off else "")
 
 
-def build_train_transform(
-    cfg: DataConfig, info: DataInfo, pre: Preprocess, per_device_batch_size: int
-) -> ImageTransform:
-    """The training transform: the augmentation flags and mixup/cutmix. Evaluation uses `ImageTransform(pre, False)`."""
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
+def train_mixup(cfg: DataConfig, info: DataInfo, per_device_batch_size: int):
+    """timm's `Mixup` for --mixup/--cutmix (None when both are off); both backends mix with it."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
 
-        if per_device_batch_size % 2:
-            raise UserError(
-                f"--mixup/--cutmix pair images within a batch and need an even per-process batch, "
-                f"got {per_device_batch_size}; change --batch-size"
-            )
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(info.class_names)
+    if per_device_batch_size % 2:
+        raise UserError(
+            f"--mixup/--cutmix pair images within a batch and need an even per-process batch, "
+            f"got {per_device_batch_size}; change --batch-size"
         )
-    return ImageTransform(
-        pre,
-        True,
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(info.class_names))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The training augmentation in force, resolved from the flags and the data (both backends apply it)."""
+
+    hflip: float
+    scale: tuple[float, float]
+    auto_augment: str = ""
+    random_erase: float = 0.0
+    mixup: object = None  # timm Mixup for --mixup/--cutmix, or None
+
+
+def resolve_augment(cfg: DataConfig, info: DataInfo, per_device_batch_size: int) -> Augment:
+    """The augmentation flags as they apply to this data and batch (defaults resolved, mixup built)."""
+    return Augment(
         resolve_hflip(cfg, info),
         resolve_scale(cfg),
         auto_augment=cfg.auto_augment,
         random_erase=cfg.random_erase,
-        mixup=mixup,
+        mixup=train_mixup(cfg, info, per_device_batch_size),
     )
-
-
-def seeded(seed: int, fn, device: torch.device | None = None):
-    """`fn()` with Python, NumPy and the CPU generator (and `device`'s, when it is a CUDA device) seeded by `seed`;
-    every stream is restored afterwards, so the training process's own draws (dropout, drop-path) stay untouched
-    when batches load in-process (--workers 0) or augment on the device."""
-    import random
-
-    import numpy as np
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return fn()
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)

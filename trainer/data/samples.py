@@ -1,0 +1,215 @@
+"""Samples: which examples make a batch, under which seed, and what takes the place of an unreadable image.
+
+Two policies live here and nowhere else:
+- **One seed per batch** (`batch_seed`): drawn from (--seed, epoch, the batch's identity: its indices for map-style
+  data, rank and position for a stream), never from a running generator. The same batch then gets the same crops,
+  flips and mixup draws whichever process or worker loads it and whatever ran before, so a run resumed mid-epoch
+  (first batches skipped, workers restarted) continues bitwise as if never stopped. `seeded` runs a function under
+  such a seed and restores every generator afterwards.
+- **One replacement for an unreadable image** (`Replacement`): a file that fails to decode mid-run (the up-front
+  check catches the usual cases) is replaced by the next readable candidate, so a batch keeps its size and every rank
+  its step count: for map-style data the sample NEIGHBOUR_STRIDE places on (wrapping), for a stream the next example.
+  Each file is warned about once per process, in one wording, and 16 unreadable candidates in a row stop the run.
+  `trainer predict` reports instead of replacing (`replace=False`): the file is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sys
+
+import torch
+
+from trainer.data.batch import Failed
+from trainer.data.decode import UnreadableImage
+
+# An unreadable map-style sample is replaced by the one this many places on (wrapping): the same neighbour on every
+# backend, so the torch and DALI paths stay interchangeable.
+NEIGHBOUR_STRIDE = 7919
+RETRIES = 16
+# set_epoch(epoch * PASSES + p) reshuffles the p-th re-read of a rank's stream within one epoch.
+PASSES = 1000
+
+
+def batch_seed(*key) -> int:
+    """The seed of one batch: a hash of its identity (seed, epoch, and its indices or its rank and position)."""
+    text = "/".join(",".join(map(str, k)) if isinstance(k, list | tuple) else str(k) for k in key)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def seeded(seed: int, fn, device: torch.device | None = None):
+    """`fn()` with Python, NumPy and the CPU generator (and `device`'s, when it is a CUDA device) seeded by `seed`;
+    every stream is restored afterwards, so the training process's own draws (dropout, drop-path) stay untouched
+    when batches load in-process (--workers 0) or augment on the device."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return fn()
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class Replacement:
+    """What takes the place of an unreadable image: the first readable of a sample's candidates.
+
+    One per loader; `warned` holds the files already reported by this process."""
+
+    def __init__(self, replace: bool = True, where: str = ""):
+        self.replace, self.where, self.warned = replace, where, set()
+        self.replaced = 0
+
+    def warn(self, path: str, reason: str) -> None:
+        self.replaced += 1
+        if path not in self.warned:
+            self.warned.add(path)
+            place = f" on {self.where}" if self.where else ""
+            print(
+                f"trainer: warning: skipped unreadable image {path} ({reason}); {self.replaced} skipped{place} so far",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def first_readable(self, candidates, near: str):
+        """The first of `candidates` (callables returning a sample, or raising UnreadableImage) that reads."""
+        for attempt, fetch in enumerate(itertools.islice(candidates, RETRIES)):
+            try:
+                return fetch()
+            except UnreadableImage as e:
+                if not self.replace and attempt == 0:
+                    return Failed(e.path, e.reason)
+                self.warn(e.path, e.reason)
+        raise RuntimeError(f"{RETRIES} images in a row near {near} are unreadable; check the dataset")
+
+    def neighbours(self, dataset, index: int):
+        """Candidates for map-style sample `index`: itself, then every NEIGHBOUR_STRIDE-th sample after it."""
+        size = len(dataset)
+        return (lambda i=(index + k * NEIGHBOUR_STRIDE) % size: dataset[i] for k in itertools.count())
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Adds each example's dataset index (`index`), so a replacement can be fetched for it later (the DALI stage, for
+    a file DALI rejects) or a result named by it (`trainer predict`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "index": index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [{**row, "index": i} for row, i in zip(self.dataset.__getitems__(indices), indices, strict=True)]
+
+
+class Replacing(torch.utils.data.Dataset):
+    """A map-style dataset whose unreadable samples are replaced (or reported) by one `Replacement` policy."""
+
+    def __init__(self, dataset, policy: Replacement | None = None):
+        self.dataset, self.policy = dataset, policy or Replacement()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> list:
+        try:  # one columnar read for the whole batch, as HF datasets serve it
+            return self.dataset.__getitems__(indices)
+        except UnreadableImage:
+            return [self[i] for i in indices]
+
+    def __getitem__(self, index: int):
+        return self.policy.first_readable(self.policy.neighbours(self.dataset, index), f"index {index}")
+
+
+class SeededBatches(torch.utils.data.Dataset):
+    """Map-style samples fetched a batch at a time, each batch under its own seed (`batch_seed`); `collate` runs
+    under the next seed of the same batch, so mixup/cutmix draws repeat too."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self._batch_seed = 0  # the seed of the batch this process fetched last; its collate runs next
+        # Shared memory: persistent DataLoader workers see the epoch the main process sets.
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        self._batch_seed = batch_seed(self.seed, int(self.epoch), list(indices))
+        fetch = getattr(self.dataset, "__getitems__", None)
+        return seeded(self._batch_seed, lambda: fetch(indices) if fetch else [self.dataset[i] for i in indices])
+
+    def collate(self, collate_fn, examples: list):
+        """`collate_fn` under the seed of the batch just fetched (DataLoader collates right after fetching)."""
+        return seeded(self._batch_seed + 1, lambda: collate_fn(examples))
+
+
+class EpochStream(torch.utils.data.IterableDataset):
+    """Exactly `steps` batches per epoch from this rank's part of a stream, re-read (reshuffled) if it runs short.
+
+    Batches are made here (DataLoader(batch_size=None)): worker w of W makes batches w, w+W, ..., which the
+    DataLoader hands out in order, so the count is exact for any worker count. Each batch is seeded by
+    `batch_seed(seed, epoch, rank, position)`; an unreadable example is replaced by the next one (`Replacement`).
+    `transform` maps {"image": [...], "label": [...]} to examples and has a `collate`.
+    """
+
+    def __init__(self, stream, transform, batch_size: int, steps: int, seed: int, rank: int):
+        self.stream, self.transform, self.batch_size, self.steps = stream, transform, batch_size, steps
+        self.seed, self.rank = seed, rank
+        self.policy = Replacement(where=f"rank {rank}")
+        # Shared memory: persistent workers see the epoch the main process sets.
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        index, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        epoch = int(self.epoch)
+        rows = self._rows(epoch)  # inside a worker, datasets hands this worker its own shards
+        for batch in range(index, self.steps, workers):
+            yield seeded(batch_seed(self.seed, epoch, self.rank, batch), lambda: self._batch(rows))
+
+    def _rows(self, epoch: int):
+        for n in itertools.count():
+            self.stream.set_epoch(epoch * PASSES + n)
+            read = 0
+            for row in self.stream:
+                read += 1
+                yield row
+            if not read:
+                raise RuntimeError(f"rank {self.rank}: its part of the stream is empty; check the shards")
+
+    def _example(self, row) -> dict:
+        out = self.transform({"image": [row["image"]], "label": [row["label"]]})
+        return {key: values[0] for key, values in out.items()}
+
+    def _batch(self, rows):
+        candidates = (lambda row=row: self._example(row) for row in rows)
+        near = f"rank {self.rank}'s stream"
+        examples = [self.policy.first_readable(candidates, near) for _ in range(self.batch_size)]
+        return self.transform.collate(examples)
