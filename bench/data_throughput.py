@@ -49,8 +49,8 @@ def write_jpegs(root: Path, count: int, classes: int, width: int, height: int) -
 def time_epoch(loader) -> float:
     """Images per second over one pass."""
     start, seen = time.perf_counter(), 0
-    for images, _ in loader:
-        seen += images.shape[0]
+    for batch in loader:
+        seen += len(batch) if hasattr(batch, "images") else batch[0].shape[0]  # ours: Batch; torchvision: a list
     return seen / (time.perf_counter() - start)
 
 
@@ -73,8 +73,10 @@ def main() -> None:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
+    from trainer import data
     from trainer.config import DataConfig
-    from trainer.data import Preprocess, build_dataloaders, load_splits, resolve_scale
+    from trainer.data import Preprocess, load_splits
+    from trainer.data.transforms import resolve_scale
 
     root = write_jpegs(Path(args.root) / str(args.images), args.images, classes=10, width=500, height=375)
     cfg = DataConfig(data=str(root), imgsz=args.imgsz, workers=args.workers, hflip=0.5)
@@ -83,9 +85,9 @@ def main() -> None:
     start = time.perf_counter()
     splits, info = load_splits(cfg)  # scan + up-front check of every file + stratified hold-out
     setup_s = time.perf_counter() - start
-    ours, _ = build_dataloaders(
-        splits, info, cfg, pre, args.batch_size, seed=0, rank=0, local_processes=1, pin_memory=False
-    )
+    dataset = data.Data(splits, info)
+    spec = data.LoaderSpec(data.Backend("torch", "bench"), pre, args.workers)
+    ours, _ = data.build_loaders(None, dataset, cfg, spec, args.batch_size)
 
     # The bare loader sees the same training files (the hold-out's), the same transform and loader settings.
     train_files = {d["path"] for d in splits["train"]["image"]}
@@ -122,21 +124,11 @@ def main() -> None:
     loaders = {"trainer": ours, "torchvision": bare}
     if args.loader == "dali":
         dali_cfg = dataclasses.replace(cfg, workers=args.dali_workers, loader="dali")
-        dali, _ = build_dataloaders(
-            splits,
-            info,
-            dali_cfg,
-            pre,
-            args.batch_size,
-            seed=0,
-            rank=0,
-            local_processes=1,
-            pin_memory=False,
-            loader="dali",
-        )
-        dali.spec = dataclasses.replace(dali.spec, threads=max(1, workers))  # the torch loader's worker count
+        dali_spec = data.LoaderSpec(data.Backend("dali", "bench"), pre, args.dali_workers)
+        dali, _ = data.build_loaders(None, dataset, dali_cfg, dali_spec, args.batch_size)
+        dali.stage.spec = dataclasses.replace(dali.stage.spec, threads=max(1, workers))  # the torch loader's workers
         loaders["dali-cpu"] = dali
-        print(f"DALI CPU path: {args.dali_workers} byte-reading workers, {dali.spec.threads} DALI threads")
+        print(f"DALI CPU path: {args.dali_workers} byte-reading workers, {dali.stage.spec.threads} DALI threads")
     for loader in loaders.values():
         time_epoch(loader)  # warm-up: worker start, page cache, DALI pipeline build
     rates: dict[str, list[float]] = {name: [] for name in loaders}

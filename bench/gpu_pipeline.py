@@ -128,23 +128,14 @@ class Setup:
 
     def loader(self, name: str, hw_decoder_load: float = 0.65):
         cfg = dataclasses.replace(self.cfg.data, loader=name, workers=self.args.workers)
-        train, _ = self.data.build_dataloaders(
-            self.splits,
-            self.info,
-            cfg,
-            self.pre,
-            self.args.batch_size,
-            seed=0,
-            rank=0,
-            local_processes=1,
-            pin_memory=self.accelerator.device.type == "cuda",
-            loader=name,
-        )
+        spec = self.data.LoaderSpec(self.data.Backend(name, "bench"), self.pre, self.args.workers)
+        dataset = self.data.Data(self.splits, self.info)
+        train, _ = self.data.build_loaders(self.accelerator, dataset, cfg, spec, self.args.batch_size)  # sharded
         if name == "dali":
-            train.spec = dataclasses.replace(
-                train.spec, hw_decoder_load=hw_decoder_load, threads=self.args.dali_threads
+            train.stage.spec = dataclasses.replace(
+                train.stage.spec, hw_decoder_load=hw_decoder_load, threads=self.args.dali_threads
             )
-        return self.data.prepare_loaders(self.accelerator, train)
+        return train
 
     def epoch_imgs_per_sec(self, loader, epochs: int) -> list[float]:
         """train_one_epoch over `loader`: img/s of each epoch after a warm-up epoch."""
@@ -152,8 +143,7 @@ class Setup:
 
         state, rates = TrainState(), []
         for epoch in range(epochs + 1):
-            if hasattr(loader, "set_epoch"):
-                self.data.set_epoch(loader, epoch + 1)
+            loader.set_epoch(epoch + 1)
             self.reporter.epoch_start(epoch + 1, 1000, len(loader))
             stats = self.engine.train_one_epoch(
                 self.accelerator,

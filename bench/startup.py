@@ -61,7 +61,8 @@ timed(engine, "size_kwargs", "model name and size check (imports timm)")
 timed(engine.data, "load_splits_in_turn", "dataset (imports datasets)")
 timed(engine.data, "load_splits", "dataset (imports datasets)")
 timed(engine, "build_model", "model")
-timed(engine.data, "build_dataloaders", "transforms and DataLoaders")
+timed(engine.data, "build_dataloaders", "transforms and DataLoaders")  # trees before the one pipeline
+timed(engine.data, "build_loaders", "transforms and DataLoaders")
 timed(engine.optim, "build_scheduler", "prepare loaders, optimizer, schedule")
 timed(tracking.Reporter, "start", "prepare model, run folder, config.yaml, trackers")
 def first_step(*args):

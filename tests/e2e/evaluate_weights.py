@@ -28,18 +28,9 @@ def main(weights: str, out: str) -> None:
     model.load_state_dict(load_file(weights))
     pre = data.resolve_preprocess(cfg.data, model, int(meta["in_chans"]))
     # Val batches of 20 per rank: with 2 ranks the 500 images end in a padded batch that gather_for_metrics must drop.
-    _, val_loader = data.build_dataloaders(
-        splits,
-        info,
-        DataConfig(workers=0),
-        pre,
-        10,
-        seed=0,
-        rank=accelerator.process_index,
-        local_processes=accelerator.num_processes,
-        pin_memory=False,
-    )
-    model, val_loader = accelerator.prepare(model, val_loader)
+    spec = data.loader_spec(DataConfig(workers=0), data.Backend("torch", "test"), pre)
+    _, val_loader = data.build_loaders(accelerator, data.Data(splits, info), DataConfig(workers=0), spec, 10)
+    model = accelerator.prepare(model)
     metrics, preds = evaluate(accelerator, model, val_loader, len(info.class_names))
     if accelerator.is_main_process:
         with open(out, "w") as f:

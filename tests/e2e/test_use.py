@@ -143,7 +143,8 @@ def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys
     assert json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) == [str(i) for i in range(10)]
     trained = read_weights(weights)
     splits, _ = data.load_splits(DataConfig(data="digits", imgsz=16))
-    images, _ = next(iter(data.build_eval_loader(splits["val"], trained.pre, 48, workers=0, pin_memory=False)))
+    spec = data.LoaderSpec(data.Backend("torch", "test"), trained.pre, workers=0)
+    images = next(iter(data.eval_loader(None, splits["val"], spec, 48))).images
     with torch.no_grad():
         expected = load_model(trained)(images).numpy()
     for batch in (images[:1], images[:7], images):

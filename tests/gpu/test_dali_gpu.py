@@ -6,6 +6,7 @@ Run on a machine with a GPU and DALI: `python -m pytest tests/gpu -q` (DALI via 
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -40,15 +41,12 @@ def _jpegs(root: Path, count: int = 64) -> Path:
 
 
 def _batches(cfg: DataConfig, loader: str, device: torch.device | None = None) -> list:
-    splits, info = data.load_splits(cfg)
-    train, _ = data.build_dataloaders(
-        splits, info, cfg, PRE, 16, seed=0, rank=0, local_processes=1, pin_memory=False, loader=loader
-    )
+    dataset = data.Data(*data.load_splits(cfg))
+    spec = data.loader_spec(cfg, data.Backend(loader, "test"), PRE)
+    train, _ = data.build_loaders(None, dataset, cfg, spec, 16)
     if loader == "dali":
-        train = train.wrapping(train.loader, device)
-        train.loader.dataset.set_epoch(1)
-    else:
-        train.dataset.set_epoch(1)
+        train = dataclasses.replace(train, stage=train.stage.on(device))
+    train.set_epoch(1)
     return list(train)
 
 
@@ -58,7 +56,8 @@ def test_mixed_decoder_matches_torch_path_and_repeats(tmp_path: Path):
     reference = _batches(cfg, "torch")
     first, second = _batches(cfg, "dali", cuda), _batches(cfg, "dali", cuda)
     std = torch.tensor(PRE.std, device=cuda).view(1, 3, 1, 1)
-    for (x_ref, y_ref), (x, y), (x2, y2) in zip(reference, first, second, strict=True):
+    for ref, a, b in zip(reference, first, second, strict=True):
+        (x_ref, y_ref), (x, y), (x2, y2) = (ref.images, ref.labels), (a.images, a.labels), (b.images, b.labels)
         assert x.device.type == "cuda" and y.device.type == "cuda"
         assert torch.equal(y.cpu(), y_ref)
         # The hardware decoder's IDCT and upsampling differ from libjpeg's by a few levels on some pixels.

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from trainer import checkpoint
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, Config, UserError
-from trainer.data import SeededBatches
+from trainer.data.samples import SeededBatches
 from trainer.resume import LATEST, checkpoint_dirs, find_run_dir, resume_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

@@ -54,11 +54,10 @@ def _mixed_folder(root: Path, count: int = 32) -> Path:
 
 
 def _loaders(cfg: DataConfig, pre: Preprocess, loader: str, batch: int = 8):
-    splits, info = data.load_splits(cfg)
-    train, val = data.build_dataloaders(
-        splits, info, cfg, pre, batch, seed=0, rank=0, local_processes=1, pin_memory=False, loader=loader
-    )
-    (train.loader.dataset if loader == "dali" else train.dataset).set_epoch(1)
+    dataset = data.Data(*data.load_splits(cfg))
+    spec = data.loader_spec(cfg, data.Backend(loader, "test"), pre)
+    train, val = data.build_loaders(None, dataset, cfg, spec, batch)
+    train.set_epoch(1)
     return train, val
 
 
@@ -76,12 +75,12 @@ def test_dali_cpu_matches_torch_path_on_the_same_windows(tmp_path: Path, kind: s
     torch_train, torch_val = _loaders(cfg, pre, "torch")
     dali_train, dali_val = _loaders(cfg, pre, "dali")
     for a, b in zip(list(torch_train)[:6], list(dali_train)[:6], strict=True):
-        assert a[0].shape == b[0].shape == (8, pre.in_chans, pre.imgsz, pre.imgsz)
-        assert torch.equal(a[1], b[1])
-        assert _mean_abs_diff(a[0], b[0], pre.std) <= 0.5 / 255
+        assert a.images.shape == b.images.shape == (8, pre.in_chans, pre.imgsz, pre.imgsz)
+        assert torch.equal(a.labels, b.labels)
+        assert _mean_abs_diff(a.images, b.images, pre.std) <= 0.5 / 255
     for a, b in zip(torch_val, dali_val, strict=True):  # resize the shorter side, centre crop
-        assert torch.equal(a[1], b[1])
-        assert _mean_abs_diff(a[0], b[0], pre.std) <= 0.5 / 255
+        assert torch.equal(a.labels, b.labels)
+        assert _mean_abs_diff(a.images, b.images, pre.std) <= 0.5 / 255
 
 
 def test_same_seed_same_batches_across_runs_and_dali_threads(tmp_path: Path):
@@ -90,14 +89,14 @@ def test_same_seed_same_batches_across_runs_and_dali_threads(tmp_path: Path):
     runs = []
     for threads in (1, 1, 2):
         train, _ = _loaders(cfg, RGB, "dali")
-        train.spec = dataclasses.replace(train.spec, threads=threads)
+        train.stage.spec = dataclasses.replace(train.stage.spec, threads=threads)
         runs.append(list(train))
-    assert runs[0][0][1].dim() == 2  # mixed targets: class probabilities
-    train.loader.dataset.set_epoch(2)  # through the DALI wrapper, as data.set_epoch reaches it
-    assert not torch.equal(next(iter(train))[0], runs[0][0][0])
+    assert runs[0][0].labels.dim() == 2  # mixed targets: class probabilities
+    train.set_epoch(2)
+    assert not torch.equal(next(iter(train)).images, runs[0][0].images)
     for other in runs[1:]:
-        for (xa, ya), (xb, yb) in zip(runs[0], other, strict=True):
-            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
 def _broken_png(good: Path) -> bytes:
@@ -125,27 +124,27 @@ def test_unreadable_file_is_replaced_by_its_neighbour_and_reported_once(tmp_path
     assert not info.skipped and any(bad.name in d["path"] for d in splits["train"]["image"])
     train, _ = _loaders(cfg, RGB, "dali", batch=4)
     for epoch in (1, 2):
-        train.loader.dataset.set_epoch(epoch)
+        train.set_epoch(epoch)
         batches = list(train)
-        assert len(batches) == len(train) and all(x.shape[0] == 4 and y.shape[0] == 4 for x, y in batches)
+        assert len(batches) == len(train) and all(len(b) == 4 and b.labels.shape[0] == 4 for b in batches)
     err = capfd.readouterr().err
     assert err.count("skipped unreadable image") == 1 and str(bad) in err, err
     assert ("(DALI:" in err) == (where == "inside DALI")
 
 
-def test_loader_choice(monkeypatch):
-    assert data.choose_loader(DataConfig(), "cpu").name == "torch"  # auto on a CPU: timings and tests unchanged
-    assert data.choose_loader(DataConfig(), "cuda") == data.LoaderChoice(
+def test_backend_choice(monkeypatch):
+    assert data.choose_backend(DataConfig(), "cpu").name == "torch"  # auto on a CPU: timings and tests unchanged
+    assert data.choose_backend(DataConfig(), "cuda") == data.Backend(
         "dali", "auto: CUDA device and nvidia.dali available"
     )
-    augmented = data.choose_loader(DataConfig(auto_augment="rand-m9-mstd0.5"), "cuda")
+    augmented = data.choose_backend(DataConfig(auto_augment="rand-m9-mstd0.5"), "cuda")
     assert augmented.name == "torch" and "no DALI equivalent" in augmented.note
-    assert data.choose_loader(DataConfig(loader="torch"), "cuda").name == "torch"
+    assert data.choose_backend(DataConfig(loader="torch"), "cuda").name == "torch"
     streamed = DataConfig(data="shards/", streaming=True)
-    assert data.choose_loader(streamed, "cuda").name == "torch"  # a stream's loader feeds no DALI stage
+    assert data.choose_backend(streamed, "cuda").name == "torch"  # a stream's loader feeds no DALI stage
     with pytest.raises(UserError, match="--loader dali does not read --streaming data"):
-        data.choose_loader(DataConfig(data="shards/", streaming=True, loader="dali"), "cuda")
+        data.choose_backend(DataConfig(data="shards/", streaming=True, loader="dali"), "cuda")
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed: importing it fails
-    assert "not installed" in data.choose_loader(DataConfig(), "cuda").reason
+    assert "not installed" in data.choose_backend(DataConfig(), "cuda").reason
     with pytest.raises(UserError, match=r"pip install 'trainer\[dali\]'"):
-        data.choose_loader(DataConfig(loader="dali"), "cpu")
+        data.choose_backend(DataConfig(loader="dali"), "cpu")

@@ -14,13 +14,13 @@ from trainer.data import (
     DataInfo,
     ImageTransform,
     Preprocess,
-    build_train_transform,
     describe_augmentation,
     load_splits,
     num_workers,
     resolve_preprocess,
 )
 from trainer.data.splits import hold_out, labels_of
+from trainer.data.transforms import resolve_augment
 
 
 def _val_pixels(splits) -> np.ndarray:
@@ -176,7 +176,7 @@ def test_header_line_states_the_augmentation_in_force(cfg, source, default_hflip
     assert describe_augmentation(cfg, info) == line
     # The line describes the transform the run really builds.
     pre = Preprocess(cfg.imgsz, 3, (0.5,) * 3, (0.5,) * 3, "bilinear", 0.9)
-    assert _in_force(build_train_transform(cfg, info, pre, per_device_batch_size=8)) == in_force
+    assert _in_force(ImageTransform.training(pre, resolve_augment(cfg, info, per_device_batch_size=8))) == in_force
 
 
 def test_decode_turns_exif_rotated_photos_upright_as_datasets_does(tmp_path):

@@ -13,11 +13,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, OptimConfig, TrainConfig, UserError
+from trainer.data import Batch
 from trainer.engine import evaluate, train_one_epoch
 from trainer.optim import build_ema, build_optimizer, build_scheduler
 from trainer.tracking import Reporter
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def _as_batch(rows: list) -> Batch:
+    """Tensor rows as the loop's typed batch, as the data pipeline's loaders yield them."""
+    return Batch(torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows]))
 
 
 @pytest.mark.parametrize("num_batches", [8, 7])
@@ -27,7 +33,7 @@ def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches, tm
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     data = TensorDataset(torch.randn(num_batches * batch, 4), torch.randint(0, 3, (num_batches * batch,)))
-    loader = accelerator.prepare(DataLoader(data, batch_size=batch))
+    loader = accelerator.prepare(DataLoader(data, batch_size=batch, collate_fn=_as_batch))
     # As engine.train: the schedule's length in optimizer steps, a trailing partial accumulation included.
     steps_per_epoch = math.ceil(len(loader) / grad_accum)
     assert steps_per_epoch == 4
@@ -97,7 +103,7 @@ def test_evaluate_matches_plain_torch():
     # First 6 labels agree with the model's prediction, the last 4 do not: top-1 is 0.6 by construction, and
     # the wrong ones sit in the last, short batch (10 samples in batches of 4: 4, 4, 2).
     y = torch.cat([predicted[:6], (predicted[6:] + 1) % 3])
-    loader = accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=4))
+    loader = accelerator.prepare(DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_as_batch))
     model = accelerator.prepare(model)
 
     metrics, preds = evaluate(accelerator, model, loader, num_classes=3)
@@ -120,7 +126,7 @@ def _nan_at_batch(bad_batch: int, batches: int = 6, batch: int = 4):
     torch.manual_seed(0)
     x, y = torch.randn(batches * batch, 4), torch.randint(0, 3, (batches * batch,))
     x[bad_batch * batch] = float("inf")
-    return torch.nn.Linear(4, 3), DataLoader(TensorDataset(x, y), batch_size=batch)
+    return torch.nn.Linear(4, 3), DataLoader(TensorDataset(x, y), batch_size=batch, collate_fn=_as_batch)
 
 
 @pytest.mark.parametrize("skip", [False, True])

@@ -197,15 +197,16 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path):
 
 
 def test_file_broken_mid_run_is_replaced_and_batches_keep_their_size(tmp_path, capsys):
-    from trainer.data import build_dataloaders
+    from trainer import data
 
     root = write_folder(tmp_path / "d", {"train": {"a": 8, "b": 8}, "val": {"a": 2, "b": 2}})
     cfg = DataConfig(data=str(root), workers=0, imgsz=16)
     splits, info = load_splits(cfg)
     victim = Path(splits["train"][0]["image"]["path"])
     victim.write_bytes(b"")  # the disk changed after the up-front check
-    train, _ = build_dataloaders(splits, info, cfg, _pre(3), 4, seed=0, rank=0, local_processes=1, pin_memory=False)
-    shapes = [tuple(images.shape) for _ in range(2) for images, _ in train]
+    spec = data.loader_spec(cfg, data.Backend("torch", "test"), _pre(3))
+    train, _ = data.build_loaders(None, data.Data(splits, info), cfg, spec, 4)
+    shapes = [tuple(batch.images.shape) for _ in range(2) for batch in train]
     assert shapes == [(4, 3, 16, 16)] * 8
     err = capsys.readouterr().err
     assert err.count("skipped unreadable image") == 1 and str(victim) in err

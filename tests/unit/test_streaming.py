@@ -16,8 +16,8 @@ from trainer.cli import main
 from trainer.config import DataConfig, UserError
 from trainer.data import load_splits
 from trainer.data.convert import convert, parse_shard_size
+from trainer.data.samples import EpochStream
 from trainer.data.sources import expand_braces
-from trainer.data.streaming import EpochStream
 from trainer.data.transforms import ImageTransform, Preprocess
 
 PRE = Preprocess(8, 1, (0.5,), (0.5,), "bilinear", 1.0)
@@ -116,8 +116,8 @@ def test_every_rank_gets_the_same_batch_count_over_uneven_shards(wds, world):
     for rank in range(world):
         batches, _, _ = _stream_batches(str(wds), rank, world, 16)
         assert len(batches) == 240 // (world * 16)
-        assert all(images.shape == (16, 1, 8, 8) and len(y) == 16 for images, y in batches)
-        labels.append(torch.cat([y for _, y in batches]))
+        assert all(b.images.shape == (16, 1, 8, 8) and len(b.labels) == 16 for b in batches)
+        labels.append(torch.cat([b.labels for b in batches]))
     assert len({len(x) for x in labels}) == 1
 
 
@@ -133,9 +133,11 @@ def test_a_short_rank_reads_its_stream_again_and_epochs_repeat_exactly(wds):
     first = list(epochs)
     assert len(first) == 25  # 500 samples from a part of 120
     again = list(epochs)  # the same epoch read again, as after a restart at its start: the same batches, bit for bit
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert all(
+        torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(first, again, strict=True)
+    )
     epochs.set_epoch(2)
-    assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in epochs]))
+    assert not torch.equal(torch.cat([b.labels for b in first]), torch.cat([b.labels for b in epochs]))
 
 
 def test_parquet_shards_stream_with_counts_from_the_footers(folder, tmp_path):
@@ -168,15 +170,15 @@ def test_a_corrupt_sample_inside_a_shard_is_skipped_and_counted(folder, tmp_path
     )
     # 40 samples (the count from the tar headers): 3 batches of 13, in file order (buffer 1), the broken one first.
     batches, epochs, _ = _stream_batches(str(root), 0, 1, 13, buffer=1)
-    assert len(batches) == 3 and all(len(y) == 13 for _, y in batches)
-    assert int(epochs.skipped) == 1
+    assert len(batches) == 3 and all(len(b.labels) == 13 for b in batches)
+    assert epochs.policy.replaced == 1
     err = capsys.readouterr().err
     assert err.count("warning: skipped unreadable image 0000.png") == 1 and "1 skipped on rank 0 so far" in err
     # Without --streaming the shards become a map-style dataset: the broken sample is replaced when read, as in folders.
-    from trainer.data import SkipUnreadable
+    from trainer.data.samples import Replacing
 
     splits, info = load_splits(DataConfig(data=str(root)))
     assert (info.train_size, info.val_size) == (40, 40)
-    train = SkipUnreadable(splits["train"].with_transform(ImageTransform(PRE, False)))
+    train = Replacing(splits["train"].with_transform(ImageTransform(PRE, False)))
     assert len([train[i] for i in range(len(train))]) == len(train)
     assert "skipped unreadable image 0000.png" in capsys.readouterr().err

@@ -34,17 +34,7 @@ class Backend:
             if augment is None:
                 return dali.DaliExamples(pre, False, upright=upright)
             return dali.DaliExamples(pre, True, augment.hflip, augment.scale)
-        if augment is None:
-            return ImageTransform(pre, False)
-        return ImageTransform(
-            pre,
-            True,
-            augment.hflip,
-            augment.scale,
-            auto_augment=augment.auto_augment,
-            random_erase=augment.random_erase,
-            mixup=augment.mixup,
-        )
+        return ImageTransform(pre, False) if augment is None else ImageTransform.training(pre, augment)
 
     def collate(self, examples):
         """The function that makes one batch of the workers' samples (for `examples`' output)."""

@@ -53,8 +53,9 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
-        runs one process)."""
-        self.batches.set_epoch(epoch)
+        runs one process). An unsharded loader (no accelerator) reshuffles from its generator instead."""
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
         if hasattr(self.batches.dataset, "set_epoch"):
             self.batches.dataset.set_epoch(epoch)
 

@@ -100,6 +100,19 @@ class ImageTransform:
         except (AssertionError, KeyError, ValueError) as e:  # timm's reaction to a malformed policy string
             raise UserError(f"--auto-augment {auto_augment!r}: not a valid timm policy ({e})") from e
 
+    @classmethod
+    def training(cls, pre: Preprocess, augment: Augment) -> ImageTransform:
+        """The training transform of the augmentation in force (`resolve_augment`)."""
+        return cls(
+            pre,
+            True,
+            augment.hflip,
+            augment.scale,
+            auto_augment=augment.auto_augment,
+            random_erase=augment.random_erase,
+            mixup=augment.mixup,
+        )
+
     def __call__(self, batch: dict) -> dict:
         return {
             **batch,
