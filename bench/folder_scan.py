@@ -9,7 +9,7 @@ across `load_splits`, per file, and the size of the stored Arrow splits per file
 
     python bench/folder_scan.py                       # 10,000 and 100,000 training images (+ a tenth in val/)
     python bench/folder_scan.py --sizes 1000000       # 4.4 GB of small files; generating takes about a minute
-    python bench/folder_scan.py --against /work/main  # also the first scan of another checkout's trainer
+    python bench/folder_scan.py --against ../other  # also the first scan of another checkout's trainer
 """
 
 from __future__ import annotations

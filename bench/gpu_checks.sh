@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run on a lent GPU machine, in under 8 minutes; figures as JSON.
+# Every GPU check of the project in one run on a GPU machine, in under 8 minutes; figures as JSON.
 #
-#   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT (the device tool's) or ./gpu-out
-#   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # here, without a GPU: every part tiny, to see none is broken
+#   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT, else ./gpu-out
+#   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # without a GPU: every part tiny, to see none is broken
 #
 # Writes OUT_DIR/gpu_checks.json (the summary: machine, versions, each part's exit code and seconds) beside each
 # part's own JSON and log:
@@ -13,14 +13,11 @@
 #   gpu_tests.log      pytest tests/gpu (SyncBN on two ranks sharing the GPU, the DALI mixed decoder)
 # Each part has its own time limit and a failing part never stops the others.
 #
-# The lent machine has torch, timm, accelerate and torchvision but no registry, no `datasets`, no pytest and no
-# DALI: carry them (../shared/GPU.md). From the project root here, once per session:
-#   bash ../shared/device-wheels.sh pytest pluggy iniconfig    # .whl/: datasets + pytest (git-ignored)
-#   bash ../shared/device-dali.sh                               # .dali/: DALI in four parts, prints the calls
-# then the part-carrying calls it prints, back to back, and last the real call carrying the last part,
-# .dali/SHA256 and .whl, whose command is the install line device-dali.sh prints followed by
+# Needs torch, timm, accelerate and torchvision, plus `datasets`, pytest and the DALI wheel (nvidia-dali-cuda120 or
+# -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
+# in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (timeout_s 540: the parts below sum to at most 440 s plus start-up).
+# (allow 540 s: the parts below sum to at most 440 s plus start-up).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()

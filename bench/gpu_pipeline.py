@@ -1,6 +1,6 @@
 """What feeds resnet50 on one GPU: the model's own ceiling against the real training loop fed by each loader.
 
-One command for the lent GPU machine (about 5 minutes), figures to a JSON file:
+One command for a GPU machine (about 5 minutes), figures to a JSON file:
 
 1. resnet50, 224 px, bf16, channels_last, batch 256, on synthetic batches already on the GPU: eager and compiled
    (the ceiling);
@@ -11,11 +11,11 @@ One command for the lent GPU machine (about 5 minutes), figures to a JSON file:
 3. what check_step's per-step host sync costs (the loop on synthetic batches, with and without it).
 
     python bench/gpu_pipeline.py --out gpu_pipeline.json            # on the GPU machine
-    python bench/gpu_pipeline.py --cpu-smoke --out /tmp/smoke.json  # here: every part, tiny, on the CPU
+    python bench/gpu_pipeline.py --cpu-smoke --out /tmp/smoke.json  # without a GPU: every part, tiny, on the CPU
 
 Each part that fails records its error in the JSON and the rest goes on. Needs no wandb or mlxtend (--tracker none).
-On the lent GPU machine install `datasets` (../shared/device-wheels.sh) and DALI (../shared/device-dali.sh) first,
-as /work/shared/GPU.md describes; without DALI its parts record the import error.
+On the GPU machine install `datasets` and the DALI wheel first (see docs/benchmarks.md); without DALI its parts
+record the import error.
 """
 
 from __future__ import annotations

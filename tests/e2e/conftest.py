@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark every test under tests/e2e `e2e`, so `pytest -m "not e2e"` leaves out the long runs."""
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """The user's environment minus anything that would change a run: no wandb key, an empty HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "HF_"))}

@@ -125,7 +125,7 @@ def test_torchrun_restart_resumes_by_itself(reference: Path, workdir: Path):
     launch = torchrun(2, "train", *ARGS, *WANDB, "--name", "cut", "--resume", "auto", "--dist-timeout", "2")
     at = launch.index("--standalone") + 1
     launch[at:at] = ["--max-restarts", "2"]
-    # As README, Scale out: without it torch 2.14's restarted ranks may read the previous attempt's addresses.
+    # See docs/distributed.md (Several machines): without it torch 2.14's restarted ranks may read old addresses.
     proc = start(launch, workdir, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     deadline = time.time() + 600
     while 10 not in steps(cut):  # a mid-epoch checkpoint (25 steps per epoch)

@@ -88,7 +88,7 @@ def test_val_reproduces_training_metric_at_any_process_count(run_dir: Path):
 def test_predict_folder_with_corrupt_file_matches_plain_timm(
     in_process: Path, run_dir: Path, image_folder: Path, capsys
 ):
-    """A folder and a glob (overlapping), one corrupt file listed not fatal; the README's plain-timm snippet
+    """A folder and a glob (overlapping), one corrupt file listed not fatal; the plain-timm snippet of docs/use.md
     (no trainer import) gives the same probabilities."""
     glob = str(image_folder / "sub" / "*.png")
     weights = str(run_dir / "weights" / "best.safetensors")
@@ -108,7 +108,7 @@ def test_predict_folder_with_corrupt_file_matches_plain_timm(
     assert len(rows) == 13 and list(rows[0])[:3] == ["path", "top1", "prob1"]
     assert [r["path"] for r in rows if r["error"]] == [str(image_folder / "broken.png")]
 
-    snippet = readme_block("pretrained_cfg_overlay=overlay")
+    snippet = docs_block("pretrained_cfg_overlay=overlay")
     assert "trainer" not in snippet
     scope: dict = {}
     exec(snippet, scope)  # loads runs/train/exp/weights/best.safetensors from the working folder
@@ -193,6 +193,6 @@ def test_hub_push_needs_credentials(run_dir: Path):
     assert not (workdir / "hub").exists()
 
 
-def readme_block(marker: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def docs_block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "use.md").read_text(), flags=re.S)
     return next(b for b in blocks if marker in b)

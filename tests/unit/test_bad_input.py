@@ -1,4 +1,4 @@
-"""The errors table of the README: every mistake is one line on stderr, exit code 2, no traceback, nothing written.
+"""The errors table of docs/errors.md: every mistake is one line on stderr, exit code 2, no traceback, nothing written.
 
 Each case runs the real CLI in-process next to an existing run folder and checks that folder is left as it was.
 """
