@@ -97,14 +97,12 @@ def decode_image(value):
         return value
     if not isinstance(value, dict | str | bytes):
         return Image.fromarray(np.asarray(value, dtype=np.uint8))
-    data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, None)
-    if isinstance(value, str | bytes):
-        data, path = (None, value) if isinstance(value, str) else (value, None)
+    data, path = read_encoded(value)
     try:
-        img = Image.open(io.BytesIO(data) if data is not None else path)
+        img = Image.open(io.BytesIO(data))
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(path or EMBEDDED, _reason(e)) from e
+        raise UnreadableImage(path, _reason(e)) from e
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
