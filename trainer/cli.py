@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -32,9 +33,86 @@ from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, re
 ALIASES = {"label_smoothing": ("--smoothing",)}
 
 
+class _BoolFlag(argparse.Action):
+    """`--ema`, `--no-ema`, and the `--ema=VALUE` a wandb sweep agent passes (`--ema=True`): true/false, 1/0, yes/no,
+    in any case. argparse's BooleanOptionalAction refuses a value ("ignored explicit argument 'True'")."""
+
+    def __init__(self, option_strings: list[str], dest: str, field: dataclasses.Field, **kwargs):
+        negated = ["--no-" + s[2:] for s in option_strings if s.startswith("--")]
+        super().__init__([*option_strings, *negated], dest, nargs="?", metavar="BOOL", **kwargs)
+        self.field = field
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        flag = self.option_strings[0]
+        if option_string != flag:  # --no-ema
+            if value is not None:
+                raise argparse.ArgumentError(None, f"{option_string} takes no value; use {flag}=true or {flag}=false")
+            setattr(namespace, self.dest, False)
+            return
+        try:
+            setattr(namespace, self.dest, True if value is None else coerce_value(self.field, value, flag))
+        except UserError:
+            message = f"{flag} expects true or false (or 1/0, yes/no), got {value!r}"
+            raise argparse.ArgumentError(None, message) from None
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _BoolFlag):
+            return ", ".join(f"{s}[=BOOL]" if not s.startswith("--no-") else s for s in action.option_strings)
+        return super()._format_action_invocation(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No prefix matching: `--patience` must not silently mean `--patience-epochs`, today or after a new flag.
+        kwargs.update(allow_abbrev=False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line instead of argparse's usage dump
         raise UserError(f"{message}; see `{self.prog} --help`")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._chosen_parser(parsed)
+            raise UserError(unrecognized(extras, parser.long_options(), parser.prog))
+        return parsed
+
+    def _chosen_parser(self, parsed: argparse.Namespace) -> _Parser:
+        """The (sub)command the arguments chose: `trainer data convert` -> its own parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]._chosen_parser(parsed)
+        return self
+
+    def long_options(self) -> list[str]:
+        return sorted(s for s in self._option_string_actions if s.startswith("--"))
+
+
+def unrecognized(extras: list[str], options: list[str], prog: str) -> str:
+    """One line naming the unknown flags and the real ones each could have meant (a prefix, or a near spelling)."""
+    flags = [x.split("=", 1)[0] for x in extras if x.startswith("-")] or extras
+    guesses = {flag: _meant(flag, options) for flag in flags}
+    if len(flags) == 1 and guesses[flags[0]]:
+        return f"unrecognized arguments: {flags[0]}; did you mean {_either(guesses[flags[0]])}?"
+    named = ", ".join(f"{f} ({_either(g)}?)" if g else f for f, g in guesses.items())
+    return f"unrecognized arguments: {named}; see `{prog} --help`"
+
+
+def _meant(flag: str, options: list[str]) -> list[str]:
+    spelled = flag.replace("_", "-")  # `--weight_decay`: sweep configs keyed by the Python name
+    if spelled in options:
+        return [spelled]
+    started = [o for o in options if o.startswith(spelled) and len(spelled) > 2]
+    return started or difflib.get_close_matches(spelled, options, n=3, cutoff=0.75)
+
+
+def _either(names: list[str]) -> str:
+    if len(names) > 4:
+        return f"one of {', '.join(names[:4])}, ..."
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, dataclasses.Field]]:
@@ -49,7 +127,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
                 dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {f.default})"
             )
             if isinstance(f.default, bool):
-                kwargs["action"] = argparse.BooleanOptionalAction
+                kwargs.update(action=_BoolFlag, field=f)
             elif f.name == "pretrained":
                 kwargs.update(nargs="?", const="default", metavar="PATH")
             elif f.name in ("mixed_precision", "compile_mode", "loader"):
@@ -279,7 +357,7 @@ def run_use_command(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = any(a == "--debug" or a.lower() in ("--debug=true", "--debug=1", "--debug=yes") for a in argv)
     try:
         parser, dests = build_parser()
         args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -18,7 +19,7 @@ def _rank0(monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus; see `trainer train --help`"),
         (["train", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
         (["train", "--epochs", "abc"], "--epochs expects int, got 'abc'"),
         (["train", "--config", "missing.yaml"], "--config missing.yaml: file not found"),
@@ -103,3 +104,135 @@ def test_flag_overrides_empty_yaml_section(tmp_path):
 def test_smoothing_is_an_alias_of_label_smoothing():
     assert _resolve(["train", "--smoothing", "0.2"]).train.label_smoothing == 0.2
     assert _resolve(["train", "--compile", "--compile-mode", "max-autotune"]).train.compile_mode == "max-autotune"
+
+
+@pytest.mark.parametrize(
+    ("argv", "ema"),
+    [
+        ([], False),
+        (["--ema"], True),
+        (["--no-ema"], False),
+        (["--ema=True"], True),  # what a wandb sweep agent passes
+        (["--ema=False"], False),
+        (["--ema=true"], True),
+        (["--ema=false"], False),
+        (["--ema=1"], True),
+        (["--ema=0"], False),
+        (["--ema=yes"], True),
+        (["--ema=NO"], False),
+        (["--ema", "false"], False),  # wandb's ${args_no_equals}
+        (["--ema", "--no-ema"], False),  # the last one wins, as for every flag
+    ],
+)
+def test_boolean_flags_take_the_sweep_agents_values(argv, ema):
+    assert _resolve(["train", *argv]).optim.ema is ema
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--ema=maybe"], "--ema expects true or false (or 1/0, yes/no), got 'maybe'"),
+        (["--sync-bn="], "--sync-bn expects true or false (or 1/0, yes/no), got ''"),
+        (["--no-ema=True"], "--no-ema takes no value; use --ema=true or --ema=false"),
+    ],
+)
+def test_a_bad_boolean_is_one_line_exit_2(capsys, argv, expected):
+    assert main(["train", *argv]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"trainer: error: {expected}; see `trainer train --help`"]
+
+
+def test_every_flag_takes_key_equals_value():
+    """The agent passes `--name=value` for every parameter: ints, floats, tuples, strings, choices, --pretrained."""
+    cfg = _resolve(
+        [
+            "train",
+            "--epochs=3",
+            "--lr=0.0003",
+            "--weight-decay=1e-05",
+            "--hflip=-1",
+            "--scale=0.5,1.0",
+            "--model=resnet18",
+            "--mixed-precision=bf16",
+            "--loader=torch",
+            "--pretrained=w.safetensors",
+            "--tracker=none",
+            "--smoothing=0.2",
+            "--deterministic=True",
+        ]
+    )
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.weight_decay, cfg.data.hflip) == (3, 3e-4, 1e-5, -1.0)
+    assert (cfg.data.scale, cfg.model.model, cfg.train.mixed_precision) == ((0.5, 1.0), "resnet18", "bf16")
+    assert (cfg.data.loader, cfg.model.pretrained, cfg.run.tracker) == ("torch", "w.safetensors", "none")
+    assert (cfg.train.label_smoothing, cfg.train.deterministic) == (0.2, True)
+    assert _resolve(["train", "--pretrained="]).model.pretrained == ""  # an empty value: random init
+
+
+def test_every_boolean_field_takes_a_value():
+    fields = [(f.name, f.default) for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    booleans = [(name, default) for name, default in fields if isinstance(default, bool)]
+    assert booleans
+    for name, default in booleans:
+        flag = "--" + name.replace("_", "-")
+        parser, dests = build_parser()
+        values = [
+            getattr(getattr(resolve_config(parser.parse_args(["train", arg]), dests), dests[name][0]), name)
+            for arg in (f"{flag}={not default}", f"{flag}={default}")
+        ]
+        assert values == [not default, default], flag
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # Prefixes of real flags: argparse would have taken them for the full flag.
+        (["train", "--keep", "3"], "unrecognized arguments: --keep; did you mean --keep-checkpoints?"),
+        (["train", "--patience-ep=2"], "unrecognized arguments: --patience-ep; did you mean --patience-epochs?"),
+        (
+            ["train", "--warmup", "1"],
+            "unrecognized arguments: --warmup; did you mean --warmup-epochs, --warmup-lr or --warmup-steps?",
+        ),
+        (["train", "--ema-w"], "unrecognized arguments: --ema-w; did you mean --ema-warmup?"),
+        (["train", "--no-ema-w"], "unrecognized arguments: --no-ema-w; did you mean --no-ema-warmup?"),
+        # A sweep config keyed by the Python name, and a near spelling.
+        (["train", "--weight_decay=0.1"], "unrecognized arguments: --weight_decay; did you mean --weight-decay?"),
+        (["train", "--ema-decy", "0.9"], "unrecognized arguments: --ema-decy; did you mean --ema-decay?"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus; see `trainer train --help`"),
+        (
+            ["train", "--bogus", "--keep=3"],
+            "unrecognized arguments: --bogus, --keep (--keep-checkpoints?); see `trainer train --help`",
+        ),
+        (["val", "--weights", "w", "--batch", "8"], "unrecognized arguments: --batch; did you mean --batch-size?"),
+        (["data", "convert", "a", "b", "--shard=5"], "unrecognized arguments: --shard; did you mean --shard-size?"),
+    ],
+)
+def test_abbreviations_are_refused_naming_the_full_flag(capsys, argv, expected):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [f"trainer: error: {expected}"]
+
+
+def test_no_parser_takes_abbreviations():
+    parser, _ = build_parser()
+    parsers, seen = [parser], []
+    while parsers:
+        p = parsers.pop()
+        seen.append(p.prog)
+        assert p.allow_abbrev is False, p.prog
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    assert {"trainer", "trainer train", "trainer val", "trainer data convert"} <= set(seen)
+
+
+def test_boolean_help_shows_both_forms(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--ema[=BOOL], --no-ema" in capsys.readouterr().out
+
+
+def test_debug_with_a_value_shows_the_exception():
+    from trainer.config import UserError
+
+    with pytest.raises(UserError, match="--epochs"):
+        main(["train", "--epochs", "0", "--debug=True"])
