@@ -301,7 +301,8 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
 def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
     """One pass over this rank's shard (its rest, when resumed mid-epoch), advancing `loop.state`.
 
-    Returns the epoch's mean loss over all ranks."""
+    Returns the epoch's mean loss over all ranks. One piece on purpose (about a screen): a step's order (forward,
+    backward, the ranks' agreement, update, schedule, EMA, saves) reads top to bottom."""
     accelerator, model, optimizer, scheduler = loop.accelerator, loop.model, loop.optimizer, loop.scheduler
     state, reporter, checkpointer, ema = loop.state, loop.reporter, loop.checkpointer, loop.ema
     loader = loop.train_loader
