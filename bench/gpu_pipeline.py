@@ -100,8 +100,8 @@ class Setup:
     """The engine's pieces, built as engine.train builds them (config -> accelerator -> model -> prepare)."""
 
     def __init__(self, args, root: Path, run_dir: Path):
-        from trainer import data, engine, optim
-        from trainer.checkpoint import Checkpointer
+        from trainer import data, engine, launch, optim
+        from trainer.checkpointer import Checkpointer
         from trainer.config import CheckpointConfig, Config, DataConfig, ModelConfig, RunConfig, TrainConfig
         from trainer.model import build_model
         from trainer.tracking import Reporter
@@ -115,7 +115,7 @@ class Setup:
         )
         if not args.cpu_smoke:
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, mixed_precision="bf16"))
-        self.accelerator = engine.build_accelerator(self.cfg)
+        self.accelerator = launch.build_accelerator(self.cfg)
         self.splits, self.info = data.load_splits(self.cfg.data)
         model = build_model(self.cfg.model, num_classes=len(self.info.class_names), in_chans=3)
         self.pre = data.resolve_preprocess(self.cfg.data, model, 3)
@@ -139,23 +139,15 @@ class Setup:
 
     def epoch_imgs_per_sec(self, loader, epochs: int) -> list[float]:
         """train_one_epoch over `loader`: img/s of each epoch after a warm-up epoch."""
-        from trainer.checkpoint import TrainState
+        from trainer.checkpointer import TrainState
 
         state, rates = TrainState(), []
         for epoch in range(epochs + 1):
             loader.set_epoch(epoch + 1)
             self.reporter.epoch_start(epoch + 1, 1000, len(loader))
-            stats = self.engine.train_one_epoch(
-                self.accelerator,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                loader,
-                self.cfg.train,
-                state,
-                self.reporter,
-                self.checkpointer,
-            )
+            parts = (self.accelerator, self.model, self.optimizer, self.scheduler, loader, state)
+            loop = self.engine.Loop(*parts, self.reporter, self.checkpointer)
+            stats = self.engine.train_one_epoch(loop, self.cfg.train)
             state.batches_in_epoch = 0
             if epoch:
                 rates.append(stats.images / stats.seconds)

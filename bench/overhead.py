@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from trainer import optim
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import build_config
-from trainer.engine import build_accelerator, train_one_epoch
+from trainer.engine import Loop, train_one_epoch
+from trainer.launch import build_accelerator
 from trainer.model import build_model
 from trainer.tracking import Reporter
 
@@ -72,11 +73,12 @@ def main() -> None:
     reporter = Reporter(accelerator)
     state = TrainState()  # the loop's per-step bookkeeping, as in a run; no checkpoint is due in these rounds
     checkpointer = Checkpointer(accelerator, Path(tempfile.mkdtemp()), cfg.checkpoint)
+    loop = Loop(accelerator, model, optimizer, scheduler, loader, state, reporter, checkpointer)
 
     def run_trainer() -> float:
         start = time.perf_counter()
         state.batches_in_epoch, state.loss_sum, state.seen = 0, 0.0, 0.0
-        train_one_epoch(accelerator, model, optimizer, scheduler, loader, cfg.train, state, reporter, checkpointer)
+        train_one_epoch(loop, cfg.train)
         return time.perf_counter() - start
 
     # bare PyTorch: the same work written out by hand.

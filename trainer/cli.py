@@ -28,6 +28,7 @@ from trainer.config import (
     load_yaml,
 )
 from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
+from trainer.rundirs import RunFolder
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
@@ -323,9 +324,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             workers=args.workers,
             loader=args.loader,
-            project=args.project,
-            name=args.name,
-            exist_ok=args.exist_ok,
+            folder=RunFolder(args.project, args.name, args.exist_ok),
         )
     elif args.command == "predict":
         from trainer.predict import predict
@@ -337,9 +336,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             topk=args.topk,
             workers=args.workers,
             loader=args.loader,
-            project=args.project,
-            name=args.name,
-            exist_ok=args.exist_ok,
+            folder=RunFolder(args.project, args.name, args.exist_ok),
             write_json=args.json,
         )
     else:
@@ -372,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"trainer: {resume_dir} already finished its {cfg.train.epochs} epochs; nothing to do")
             return 0
         _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
-        from trainer.checkpoint import Stopped
+        from trainer.checkpointer import Stopped
         from trainer.engine import train
 
         try:

@@ -11,10 +11,14 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from trainer import checkpoint, data, report
+from trainer import data, report
 from trainer.config import Config, RunConfig, UserError
-from trainer.engine import build_accelerator, evaluate
+from trainer.engine import evaluate
 from trainer.inference import check_classes, data_config_for, load_model, read_weights
+from trainer.launch import build_accelerator
+from trainer.rundirs import RunFolder, create_run_dir
+
+VAL_FOLDER = RunFolder("runs/val")  # --project runs/val --name exp
 
 
 def validate(
@@ -25,9 +29,7 @@ def validate(
     batch_size: int = 256,
     workers: int = -1,
     loader: str = "auto",
-    project: str = "runs/val",
-    name: str = "exp",
-    exist_ok: bool = False,
+    folder: RunFolder = VAL_FOLDER,
 ) -> dict:
     """Evaluate `weights` on `split` of their run's data (or `data_name`); print the metrics and the per-class
     table; write per_class.csv, confusion_matrix.png and metrics.json to a run folder. Every rank calls this."""
@@ -56,7 +58,7 @@ def validate(
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
     metrics, preds = evaluate(accelerator, model, batches, trained.num_classes)
     # Every rank: the main process picks and creates the folder, then broadcasts its name.
-    run_dir = checkpoint.create_run_dir(accelerator, project, name, exist_ok, weights_dir=False)
+    run_dir = create_run_dir(accelerator, folder, weights_dir=False)
     summary = {
         **metrics,
         "images": len(preds),

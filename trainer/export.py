@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from trainer import data
-from trainer.checkpoint import match_umask
 from trainer.config import UserError
 from trainer.inference import TrainedWeights, check_classes, data_config_for, load_model, read_weights
+from trainer.weights import match_umask
 
 FORMATS = ("onnx", "hf")
 ONNX_GOAL = 1e-4  # max |logit difference| to PyTorch in fp32

@@ -15,6 +15,7 @@ import torch
 
 from trainer.config import DataConfig, UserError, build_config, load_yaml
 from trainer.data import Preprocess
+from trainer.files import CONFIG_FILE, WEIGHTS
 
 REQUIRED_KEYS = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct")
 
@@ -98,7 +99,7 @@ def load_model(weights: TrainedWeights) -> torch.nn.Module:
 def run_dir_of(weights: TrainedWeights) -> Path | None:
     """RUN for RUN/weights/X.safetensors when RUN/config.yaml exists."""
     run_dir = weights.path.resolve().parent.parent
-    if weights.path.resolve().parent.name == "weights" and (run_dir / "config.yaml").is_file():
+    if weights.path.resolve().parent.name == WEIGHTS and (run_dir / CONFIG_FILE).is_file():
         return run_dir
     return None
 
@@ -110,7 +111,7 @@ def data_config_for(weights: TrainedWeights, data: str | None) -> DataConfig | N
     """
     run_dir = run_dir_of(weights)
     if run_dir is not None:
-        values = load_yaml(str(run_dir / "config.yaml"))
+        values = load_yaml(str(run_dir / CONFIG_FILE))
         cfg = build_config({"data": values.get("data", {})}).data
     elif data is None:
         return None

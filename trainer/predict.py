@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from trainer import data
-from trainer.checkpoint import increment_path
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import IMAGE_EXTENSIONS
 from trainer.inference import load_model, read_weights
+from trainer.rundirs import RunFolder, make_run_dir
 
 PRINTED_ROWS = 30  # the table on screen; the files hold every image
+
+PREDICT_FOLDER = RunFolder("runs/predict")  # --project runs/predict --name exp
 
 
 @dataclass
@@ -69,9 +71,7 @@ def predict(
     topk: int = 5,
     workers: int = -1,
     loader: str = "auto",
-    project: str = "runs/predict",
-    name: str = "exp",
-    exist_ok: bool = False,
+    folder: RunFolder = PREDICT_FOLDER,
     write_json: bool = False,
 ) -> tuple[Path, list[Prediction]]:
     """Classify every image in `sources`; print a table; write predictions.csv (and .json) to a run folder."""
@@ -107,11 +107,7 @@ def predict(
     results.sort(key=lambda r: order[r.path])
     results += failed
 
-    run_dir = increment_path(Path(project) / name, exist_ok)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run folder {run_dir}: {e.strerror}; choose another --project") from e
+    run_dir = make_run_dir(folder)
     write_csv(results, k, run_dir / "predictions.csv")
     if write_json:
         write_json_file(results, trained.path, run_dir / "predictions.json")

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import SECTIONS, Config, RunConfig, UserError, build_config, load_yaml
+from trainer.files import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 
 LATEST = "latest"  # `--resume` with no folder
 AUTO = "auto"  # `--resume auto`: continue {project}/{name} if it holds a checkpoint, else start the run there
-CHECKPOINTS = "checkpoints"
-RANK0_STATE = "trainer_state_0.json"  # written into each checkpoint by checkpoint.Checkpointer.save
 # Settings that do not change what the run computes; given with --resume they replace the stored ones.
 HARMLESS = frozenset(
     {"workers", "tracker", "log_every", "debug", "allow_download", "dist_backend"}
@@ -25,13 +24,6 @@ HARMLESS = frozenset(
 )
 # Settings that only locate the run folder: with --resume they find it, the stored values are kept.
 LOCATORS = frozenset({"project", "name", "exist_ok"})
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first. Temporary folders (a save in progress or killed) start with '.'."""
-    root = Path(run_dir) / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def find_run_dir(resume: str, project: str, name: str | None) -> Path:
@@ -50,7 +42,7 @@ def find_run_dir(resume: str, project: str, name: str | None) -> Path:
         if not runs:
             raise UserError(f"--resume: no run with a checkpoint under {project}; name the run: --resume RUN_DIR")
         run_dir = max(runs, key=lambda p: checkpoint_dirs(p)[-1].stat().st_mtime)
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"--resume {run_dir}: not a trainer run folder (no config.yaml); give a folder under runs/")
     return run_dir
 
@@ -69,7 +61,7 @@ def auto_resume(given: dict[str, dict[str, Any]]) -> tuple[Config, Path | None]:
     run = given.get("run") or {}
     run_dir = Path(run.get("project", RunConfig.project)) / run.get("name", RunConfig.name)
     if checkpoint_dirs(run_dir):
-        if not (run_dir / "config.yaml").is_file():
+        if not (run_dir / CONFIG_FILE).is_file():
             raise UserError(f"--resume auto: {run_dir} has checkpoints but no config.yaml; choose another --name")
         return resume_config(run_dir, given), run_dir
     fresh = {section: dict(values) for section, values in given.items()}
@@ -81,7 +73,7 @@ def finished(run_dir: Path, epochs: int) -> bool:
     """Whether the newest checkpoint of the run is its last epoch's (an unreadable one is left to the loader)."""
     found = checkpoint_dirs(run_dir)
     try:
-        return bool(found) and json.loads((found[-1] / RANK0_STATE).read_text())["epoch"] >= epochs
+        return bool(found) and json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text())["epoch"] >= epochs
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -89,7 +81,7 @@ def finished(run_dir: Path, epochs: int) -> bool:
 def resume_config(run_dir: Path, given: dict[str, dict[str, Any]]) -> Config:
     """The run's stored config, with the harmless settings in `given` applied; any other difference is refused."""
     try:
-        stored_values = load_yaml(str(run_dir / "config.yaml"))
+        stored_values = load_yaml(str(run_dir / CONFIG_FILE))
         stored = build_config(stored_values)
     except UserError as e:
         raise UserError(f"--resume {run_dir}: its config.yaml is unusable ({e}); the run cannot be resumed") from None

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from trainer import report
 from trainer.config import RunConfig
 from trainer.data.decode import decode_image
+from trainer.files import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.progress import Progress
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
@@ -105,10 +106,10 @@ class Reporter:
         if not self.is_main:
             return
         if not resume:
-            with open(run_dir / "config.yaml", "w") as f:
+            with open(run_dir / CONFIG_FILE, "w") as f:
                 yaml.safe_dump(record, f, sort_keys=False)
-        if not (resume and (run_dir / "results.csv").exists()):
-            with open(run_dir / "results.csv", "w", newline="") as f:
+        if not (resume and (run_dir / RESULTS_FILE).exists()):
+            with open(run_dir / RESULTS_FILE, "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
         trackers = run.trackers()
         if "wandb" in trackers:
@@ -118,7 +119,7 @@ class Reporter:
 
     def keep_results(self, epochs: int) -> None:
         """On resume: keep the results.csv rows of the first `epochs` epochs; later ones are trained again."""
-        path = self.run_dir / "results.csv"
+        path = self.run_dir / RESULTS_FILE
         if not self.is_main or not path.is_file():
             return
         with open(path, newline="") as f:
@@ -249,7 +250,7 @@ class Reporter:
         if preds is not None and (best or not self.best_is_best):
             self.best, self.best_is_best = (epoch, preds), best
         row = [epoch, *(metrics[c] for c in self.columns[1:])]
-        with open(self.run_dir / "results.csv", "a", newline="") as f:
+        with open(self.run_dir / RESULTS_FILE, "a", newline="") as f:
             csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
         ema = f"  top1_ema {metrics['val/top1_ema']:.4f}" if "val/top1_ema" in metrics else ""
         print(
@@ -286,7 +287,7 @@ class Reporter:
     def _write_reports(self, val_split) -> list[str]:
         """results.png, and from the best epoch's predictions: per-class table, confusion matrix, image grid."""
         written = []
-        report.save_results_png(self.run_dir / "results.csv", self.run_dir / "results.png")
+        report.save_results_png(self.run_dir / RESULTS_FILE, self.run_dir / "results.png")
         written.append("results.png")
         if self.best is None:
             return written
@@ -336,7 +337,7 @@ class Reporter:
                     table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
                 media["val/predictions"] = table
         run.log(media)
-        best_weights = self.run_dir / "weights" / "best.safetensors"
+        best_weights = self.run_dir / WEIGHTS / BEST_WEIGHTS
         if best_weights.exists():
             artifact = wandb.Artifact(
                 f"model-{run.id}",
@@ -353,5 +354,5 @@ class Reporter:
             f"Results saved to {self.run_dir}",
             flush=True,
         )
-        print(f"  weights: {self.run_dir / 'weights'}/best.safetensors, last.safetensors", flush=True)
-        print(f"  reports: results.csv, {', '.join(written)}", flush=True)
+        print(f"  weights: {self.run_dir / WEIGHTS}/{BEST_WEIGHTS}, {LAST_WEIGHTS}", flush=True)
+        print(f"  reports: {RESULTS_FILE}, {', '.join(written)}", flush=True)

@@ -11,10 +11,11 @@ import sys
 from safetensors.torch import load_file
 
 from trainer import data
-from trainer.checkpoint import read_metadata
 from trainer.config import Config, DataConfig, ModelConfig, build_config
-from trainer.engine import build_accelerator, evaluate
+from trainer.engine import evaluate
+from trainer.launch import build_accelerator
 from trainer.model import build_model
+from trainer.weights import read_metadata
 
 
 def main(weights: str, out: str) -> None:

@@ -7,8 +7,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from trainer.checkpoint import increment_path, read_metadata, save_weights, weights_metadata
 from trainer.data import Preprocess
+from trainer.rundirs import increment_path
+from trainer.weights import read_metadata, save_weights, weights_metadata
 
 
 def test_increment_path(tmp_path):

@@ -16,8 +16,8 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from trainer import checkpoint
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer import checkpointer, weights
+from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, Config, UserError
 from trainer.data.samples import SeededBatches
 from trainer.resume import LATEST, checkpoint_dirs, find_run_dir, resume_config
@@ -111,7 +111,7 @@ def test_written_files_get_the_mode_of_the_umask(tmp_path, umask):
     try:
         accelerator, model, _, _, _, checkpointer = _setup(tmp_path)
         saved = checkpointer.save(TrainState(step=1))
-        checkpoint.save_weights(accelerator.get_state_dict(model), tmp_path / "best.safetensors", {"epoch": "1"})
+        weights.save_weights(accelerator.get_state_dict(model), tmp_path / "best.safetensors", {"epoch": "1"})
     finally:
         os.umask(previous)
     files = [tmp_path / "best.safetensors", *saved.iterdir()]
@@ -144,7 +144,7 @@ def test_registered_objects_load_weights_only_even_without_the_precheck(tmp_path
     ckpt.save(TrainState(step=5))
     marker = tmp_path / "pwned"
     torch.save(Payload(marker), tmp_path / "checkpoints" / "step-5" / "custom_checkpoint_0.pkl")
-    monkeypatch.setattr(checkpoint, "check_safe", lambda *a, **k: None)
+    monkeypatch.setattr(checkpointer, "check_safe", lambda *a, **k: None)
     with pytest.raises(UserError, match="does not fit this run or is damaged"):
         ckpt.restore(epochs=2)
     assert not marker.exists()
@@ -266,7 +266,7 @@ def test_second_signal_exits_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
         "from accelerate import Accelerator\n"
-        "from trainer.checkpoint import Checkpointer\n"
+        "from trainer.checkpointer import Checkpointer\n"
         "from trainer.config import CheckpointConfig\n"
         f"with Checkpointer(Accelerator(cpu=True), {str(tmp_path)!r}, CheckpointConfig()) as c:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -284,7 +284,7 @@ def test_repeated_sigterm_still_saves(tmp_path):
     code = (
         "import os, signal\n"
         "from accelerate import Accelerator\n"
-        "from trainer.checkpoint import Checkpointer\n"
+        "from trainer.checkpointer import Checkpointer\n"
         "from trainer.config import CheckpointConfig\n"
         f"with Checkpointer(Accelerator(cpu=True), {str(tmp_path)!r}, CheckpointConfig()) as c:\n"
         "    for _ in range(2):\n"

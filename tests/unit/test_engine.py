@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, OptimConfig, TrainConfig, UserError
 from trainer.data import Batch
-from trainer.engine import evaluate, train_one_epoch
+from trainer.engine import Loop, evaluate, train_one_epoch
 from trainer.optim import build_ema, build_optimizer, build_scheduler
 from trainer.tracking import Reporter
 
@@ -53,9 +53,8 @@ def test_schedule_counts_optimizer_steps_under_grad_accumulation(num_batches, tm
     train_cfg = TrainConfig(grad_accum=grad_accum, label_smoothing=0.0, log_every=100)
     state = TrainState()
     checkpointer = Checkpointer(accelerator, tmp_path, CheckpointConfig())
-    stats = train_one_epoch(
-        accelerator, model, optimizer, scheduler, loader, train_cfg, state, Reporter(accelerator), checkpointer, ema=ema
-    )
+    loop = Loop(accelerator, model, optimizer, scheduler, loader, state, Reporter(accelerator), checkpointer, ema=ema)
+    stats = train_one_epoch(loop, train_cfg)
 
     assert state.step == steps_per_epoch and state.batches_in_epoch == num_batches
     assert len(optimizer_steps) == steps_per_epoch
@@ -139,17 +138,17 @@ def test_non_finite_loss_stops_or_is_skipped(tmp_path, skip):
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainState()
     train_cfg = TrainConfig(label_smoothing=0.0, log_every=100, skip_nonfinite=skip)
-    args = (accelerator, model, optimizer, scheduler, loader, train_cfg, state, Reporter(accelerator))
+    args = (accelerator, model, optimizer, scheduler, loader, state, Reporter(accelerator))
     checkpointer = Checkpointer(accelerator, tmp_path, CheckpointConfig())
     if not skip:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(UserError, match="non-finite loss at step 3; no checkpoint was saved yet"):
-            train_one_epoch(*args, checkpointer)
+            train_one_epoch(Loop(*args, checkpointer), train_cfg)
         assert state.step == 2
         assert all(torch.isfinite(v).all() for v in model.state_dict().values())  # the bad update never happened
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the good ones did
         return
-    stats = train_one_epoch(*args, checkpointer)
+    stats = train_one_epoch(Loop(*args, checkpointer), train_cfg)
     assert state.skipped_steps == 1 and state.step == len(loader)  # the schedule still advanced
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert math.isfinite(stats.loss)

@@ -8,7 +8,7 @@ import timm
 import torch
 
 from trainer.config import UserError, build_config
-from trainer.engine import build_accelerator, check_fsdp_options
+from trainer.launch import build_accelerator, check_fsdp_options
 from trainer.model import block_classes, build_model, mark_fsdp_blocks
 
 
@@ -91,7 +91,7 @@ def test_sharded_checkpoint_is_checked_as_plain_data(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from trainer.checkpoint import check_distcp
+    from trainer.safeload import check_distcp
 
     good = tmp_path / "good"
     dcp.save(

@@ -10,7 +10,7 @@ import yaml
 
 from trainer.cli import build_parser, main, resolve_resume
 from trainer.config import Config, RunConfig, UserError
-from trainer.engine import build_accelerator, launch_problem
+from trainer.launch import build_accelerator, launch_problem
 from trainer.resume import auto_resume, finished
 
 

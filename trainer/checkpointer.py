@@ -1,4 +1,5 @@
-"""Run folders, weight files and resumable checkpoints.
+"""Resumable checkpoints, `{run}/checkpoints/step-N`, complete or absent: the loop's TrainState, the Checkpointer that
+saves and restores the whole training state, and Stopped (a signal arrived, the checkpoint is saved).
 
 Each call site says whether every rank or only the main process runs it."""
 
@@ -7,140 +8,18 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 import signal
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from trainer.config import CheckpointConfig, UserError
-from trainer.data import Preprocess
-from trainer.resume import CHECKPOINTS, checkpoint_dirs
-
-
-def _proc_umask() -> int | None:
-    """The umask as Linux reports it, read without changing it (None where /proc cannot say)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
-    except (OSError, ValueError):
-        return None
-
-
-# Elsewhere os.umask reads the umask only by setting it: done once, at import in the main thread, before any thread
-# could create a file under the temporary value.
-_START_UMASK = _proc_umask()
-if _START_UMASK is None:
-    _START_UMASK = os.umask(0o022)
-    os.umask(_START_UMASK)
-
-
-def match_umask(path: Path) -> None:
-    """Give a file we wrote (every file under it, for a folder) the mode the user's umask gives any new file.
-
-    safetensors writes through a private temporary file (mode 0600): teammates could not read shared weights."""
-    umask = _proc_umask()
-    mode = 0o666 & ~(_START_UMASK if umask is None else umask)
-    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()):
-        os.chmod(file, mode)
-
-
-def increment_path(path: Path, exist_ok: bool) -> Path:
-    """`runs/train/exp` -> `runs/train/exp2`, `exp3`, ... (YOLOv5 style) unless `exist_ok`."""
-    if exist_ok or not path.exists():
-        return path
-    pattern = re.compile(re.escape(path.name) + r"(\d+)$")
-    taken = [int(m.group(1)) for p in path.parent.iterdir() if (m := pattern.match(p.name))]
-    return path.with_name(f"{path.name}{max([1, *taken]) + 1}")
-
-
-def create_run_dir(accelerator: Accelerator, project: str, name: str, exist_ok: bool, weights_dir: bool = True) -> Path:
-    """Every rank calls this; the main process picks and creates the folder (with `weights/` unless told not
-    to), the others receive its path."""
-    chosen = [None]
-    if accelerator.is_main_process:
-        run_dir = increment_path(Path(project) / name, exist_ok)
-        try:
-            (run_dir / "weights" if weights_dir else run_dir).mkdir(parents=True, exist_ok=True)
-            chosen = [str(run_dir)]
-        except OSError as e:
-            chosen = [f"error: cannot create run folder {run_dir}: {e.strerror}; choose another --project"]
-    # Collective: every rank must take part, or the others wait forever.
-    chosen = broadcast_object_list(chosen, from_process=0) if accelerator.num_processes > 1 else chosen
-    if chosen[0].startswith("error: "):
-        raise UserError(chosen[0].removeprefix("error: "))
-    return Path(chosen[0])
-
-
-def weights_metadata(model_name: str, class_names: list[str], pre: Preprocess, **extra) -> dict[str, str]:
-    """safetensors metadata (strings only): enough to rebuild the model and its preprocessing without trainer."""
-    meta = {
-        "format": "pt",
-        "model_name": model_name,
-        "num_classes": str(len(class_names)),
-        "class_names": json.dumps(class_names),
-        "imgsz": str(pre.imgsz),
-        "in_chans": str(pre.in_chans),
-        "mean": json.dumps(list(pre.mean)),
-        "std": json.dumps(list(pre.std)),
-        "interpolation": pre.interpolation,
-        "crop_pct": str(pre.crop_pct),
-    }
-    meta.update({k: str(v) for k, v in extra.items()})
-    return meta
-
-
-def save_epoch_weights(
-    accelerator: Accelerator,
-    model,
-    weights_dir: Path,
-    metadata: dict[str, str],
-    is_best: bool,
-    best_model=None,
-    best_metadata: dict[str, str] | None = None,
-):
-    """Every rank calls this: get_state_dict gathers sharded (FSDP/DeepSpeed) weights; the main process writes
-    last.safetensors, and best.safetensors when `is_best` (from `best_model`, e.g. the EMA, when given)."""
-    # Collective under FSDP: every rank sends its shards and the main process receives the full, plain timm state
-    # dict (on the CPU; the other ranks get an empty one). Under DDP it is the local state dict.
-    state_dict = accelerator.get_state_dict(model)
-    # is_best is the same on every rank (metrics are gathered), so all ranks make this call or none.
-    other_best = is_best and best_model is not None and best_model is not model
-    best_state = accelerator.get_state_dict(best_model) if other_best else state_dict  # Collective: as above
-    if accelerator.is_main_process:
-        save_weights(state_dict, weights_dir / "last.safetensors", metadata)
-        if is_best:
-            save_weights(best_state, weights_dir / "best.safetensors", best_metadata or metadata)
-
-
-def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Main process only. Writes to a temporary name first so a kill mid-write never leaves a torn file."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    match_umask(tmp)
-    tmp.replace(path)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """Metadata of a weights file written by `save_weights`."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-# ---- Resumable checkpoints: {run}/checkpoints/step-N, complete or absent ------------------------------------------
-
-STATE_FILE = "trainer_state_{rank}.json"  # one per rank: the loss sums of a partial epoch differ between ranks
-BUFFERS_FILE = "rank_buffers_{rank}.safetensors"  # one per rank: buffers that differ between ranks (see Checkpointer)
+from trainer.files import BUFFERS_FILE, CHECKPOINTS, STATE_FILE, STEP_PREFIX, checkpoint_dirs
+from trainer.safeload import check_safe, custom_states_weights_only
+from trainer.weights import match_umask
 
 
 @dataclass
@@ -256,8 +135,8 @@ class Checkpointer:
         """Every rank calls this. Writes a temporary folder, then renames it: a checkpoint is complete or absent."""
         accelerator = self.accelerator
         root = self.run_dir / CHECKPOINTS
-        final = root / f"step-{state.step}"
-        tmp = root / f".tmp-step-{state.step}"
+        final = root / f"{STEP_PREFIX}{state.step}"
+        tmp = root / f".tmp-{STEP_PREFIX}{state.step}"
         error = ""
         try:
             if accelerator.is_main_process:
@@ -350,7 +229,7 @@ class Checkpointer:
             raise UserError(f"--resume {self.run_dir}: the run already finished its {epochs} epochs; nothing to resume")
         check_safe(path, hint=_delete_hint(found))
         try:
-            with _custom_states_weights_only():
+            with custom_states_weights_only():
                 self.accelerator.load_state(str(path))
             self._restore_sharded(path)
             self._restore_rank_local(path)
@@ -397,87 +276,3 @@ def _delete_hint(found: list[Path]) -> str:
     if len(found) > 1:
         return f"delete it to resume from {found[-2]}"
     return "start the run again without --resume"
-
-
-def check_safe(path: Path, hint: str = "") -> None:
-    """Load every pickle-format file of a checkpoint as plain data (torch.load weights_only=True with accelerate's
-    numpy allow-list) before accelerate loads it: a payload that would run code is refused, never executed, and a
-    truncated file is reported here instead of being skipped (accelerate ignores unreadable RNG states silently)."""
-    from accelerate.utils import load
-
-    for metadata in sorted(Path(path).glob("*/.metadata")):  # sharded (FSDP) state: torch.distributed.checkpoint
-        try:
-            check_distcp(metadata.parent)
-        except Exception as e:
-            raise UserError(f"--resume: {metadata.parent} is unreadable or unsafe ({type(e).__name__}); {hint}") from e
-    for file in sorted(Path(path).iterdir()):
-        if file.suffix not in (".bin", ".pkl", ".pt", ".pth"):
-            continue  # safetensors and JSON cannot carry code
-        try:
-            load(file, map_location="cpu")
-        except Exception as e:  # UnpicklingError for forbidden globals; EOFError, RuntimeError for torn files
-            unsafe = "weights only" in str(e).lower() or "unsupported global" in str(e).lower()
-            what = (
-                "holds pickled objects that could run code: refused"
-                if unsafe
-                else f"is unreadable ({type(e).__name__})"
-            )
-            raise UserError(f"--resume: {file} {what}; {hint}".rstrip("; ")) from e
-
-
-class _DistcpMetadataUnpickler(pickle.Unpickler):
-    """Unpickles a torch.distributed.checkpoint `.metadata` file (which torch reads with plain pickle) allowing
-    only the plain-data classes such a file holds."""
-
-    def find_class(self, module: str, name: str):
-        import torch.distributed.checkpoint.filesystem as dcp_filesystem
-
-        allowed = (
-            module == "torch.distributed.checkpoint.metadata"
-            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath"))
-            or (module == "collections" and name == "OrderedDict")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not plain checkpoint metadata")
-        if module == "torch.distributed.checkpoint.filesystem":
-            return dcp_filesystem._StorageInfo
-        return super().find_class(module, name)
-
-
-def check_distcp(folder: Path) -> None:
-    """Check a torch.distributed.checkpoint folder as plain data before torch loads it: torch reads its `.metadata`
-    with plain pickle and its non-tensor entries (e.g. optimizer hyperparameters) with torch.load(weights_only=False).
-    Here the metadata goes through an allow-list and every such entry through torch.load(weights_only=True)."""
-    import io
-
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    with open(folder / ".metadata", "rb") as f:
-        metadata = _DistcpMetadataUnpickler(f).load()
-    for index, info in (metadata.storage_data or {}).items():
-        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
-            with open(folder / info.relative_path, "rb") as f:
-                f.seek(info.offset)
-                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
-
-
-@contextmanager
-def _custom_states_weights_only():
-    """accelerate.load_state reads registered objects (EMA, timm schedulers, ...) with weights_only=False, i.e. full
-    pickle. Route them through accelerate's weights-only `load` for the duration of our load_state call."""
-    import accelerate.accelerator as accelerator_module
-    from accelerate.utils import load
-
-    original = accelerator_module.load_custom_state
-
-    def load_custom_state(obj, path: str, index: int = 0) -> None:
-        obj.load_state_dict(load(f"{path}/custom_checkpoint_{index}.pkl", map_location="cpu"))
-
-    accelerator_module.load_custom_state = load_custom_state
-    try:
-        yield
-    finally:
-        accelerator_module.load_custom_state = original
