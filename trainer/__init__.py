@@ -7,7 +7,7 @@ Imports run one way, cli -> engine -> components (tests/unit/test_imports.py fai
     resume        --resume: find the run, rebuild and check its config
     launch        one Accelerator as launched, and the launches refused
     engine        train(): the set-up steps; fit(), train_one_epoch(), evaluate()
-    data          datasets -> transforms -> loaders (trainer/data/)
+    data          one pipeline: source -> splits -> samples -> decode -> backend -> loader -> rank shard
     model         the timm model, the SyncBN decision, FSDP blocks
     optim         optimizer, schedule, weight EMA
     tracking      Reporter: every main-process-only output (console, config.yaml, results.csv, trackers)

@@ -226,7 +226,7 @@ def _add_use_commands(commands) -> None:
     export = commands.add_parser(
         "export",
         help="export trained weights to ONNX or a timm hub folder",
-        description="Export trained weights. The .safetensors file itself loads in plain timm (see README).",
+        description="Export trained weights. The .safetensors file itself loads in plain timm (see docs/use.md).",
     )
     export.add_argument("--weights", **weights)
     export.add_argument("--format", choices=("onnx", "hf"), default="onnx", help="onnx (default) or hf (timm hub)")

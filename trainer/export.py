@@ -1,6 +1,6 @@
 """`trainer export`: a trained weights file as ONNX (checked against onnxruntime) or as a timm hub folder.
 
-The .safetensors file itself already loads in plain timm (see the README); these formats take it elsewhere.
+The .safetensors file itself already loads in plain timm (see docs/use.md); these formats take it elsewhere.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ WORKING_CPU_LAUNCH = (
 MULTI_NODE_HINT = (
     "check that every machine started, reaches the main address and port, and has its own machine rank (or that the "
     "launch uses --rdzv_backend c10d), and name the network interface in NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME; "
-    "see README, Scale out"
+    "see docs/distributed.md, Several machines"
 )
 
 

@@ -211,5 +211,3 @@ def _seeded_collate(collate, examples: list):
 
 def _device(shard: sharding.Shard):
     return shard.device if shard.device is not None else torch.device("cpu")
-
-
