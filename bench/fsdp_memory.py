@@ -78,7 +78,7 @@ def run_case(case: str, args: argparse.Namespace) -> None:
         force_fsdp_on_cpu()
     from trainer import optim
     from trainer.config import build_config
-    from trainer.engine import build_accelerator
+    from trainer.launch import build_accelerator
     from trainer.model import build_model, mark_fsdp_blocks
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
