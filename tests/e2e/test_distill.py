@@ -4,6 +4,7 @@ ranks; the students' weights load strictly into plain timm and hold no teacher t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 from pathlib import Path
 
@@ -62,13 +63,18 @@ def test_student_learns_from_the_teacher_alone(workdir: Path, teacher: Path):
     assert hashlib.sha256(teacher.read_bytes()).hexdigest() == digest  # the teacher's file is left as it was
 
 
+# DALI (an optional extra, `trainer[dali]`) where installed: its batches reach the loop as the same Batch.
+LOADER = "dali" if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali") else "torch"
+
+
 def test_two_ranks_distil_with_mixup(workdir: Path, teacher: Path):
     """2 gloo ranks, each with its own unprepared teacher; the KL term on the mixed images."""
-    args = ("--model", "test_resnet", "--epochs", "2", "--mixup", "0.2", "--teacher", "test_resnet")
+    args = ("--model", "test_resnet", "--epochs", "2", "--mixup", "0.2", "--loader", LOADER, "--teacher", "test_resnet")
     check(run(accelerate_launch(CPU_2PROC, "train", *FAST, *args, "--teacher-weights", str(teacher)), workdir))
     run_dir = workdir / "runs" / "train" / "exp"
     record = config_of(run_dir)
     assert record["launch"]["num_processes"] == 2 and record["launch"]["backend"] == "gloo"
+    assert record["launch"]["loader"] == LOADER
     assert record["teacher"]["alpha"] == 0.5
     rows = results(run_dir)
     assert len(rows) == 2 and all(math.isfinite(float(r["train/loss"])) for r in rows)
