@@ -88,7 +88,7 @@ def build_teacher(
     if cfg.teacher_weights:
         state_dict, meta = _read_file(cfg.teacher_weights)
         _check_file(cfg, state_dict, meta, class_names, imgsz)
-        model = _create(cfg.teacher, num_classes, pre.in_chans, imgsz, state_dict)
+        model = _create(cfg, num_classes, pre.in_chans, imgsz, state_dict)
         weights, digest = cfg.teacher_weights, _sha256(Path(cfg.teacher_weights))
     else:
         meta = {}
@@ -167,10 +167,11 @@ def _check_file(cfg: DistillConfig, state_dict: dict, meta: dict[str, str], clas
         )
 
 
-def _create(name: str, num_classes: int, in_chans: int, imgsz: int, state_dict: dict) -> torch.nn.Module:
+def _create(cfg: DistillConfig, num_classes: int, in_chans: int, imgsz: int, state_dict: dict) -> torch.nn.Module:
     """The teacher from a state dict, the way --pretrained PATH builds a student (timm adapts the first conv)."""
     import timm
 
+    name = cfg.teacher
     size = _as_teacher(size_kwargs, name, num_classes, in_chans, imgsz)
     overlay = dict(state_dict=state_dict, num_classes=num_classes)
     try:
@@ -178,8 +179,11 @@ def _create(name: str, num_classes: int, in_chans: int, imgsz: int, state_dict: 
             name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, in_chans=in_chans, **size
         )
     except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
-        why = str(e).split("\n")[0][:160]
-        raise UserError(f"--teacher-weights does not fit a {name} ({why}); check --teacher names its model") from None
+        why = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"--teacher-weights {cfg.teacher_weights} does not fit a {name} ({why}); check that --teacher names the "
+            "model these weights are of"
+        ) from None
 
 
 def _create_from_hub(name: str, num_classes: int, in_chans: int, imgsz: int) -> tuple[torch.nn.Module, str, str]:

@@ -48,7 +48,7 @@ def _existing_run(root: Path) -> None:
 
 
 def _teacher_files(root: Path) -> None:
-    """Teachers that do not fit digits at --imgsz 16: 5 classes; trained at 32 px."""
+    """Teachers that do not fit digits at --imgsz 16: 5 classes; trained at 32 px; a ResNet's tensors (no metadata)."""
     import timm
     from safetensors.torch import save_file
 
@@ -56,6 +56,7 @@ def _teacher_files(root: Path) -> None:
         state = timm.create_model("test_resnet", num_classes=classes, in_chans=1).state_dict()
         meta = {"model_name": "test_resnet", "num_classes": str(classes), "imgsz": str(imgsz)}
         save_file(state, str(root / f"{name}.safetensors"), metadata=meta)
+    torch.save(state, root / "resnet.pth")
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -122,6 +123,10 @@ CASES = [
         "trained at 32 px, this run is --imgsz 16",
     ),
     (["--teacher", "test_vit", "--teacher-weights", "teacher32.safetensors"], "holds a test_resnet, not a test_vit"),
+    (
+        ["--teacher", "test_efficientnet", "--teacher-weights", "resnet.pth"],
+        "resnet.pth does not fit a test_efficientnet",
+    ),
     (["--resume", "runs/train/exp", "--distill-alpha", "0.9"], "--distill-alpha 0.9 differs from the run's 0.5"),
     (["--resume", "runs/train/exp"], "step-25 is damaged (JSONDecodeError); start the run again without --resume"),
 ]
