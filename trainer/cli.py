@@ -154,7 +154,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     train.add_argument(
         "--config",
         metavar="YAML",
-        help="run config (sections: data, model, optim, train, checkpoint, run); flags override it",
+        help="run config (sections: data, model, optim, train, distill, checkpoint, run); flags override it",
     )
     train.add_argument(
         "--resume",

@@ -257,6 +257,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""
+    """Distil from this timm model (logit distillation: its softened predictions join the loss); empty: off. Its
+    weights come from --teacher-weights or --teacher-pretrained."""
+    teacher_weights: str = ""
+    """--teacher: its weights, a .safetensors from a trainer run (e.g. runs/train/exp/weights/best.safetensors) or a
+    timm checkpoint (.safetensors, weights-only .pth), for the same classes as the data."""
+    teacher_pretrained: bool = False
+    """--teacher: take timm's default pretrained weights from the local HF cache (as --pretrained), when they cover
+    the same classes as the data (e.g. ImageNet-1k teacher, ImageNet-1k student)."""
+    distill_alpha: float = 0.5
+    """--teacher: weight of the distillation term: loss = (1 - alpha) x task loss + alpha x T^2 x KL(teacher || student)
+    at temperature T."""
+    distill_temperature: float = 1.0
+    """--teacher: softmax temperature T of both models' logits in the distillation term (1-4 is usual)."""
+
+    def __post_init__(self):
+        _check(0.0 <= self.distill_alpha <= 1.0, f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
+        _check(self.distill_temperature > 0, f"--distill-temperature must be positive, got {self.distill_temperature}")
+        sources = {"--teacher-weights": bool(self.teacher_weights), "--teacher-pretrained": self.teacher_pretrained}
+        given = [flag for flag, on in sources.items() if on]
+        _check(bool(self.teacher) or not given, f"{' '.join(given)} needs --teacher MODEL (the teacher's timm name)")
+        _check(len(given) < 2, "--teacher-weights and --teacher-pretrained are two sources of weights; give one")
+        _check(
+            not self.teacher or bool(given),
+            f"--teacher {self.teacher} needs its weights: --teacher-weights PATH, or --teacher-pretrained",
+        )
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     checkpoint_every: int = 0
     """Also save a resumable checkpoint every N optimizer steps (one is always saved at each epoch end); 0: epoch ends
@@ -332,6 +362,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -347,7 +378,7 @@ class Config:
 
 
 # Facts a run writes into its config.yaml next to the settings; not settings themselves.
-RECORD_SECTIONS = ("launch", "dataset")
+RECORD_SECTIONS = ("launch", "dataset", "teacher")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
@@ -401,7 +432,8 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
 
 
 def load_yaml(path: str) -> dict[str, dict[str, Any]]:
-    """Read a run YAML (nested by section). `launch:` and `dataset:`, records written into run folders, are ignored."""
+    """Read a run YAML (nested by section). `launch:`, `dataset:` and `teacher:`, records written into run folders,
+    are ignored."""
     try:
         with open(path) as f:
             values = yaml.safe_load(f) or {}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from trainer import data, optim
+from trainer import data, distill, optim
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.files import WEIGHTS
@@ -54,6 +54,7 @@ class Loop:
     run_dir: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # of the weight files (weights_metadata)
     num_classes: int = 0
+    teacher: distill.Teacher | None = None  # --teacher: frozen, on the device, never prepared nor saved
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
@@ -66,6 +67,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     backend, dataset = load_data(accelerator, cfg, reporter)
     info = dataset.info
     model, sync_bn, pre = build_model_side(accelerator, cfg, info, reporter)
+    teacher = distill.build_teacher(
+        cfg.distill, cfg.data, accelerator.device, accelerator.autocast, info.class_names, pre, resume_dir
+    )
     # Loaders first, already sharded: the schedule's length comes from this rank's shard of the data.
     spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
     per_device_batch_size = cfg.train.per_device_batch_size(accelerator.num_processes)
@@ -88,6 +92,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         run_dir=run_dir,
         metadata=weights_metadata(cfg.model.model, info.class_names, pre),
         num_classes=len(info.class_names),
+        teacher=teacher,
     )
     record = run_record(cfg, loop, info, pre, sync_bn, steps_per_epoch, backend)
     start_run(loop, cfg, record, info, resumed=resume_dir is not None)
@@ -207,6 +212,8 @@ def start_run(loop: Loop, cfg: Config, record: dict, info, resumed: bool) -> Non
         f"{cfg.train.grad_accum}, precision {accelerator.mixed_precision}"
     )
     reporter.print(data.describe_augmentation(cfg.data, info))
+    if loop.teacher is not None:
+        reporter.print(loop.teacher.describe())
     if resumed:
         reporter.keep_results(loop.state.epoch)  # rows written after the checkpoint are trained again
         reporter.print(f"resuming {loop.run_dir} at epoch {loop.state.epoch + 1}, step {loop.state.step}")
@@ -240,6 +247,8 @@ def run_record(cfg: Config, loop: Loop, info, pre, sync_bn, steps_per_epoch: int
         "loader_reason": backend.reason,
     }
     record["dataset"] = data.dataset_record(cfg.data, info, pre)
+    if loop.teacher is not None:
+        record["teacher"] = loop.teacher.record
     return record
 
 
@@ -307,6 +316,8 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
             logits = model(images)
             # labels are class indices, or class probabilities when --mixup/--cutmix mixed the batch
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            if loop.teacher is not None:  # --teacher: its softened logits on the same (mixed) images join the loss
+                loss = loop.teacher.mix(loss, logits, images)
             accelerator.backward(loss)
             finite = torch.isfinite(loss.detach())
             nonfinite += ~finite

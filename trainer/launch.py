@@ -122,6 +122,11 @@ def check_fsdp_options(cfg: Config) -> None:
             "--sync-bn does not work with FSDP (PyTorch does not shard SyncBatchNorm; ViTs have no BatchNorm); "
             "drop --sync-bn, or train with DDP (accelerate_configs/multi_gpu_ddp.yaml)"
         )
+    if cfg.distill.teacher:
+        raise UserError(
+            "--teacher does not work with FSDP (the teacher would be a whole unsharded copy on every rank); "
+            "train with DDP (accelerate_configs/multi_gpu_ddp.yaml), or drop --teacher"
+        )
 
 
 def launch_problem(seen: list[dict]) -> str:

@@ -44,6 +44,19 @@ def _existing_run(root: Path) -> None:
     (root / "garbage.pth").write_bytes(b"\x00not a checkpoint")
     torch.save({"fc.weight": Payload(root / "pwned")}, root / "payload.pth")
     (root / "norun").mkdir()
+    _teacher_files(root)
+
+
+def _teacher_files(root: Path) -> None:
+    """Teachers that do not fit digits at --imgsz 16: 5 classes; trained at 32 px; a ResNet's tensors (no metadata)."""
+    import timm
+    from safetensors.torch import save_file
+
+    for name, classes, imgsz in (("teacher5", 5, 16), ("teacher32", 10, 32)):
+        state = timm.create_model("test_resnet", num_classes=classes, in_chans=1).state_dict()
+        meta = {"model_name": "test_resnet", "num_classes": str(classes), "imgsz": str(imgsz)}
+        save_file(state, str(root / f"{name}.safetensors"), metadata=meta)
+    torch.save(state, root / "resnet.pth")
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -86,6 +99,35 @@ CASES = [
     (["--resume", "norun"], "--resume norun: not a trainer run folder (no config.yaml)"),
     (["--resume", "--project", "empty"], "--resume: no run with a checkpoint under empty"),
     (["--resume", "runs/train/exp", "--model", "resnet18"], "--model resnet18 differs from the run's resnet10t"),
+    (["--distill-alpha", "1.5"], "--distill-alpha must be in [0, 1], got 1.5"),
+    (["--distill-temperature", "0"], "--distill-temperature must be positive, got 0.0"),
+    (["--teacher-weights", "t.safetensors"], "--teacher-weights needs --teacher MODEL (the teacher's timm name)"),
+    (
+        ["--teacher", "resnet18"],
+        "--teacher resnet18 needs its weights: --teacher-weights PATH, or --teacher-pretrained",
+    ),
+    (["--teacher", "resnet18", "--teacher-pretrained", "--teacher-weights", "t.pth"], "two sources of weights"),
+    (["--teacher", "resnet181", "--teacher-pretrained"], "--teacher 'resnet181' is not a timm model; did you mean"),
+    (
+        ["--teacher", "resnet18", "--teacher-pretrained"],
+        "timm's resnet18 weights predict 1000 classes, the data has 10",
+    ),
+    (["--teacher", "test_resnet", "--teacher-weights", "none.pth"], "--teacher-weights none.pth: no such file"),
+    (
+        ["--teacher", "test_resnet", "--teacher-weights", "payload.pth"],
+        "payload.pth: not a readable weights file (Unpi",
+    ),
+    (["--teacher", "test_resnet", "--teacher-weights", "teacher5.safetensors"], "predicts 5 classes, the data has 10"),
+    (
+        ["--teacher", "test_resnet", "--teacher-weights", "teacher32.safetensors"],
+        "trained at 32 px, this run is --imgsz 16",
+    ),
+    (["--teacher", "test_vit", "--teacher-weights", "teacher32.safetensors"], "holds a test_resnet, not a test_vit"),
+    (
+        ["--teacher", "test_efficientnet", "--teacher-weights", "resnet.pth"],
+        "resnet.pth does not fit a test_efficientnet",
+    ),
+    (["--resume", "runs/train/exp", "--distill-alpha", "0.9"], "--distill-alpha 0.9 differs from the run's 0.5"),
     (["--resume", "runs/train/exp"], "step-25 is damaged (JSONDecodeError); start the run again without --resume"),
 ]
 

@@ -168,6 +168,13 @@ def test_every_flag_takes_key_equals_value():
     assert _resolve(["train", "--pretrained="]).model.pretrained == ""  # an empty value: random init
 
 
+# The flags that a boolean value is valid only with.
+_NEEDS = {
+    "--teacher-pretrained=True": ["--teacher", "resnet18"],
+    "--teacher-pretrained=False": ["--teacher", "resnet18", "--teacher-weights", "teacher.safetensors"],
+}
+
+
 def test_every_boolean_field_takes_a_value():
     fields = [(f.name, f.default) for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     booleans = [(name, default) for name, default in fields if isinstance(default, bool)]
@@ -176,7 +183,10 @@ def test_every_boolean_field_takes_a_value():
         flag = "--" + name.replace("_", "-")
         parser, dests = build_parser()
         values = [
-            getattr(getattr(resolve_config(parser.parse_args(["train", arg]), dests), dests[name][0]), name)
+            getattr(
+                getattr(resolve_config(parser.parse_args(["train", *_NEEDS.get(arg, []), arg]), dests), dests[name][0]),
+                name,
+            )
             for arg in (f"{flag}={not default}", f"{flag}={default}")
         ]
         assert values == [not default, default], flag
