@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from trainer import optim
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import build_config
+from trainer.data import Batch
 from trainer.engine import Loop, train_one_epoch
 from trainer.launch import build_accelerator
 from trainer.model import build_model
@@ -56,7 +57,7 @@ def main() -> None:
     torch.manual_seed(0)
     num_classes = 10
     batches = [
-        (
+        Batch(
             torch.randn(args.batch_size, args.in_chans, args.imgsz, args.imgsz, device=device),
             torch.randint(0, num_classes, (args.batch_size,), device=device),
         )
@@ -89,7 +90,8 @@ def main() -> None:
     def run_bare() -> float:
         bare_model.train()
         start = time.perf_counter()
-        for images, labels in batches:
+        for batch in batches:
+            images, labels = batch.images, batch.labels
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = bare_model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
