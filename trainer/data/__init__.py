@@ -30,7 +30,7 @@ from trainer.data.batch import Batch
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
 from trainer.data.sources import BUILTIN
-from trainer.data.splits import DataInfo, load_splits, load_splits_in_turn, unreadable_warning
+from trainer.data.splits import DataInfo, label_counts, load_splits, load_splits_in_turn, unreadable_warning
 from trainer.data.transforms import (
     ImageTransform,
     Preprocess,
@@ -98,6 +98,7 @@ __all__ = [
     "describe_augmentation",
     "eval_loader",
     "files_loader",
+    "label_counts",
     "load_data",
     "load_splits",
     "loader_spec",
