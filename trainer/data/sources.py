@@ -309,12 +309,12 @@ def detect_columns(features, image_column: str, label_column: str, where: str) -
 
     columns = list(features)
 
-    def pick(given: str, names: tuple[str, ...], kind: type, flag: str, what: str) -> str:
+    def pick(given: str, names: tuple[str, ...], kind, flag: str, what: str) -> str:
         if given:
             if given not in features:
                 raise UserError(f"--data {where}: {flag} {given!r} is not a column; columns: {', '.join(columns)}")
             return given
-        found = [c for c in names if c in features] or [c for c, f in features.items() if isinstance(f, kind)]
+        found = [c for c in names if c in features] or [c for c, f in features.items() if kind(f)]
         if len(found) != 1 and not (found and found[0] in names):
             raise UserError(
                 f"--data {where}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); "
@@ -322,8 +322,11 @@ def detect_columns(features, image_column: str, label_column: str, where: str) -
             )
         return found[0]
 
-    image = pick(image_column, IMAGE_COLUMNS, datasets.Image, "--image-column", "images")
-    label = pick(label_column, LABEL_COLUMNS, datasets.ClassLabel, "--label-column", "labels")
+    def is_label(f) -> bool:  # a ClassLabel, or a list of them (multi-label)
+        return isinstance(f, datasets.ClassLabel) or isinstance(getattr(f, "feature", None), datasets.ClassLabel)
+
+    image = pick(image_column, IMAGE_COLUMNS, lambda f: isinstance(f, datasets.Image), "--image-column", "images")
+    label = pick(label_column, LABEL_COLUMNS, is_label, "--label-column", "labels")
     return image, label
 
 
@@ -337,7 +340,6 @@ def standardize(source: Source, cfg: DataConfig) -> Source:
     image_col, label_col = detect_columns(first.features, cfg.image_column, cfg.label_column, cfg.data)
     label_feature = first.features[label_col]
     multilabel = is_list_feature(label_feature)
-    check_task(cfg, multilabel, label_col)
     if multilabel:
         splits = source.splits
         train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in splits), next(iter(splits)))
@@ -357,17 +359,17 @@ def standardize(source: Source, cfg: DataConfig) -> Source:
     return Source(splits, names, source.description, source.channels, source.skipped, source.default_hflip, multilabel)
 
 
-def check_task(cfg: DataConfig, multilabel: bool, label_col: str) -> None:
-    """--task against what the label column holds (lists or one label per image)."""
+def check_task(cfg: DataConfig, multilabel: bool) -> None:
+    """--task against what the labels are (lists, or one label per image)."""
     if multilabel and cfg.task == "multiclass":
         raise UserError(
-            f"--data {cfg.data}: --task multiclass, but the label column {label_col!r} holds lists of labels; "
-            "use --task multilabel (or auto)"
+            f"--data {cfg.data}: --task multiclass, but its labels are lists (multi-label); use --task multilabel "
+            "(or auto)"
         )
     if not multilabel and cfg.task == "multilabel":
         raise UserError(
-            f"--data {cfg.data}: --task multilabel, but the label column {label_col!r} holds one label per image; "
-            "give lists of labels (or an image folder with a labels.csv), or drop --task"
+            f"--data {cfg.data}: --task multilabel, but it has one label per image; give lists of labels (or an "
+            "image folder with a labels.csv), or drop --task"
         )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import GRAY_MODES, UnreadableImage, decode_image
 from trainer.data.multilabel import is_list_feature, label_matrix
-from trainer.data.sources import detect_columns, load_source, split_names
+from trainer.data.sources import check_task, detect_columns, load_source, split_names
 from trainer.data.streams import read_split, standard, stream_source
 
 
@@ -42,6 +42,7 @@ def load_splits(cfg: DataConfig):
     if cfg.streaming:
         return _stream_splits(cfg)
     source = load_source(cfg)
+    check_task(cfg, source.multilabel)
     train_name, val_name = split_names(list(source.splits), cfg)
     train = source.splits[train_name]
     _check_classes(train, source.class_names, cfg.data, source.multilabel)
