@@ -87,6 +87,9 @@ class DataConfig:
     labels.csv), or auto: multilabel when the label column holds lists or the folder has a labels.csv."""
     label_delimiter: str = " "
     """labels.csv: the character between an image's labels (a space, as Kaggle's Planet and fastai's from_csv)."""
+    balanced_sampler: bool = False
+    """Draw each epoch's training samples with probability inverse to their class frequency (with replacement,
+    seeded by --seed and the epoch; multi-label: by the rarest of an image's labels)."""
     streaming: bool = False
     """Stream the training split (a hub id, Parquet or WebDataset shards) instead of copying it into the datasets
     cache; the validation split is read once into the cache. Every rank runs the same number of steps per epoch."""
@@ -117,6 +120,11 @@ class DataConfig:
         _check(
             self.streaming or not self.train_samples,
             "--train-samples sets the epoch length of --streaming data; add --streaming or drop it",
+        )
+        _check(
+            not (self.balanced_sampler and self.streaming),
+            "--balanced-sampler draws from map-style data and a stream cannot be drawn from; drop --streaming "
+            "(or --balanced-sampler)",
         )
         _check(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(len(self.label_delimiter) == 1, f"--label-delimiter must be one character, got {self.label_delimiter!r}")

@@ -77,6 +77,7 @@ CASES = [
     (["--best-metric", "map"], "--best-metric map is for multi-label data"),
     (["--data", "tags_missing"], "tags_missing/labels.csv names 1 file(s) that do not exist (c.png)"),
     (["--data", "tags_empty"], "tags_empty/labels.csv has 1 row(s) with no labels (b.png)"),
+    (["--balanced-sampler", "--streaming"], "--balanced-sampler draws from map-style data and a stream cannot"),
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--batch-size", "-8"], "--batch-size must be a positive integer, got -8"),
     (["--imgsz", "0"], "--imgsz must be at least 8 pixels, got 0"),

@@ -154,3 +154,25 @@ def test_best_is_one_comparison_and_old_checkpoints_keep_their_best():
 def test_task_options_that_do_not_fit_the_data_are_refused(options, multilabel, message):
     with pytest.raises(UserError, match=message):
         build_task(TrainConfig(**options), multilabel, 4)
+
+
+def test_balanced_sampler_draws_inverse_frequency_seeded_by_epoch_with_equal_rank_steps():
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    from trainer.data.samples import BalancedSampler
+
+    labels = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    weights = 1.0 / np.bincount(labels)[labels]
+    sampler = BalancedSampler(weights, seed=3)
+    sampler.set_epoch(1)
+    first, again = list(sampler), list(sampler)
+    sampler.set_epoch(2)
+    assert first == again != list(sampler)  # a resumed epoch draws the same samples; the next epoch others
+    share = np.bincount(labels[first], minlength=3) / len(first)
+    assert np.all(np.abs(share - 1 / 3) < 0.06), share  # each class about a third, the rarest included
+    sampler.set_epoch(1)
+    shards = [list(BatchSamplerShard(BatchSampler(sampler, 32, drop_last=True), 2, rank)) for rank in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 1000 // 32 // 2
+    whole = list(BatchSampler(first, 32, drop_last=True))
+    assert [b for pair in zip(*shards, strict=True) for b in pair] == whole[: 2 * len(shards[0])]

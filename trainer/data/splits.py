@@ -145,6 +145,15 @@ def label_counts(dataset, info: DataInfo) -> np.ndarray:
     return np.bincount(labels_of(dataset), minlength=len(info.class_names)).astype(np.int64)
 
 
+def balanced_weights(dataset, info: DataInfo) -> np.ndarray:
+    """Per sample, the inverse frequency of its class (multi-label: of its rarest label), for --balanced-sampler."""
+    inverse = 1.0 / np.maximum(label_counts(dataset, info), 1)
+    if info.multilabel:
+        rarest = (label_matrix(dataset) * inverse[None, :]).max(axis=1)
+        return np.where(rarest > 0, rarest, inverse.min())  # an image without labels: as the commonest label
+    return inverse[labels_of(dataset)]
+
+
 def hold_out(train, fraction: float, seed: int, stratify: bool = True):
     """The rows of datasets' `train.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)`, in
     its order, with its own index generator; the labels are read as one Arrow column, where train_test_split reads
