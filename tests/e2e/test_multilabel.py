@@ -142,3 +142,19 @@ def test_predict_lists_every_label_above_threshold(tagged_run: Path, tmp_path: P
     assert listed >= 12  # most images get labels at 0.3
     with open(workdir / "runs" / "predict" / "exp" / "predictions.csv") as f:
         assert next(iter(csv.DictReader(f))).keys() == {"path", "labels", "probs", "error"}
+
+
+def test_multilabel_balanced_run_killed_and_resumed_is_bitwise_exact(tmp_path: Path):
+    """Multi-label, class-weighted, balanced-sampled: SIGKILL after a mid-epoch checkpoint, resume, same weights."""
+    from test_resume import assert_same_weights, kill_when, start, steps
+
+    (tmp_path / "home").mkdir()
+    write_saved(tmp_path / "small", train=256, val=64)
+    args = ("train", "--data", "small", "--epochs", "2", *TRAIN, "--deterministic", "--workers", "0")
+    args += ("--balanced-sampler", "--class-weights", "inv_freq", "--checkpoint-every", "3", "--mixup", "0.2")
+    runs = tmp_path / "runs" / "train"
+    check(run(trainer(*args, "--name", "ref"), tmp_path))
+    kill_when(start(trainer(*args, "--name", "cut"), tmp_path), lambda: 3 in steps(runs / "cut"))
+    check(run(trainer("train", "--resume", str(runs / "cut")), tmp_path))
+    assert_same_weights(runs / "ref", runs / "cut")
+    assert (runs / "cut" / "results.csv").read_text() == (runs / "ref" / "results.csv").read_text()
