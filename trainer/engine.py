@@ -26,7 +26,7 @@ from trainer.metrics import MultiLabelPredictions, multilabel_metrics, single_la
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
 from trainer.rundirs import RunFolder, create_run_dir
-from trainer.tasks import Task, build_task
+from trainer.tasks import Task, build_task, describe_task
 from trainer.tracking import Reporter
 from trainer.weights import save_epoch_weights, weights_metadata
 
@@ -234,6 +234,8 @@ def start_run(loop: Loop, cfg: Config, record: dict, info, resumed: bool) -> Non
         f"{cfg.train.grad_accum}, precision {accelerator.mixed_precision}"
     )
     reporter.print(data.describe_augmentation(cfg.data, info))
+    if loop.task is not None:
+        reporter.print(describe_task(loop.task, cfg.train.class_weights, cfg.data.balanced_sampler))
     if resumed:
         reporter.keep_results(loop.state.epoch)  # rows written after the checkpoint are trained again
         reporter.print(f"resuming {loop.run_dir} at epoch {loop.state.epoch + 1}, step {loop.state.step}")

@@ -90,6 +90,17 @@ class Task:
         return F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=1)
 
 
+def describe_task(task: Task, class_weights: str, balanced_sampler: bool) -> str:
+    """The run's task in one header line: the loss, what best follows, how classes are weighted and drawn."""
+    if task.multilabel:
+        what = f"multi-label (a sigmoid per label), loss {task.loss_name}, threshold {task.threshold:g}"
+    else:
+        what = f"single-label (softmax), loss {task.loss_name}"
+    weights = f", class weights {class_weights}" if class_weights != "none" else ""
+    sampler = ", balanced sampler" if balanced_sampler else ""
+    return f"task: {what}, best = {task.best.mode} {task.best.key}{weights}{sampler}"
+
+
 def _on(weight: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if weight is None else weight.to(like.device)
 

@@ -31,6 +31,7 @@ def tagged_run(tmp_path_factory) -> Path:
     write_saved(workdir / "grids", train=600, val=200)
     proc = check(run(trainer("train", "--data", "grids", "--epochs", str(EPOCHS), *TRAIN), workdir))
     assert "10 labels, multi-label" in proc.stdout
+    assert "task: multi-label (a sigmoid per label), loss bce, threshold 0.5, best = max val/map" in proc.stdout
     return workdir / "runs" / "train" / "exp"
 
 
