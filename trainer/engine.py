@@ -26,7 +26,7 @@ from trainer.metrics import MultiLabelPredictions, multilabel_metrics, single_la
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
 from trainer.rundirs import RunFolder, create_run_dir
-from trainer.tasks import Task, build_task, describe_task
+from trainer.tasks import Task, build_task, describe_task, restore_best
 from trainer.tracking import Reporter
 from trainer.weights import save_epoch_weights, weights_metadata
 
@@ -89,7 +89,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         val_loader=val_loader,
         ema=ema,
         run_dir=run_dir,
-        metadata=weights_metadata(cfg.model.model, info.class_names, pre, **_task_metadata(task)),
+        metadata=weights_metadata(cfg.model.model, info.class_names, pre, **task.weights_metadata()),
         num_classes=len(info.class_names),
         task=task,
     )
@@ -120,13 +120,6 @@ def _train_counts(cfg: Config, dataset) -> np.ndarray | None:
     if cfg.train.class_weights == "none" or cfg.data.streaming:
         return None
     return data.label_counts(dataset.train, dataset.info)
-
-
-def _task_metadata(task: Task) -> dict[str, str]:
-    """What the weights say about their outputs: softmax over classes, or a sigmoid per label and its threshold."""
-    if not task.multilabel:
-        return {"task": "multiclass", "output": "softmax"}
-    return {"task": "multilabel", "output": "sigmoid", "threshold": f"{task.threshold:g}"}
 
 
 def _fsdp(accelerator: Accelerator) -> bool:
@@ -282,7 +275,7 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
     scheduler, train_loader, val_loader = loop.scheduler, loop.train_loader, loop.val_loader
     task = loop.task or Task(multilabel=False, num_classes=loop.num_classes)
     best = task.best
-    _restore_best(state, best)
+    restore_best(state, best)
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         train_loader.set_epoch(epoch)
@@ -322,14 +315,6 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
         loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs)
     return state.best_value if state.best_value is not None else float("nan"), state.best_epoch
-
-
-def _restore_best(state: TrainState, best) -> None:
-    """A checkpoint written before --best-metric holds only best_top1: that is the best value of a top-1 run."""
-    if state.best_value is None and state.best_top1 >= 0 and best.key == "val/top1":
-        state.best_value, state.best_metric = state.best_top1, best.key
-    elif state.best_metric and state.best_metric != best.key:  # resumed with another --best-metric: start over
-        state.best_value = None
 
 
 def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:

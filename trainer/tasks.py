@@ -82,12 +82,28 @@ class Task:
         fn = AsymmetricLossMultiLabel(smoothing=self.label_smoothing, pos_weight=_on(self.pos_weight, logits))
         return fn.to(logits.device)
 
+    def weights_metadata(self) -> dict[str, str]:
+        """What the weights say about their outputs: a softmax over classes, or a sigmoid per label and its
+        threshold."""
+        if not self.multilabel:
+            return {"task": "multiclass", "output": "softmax"}
+        return {"task": "multilabel", "output": "sigmoid", "threshold": f"{self.threshold:g}"}
+
     def sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-sample validation loss, unweighted and unsmoothed (comparable across runs): (N,)."""
         logits = logits.float()
         if not self.multilabel:
             return F.cross_entropy(logits, targets, reduction="none")
         return F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none").mean(dim=1)
+
+
+def restore_best(state, best: Best) -> None:
+    """The best so far of a resumed `state` (a TrainState) for `best`: a checkpoint written before --best-metric
+    holds only best_top1, the best value of a top-1 run; one resumed with another --best-metric starts over."""
+    if state.best_value is None and state.best_top1 >= 0 and best.key == "val/top1":
+        state.best_value, state.best_metric = state.best_top1, best.key
+    elif state.best_metric and state.best_metric != best.key:
+        state.best_value = None
 
 
 def describe_task(task: Task, class_weights: str, balanced_sampler: bool) -> str:

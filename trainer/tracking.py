@@ -187,7 +187,8 @@ class Reporter:
         # Validation charts default to epochs on the x-axis; the summary keeps the best, not the last, value.
         tracker.run.define_metric("epoch")
         tracker.run.define_metric("val/*", step_metric="epoch")
-        tracker.run.define_metric("val/top1", summary="max")
+        for name in ("val/top1", "val/map", "val/macro_f1", "val/balanced_acc"):
+            tracker.run.define_metric(name, summary="max")
         tracker.run.define_metric("val/loss", summary="min")
 
     def _start_tensorboard(self, run: RunConfig) -> None:

@@ -14,7 +14,6 @@ from trainer.checkpointer import TrainState
 from trainer.config import DataConfig, TrainConfig, UserError
 from trainer.data.splits import label_counts, load_splits
 from trainer.data.transforms import ImageTransform, Preprocess, train_mixup
-from trainer.engine import _restore_best
 from trainer.metrics import (
     MultiLabelPredictions,
     calibration,
@@ -22,7 +21,7 @@ from trainer.metrics import (
     multilabel_rows,
     single_label_metrics,
 )
-from trainer.tasks import Best, build_task
+from trainer.tasks import Best, build_task, restore_best
 
 NAMES = ["cat", "dog", "ball", "tree"]
 PRE = Preprocess(8, 1, (0.5,), (0.5,), "bilinear", 1.0)
@@ -136,10 +135,10 @@ def test_best_is_one_comparison_and_old_checkpoints_keep_their_best():
     assert Best("val/loss", "min").better(0.2, 0.3) and not Best("val/loss", "min").better(0.4, 0.3)
     assert Best().better(0.1, None) and Best().plateau_value(0.5) == 0.5 == -Best("val/loss", "min").plateau_value(0.5)
     old = TrainState(**{"epoch": 3, "best_top1": 0.8, "best_epoch": 2})  # written before best_value existed
-    _restore_best(old, Best())
+    restore_best(old, Best())
     assert old.best_value == 0.8 and not Best().better(0.79, old.best_value)
     other = TrainState(best_value=0.5, best_metric="val/top1")
-    _restore_best(other, Best("val/macro_f1", "max"))  # resumed with another --best-metric: starts over
+    restore_best(other, Best("val/macro_f1", "max"))  # resumed with another --best-metric: starts over
     assert other.best_value is None
 
 
