@@ -175,3 +175,25 @@ def test_balanced_sampler_draws_inverse_frequency_seeded_by_epoch_with_equal_ran
     assert len(shards[0]) == len(shards[1]) == 1000 // 32 // 2
     whole = list(BatchSampler(first, 32, drop_last=True))
     assert [b for pair in zip(*shards, strict=True) for b in pair] == whole[: 2 * len(shards[0])]
+
+
+def test_webdataset_labels_in_json_are_multi_label(tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    tags = {"train": [["dog", "ball"], ["cat"], ["ball"], ["dog"], ["cat", "dog"]], "val": [["cat"], ["ball", "dog"]]}
+    for split, rows in tags.items():
+        with tarfile.open(tmp_path / f"{split}-000000.tar", "w") as tar:
+            for i, row in enumerate(rows):
+                png = io.BytesIO()
+                Image.fromarray(np.full((8, 8), 30 * i, np.uint8)).save(png, format="PNG")
+                for ext, data in (("png", png.getvalue()), ("json", json.dumps({"labels": row}).encode())):
+                    info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    splits, info = load_splits(DataConfig(data=str(tmp_path)))
+    assert info.multilabel and info.class_names == ["ball", "cat", "dog"]
+    assert [r["label"] for r in splits["val"]] == [[0, 1, 0], [1, 0, 1]]

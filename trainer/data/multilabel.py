@@ -74,6 +74,26 @@ def multi_hot(split, label_col: str, names: list[str], where: str, split_name: s
     return split.remove_columns(label_col).add_column("label", table.tolist(), feature=stored)
 
 
+def json_labels(splits: dict, label_columns: tuple[str, ...]) -> dict:
+    """WebDataset samples whose labels sit in their `.json` member (a list, or an object with a `labels`, `label` or
+    `tags` list) and that have no label column of their own: that list becomes the `labels` column."""
+    first = next(iter(splits.values()), None)
+    feature = first.features.get("json") if first is not None else None
+    if feature is None or any(c in first.features for c in label_columns):
+        return splits
+    if is_list_feature(feature):
+        return {name: split.rename_column("json", "labels") for name, split in splits.items()}
+    key = next((k for k in ("labels", "label", "tags") if isinstance(feature, dict) and k in feature), None)
+    if key is None or not is_list_feature(feature[key]):
+        return splits
+    return {
+        name: split.flatten()
+        .rename_column(f"json.{key}", "labels")
+        .select_columns([c for c in split.features if c != "json"] + ["labels"])
+        for name, split in splits.items()
+    }
+
+
 def labels_csv_splits(root: Path) -> dict[str, Path] | None:
     """{split: labels.csv} of a tagged folder: ROOT/labels.csv (one split), or ROOT/<split>/labels.csv; else None."""
     if (root / LABELS_CSV).is_file():

@@ -7,6 +7,7 @@ decodes) and `label` (a ClassLabel). Bad input is refused here, before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import os
@@ -21,6 +22,7 @@ from trainer.config import DataConfig, UserError
 from trainer.data.folders import scan_image_folder
 from trainer.data.multilabel import (
     is_list_feature,
+    json_labels,
     labels_csv_splits,
     list_class_names,
     load_tagged_folder,
@@ -336,6 +338,7 @@ def standardize(source: Source, cfg: DataConfig) -> Source:
 
     if not source.splits:
         raise UserError(f"--data {cfg.data}: no splits found")
+    source = dataclasses.replace(source, splits=json_labels(source.splits, LABEL_COLUMNS))
     first = next(iter(source.splits.values()))
     image_col, label_col = detect_columns(first.features, cfg.image_column, cfg.label_column, cfg.data)
     label_feature = first.features[label_col]
