@@ -33,6 +33,8 @@ class TrainState:
     seen: float = 0.0
     best_top1: float = -1.0
     best_epoch: int = 0
+    best_value: float | None = None  # of best_metric (--best-metric); None: no epoch evaluated yet
+    best_metric: str = ""  # the results.csv column `best_value` is of, e.g. val/top1, val/map
     skipped_steps: int = 0  # non-finite steps skipped with --skip-nonfinite
     num_processes: int = 1
 

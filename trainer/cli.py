@@ -219,6 +219,9 @@ def _add_use_commands(commands) -> None:
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
     predict.add_argument("--json", action="store_true", help="also write predictions.json")
+    predict.add_argument(
+        "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
+    )
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -338,6 +341,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
             write_json=args.json,
+            threshold=args.threshold,
         )
     else:
         from trainer.export import export

@@ -26,6 +26,10 @@ TRACKERS = ("wandb", "tensorboard", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SCHEDULES = ("cosine", "tanh", "step", "constant", "plateau")  # timm.scheduler.create_scheduler_v2 names
 LOADERS = ("auto", "torch", "dali")
+TASKS = ("auto", "multiclass", "multilabel")
+LOSSES = ("auto", "ce", "bce", "asl")
+BEST_METRICS = ("auto", "top1", "macro_f1", "balanced_acc", "map", "loss")
+CLASS_WEIGHTS = ("none", "inv_freq", "effective_num")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -78,6 +82,14 @@ class DataConfig:
     """Mixup alpha (timm Mixup; targets become class probabilities); 0: off. 0.2-0.8 is usual."""
     cutmix: float = 0.0
     """CutMix alpha (with --mixup too, each batch uses one of them at random); 0: off. 1.0 is usual."""
+    task: str = "auto"
+    """multiclass (one label per image), multilabel (any number: a list per image, or an image folder with a
+    labels.csv), or auto: multilabel when the label column holds lists or the folder has a labels.csv."""
+    label_delimiter: str = " "
+    """labels.csv: the character between an image's labels (a space, as Kaggle's Planet and fastai's from_csv)."""
+    balanced_sampler: bool = False
+    """Draw each epoch's training samples with probability inverse to their class frequency (with replacement,
+    seeded by --seed and the epoch; multi-label: by the rarest of an image's labels)."""
     streaming: bool = False
     """Stream the training split (a hub id, Parquet or WebDataset shards) instead of copying it into the datasets
     cache; the validation split is read once into the cache. Every rank runs the same number of steps per epoch."""
@@ -109,6 +121,13 @@ class DataConfig:
             self.streaming or not self.train_samples,
             "--train-samples sets the epoch length of --streaming data; add --streaming or drop it",
         )
+        _check(
+            not (self.balanced_sampler and self.streaming),
+            "--balanced-sampler draws from map-style data and a stream cannot be drawn from; drop --streaming "
+            "(or --balanced-sampler)",
+        )
+        _check(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _check(len(self.label_delimiter) == 1, f"--label-delimiter must be one character, got {self.label_delimiter!r}")
         _check(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         if self.auto_augment:
             _check(
@@ -216,7 +235,18 @@ class TrainConfig:
     mixed_precision: str = ""
     """Override the launcher's mixed precision: no, fp16 or bf16. Empty: keep the launcher's."""
     label_smoothing: float = 0.1
-    """Label smoothing of the cross-entropy loss."""
+    """Label smoothing of the loss (multi-label: each target moves towards 0.5 by half of it)."""
+    loss: str = "auto"
+    """ce (cross-entropy, single-label), bce (binary cross-entropy with logits, multi-label), asl (timm's asymmetric
+    loss, multi-label); auto: ce or bce by the task."""
+    threshold: float = 0.5
+    """Multi-label: the probability above which a label counts as predicted (F1, precision, recall, predict)."""
+    best_metric: str = "auto"
+    """What best.safetensors and --sched plateau follow: top1, macro_f1, balanced_acc, map (multi-label), loss;
+    auto: top1 single-label, map multi-label."""
+    class_weights: str = "none"
+    """Weight the loss by the training split's label counts (timm's helpers): none, inv_freq, effective_num;
+    multi-label: as a positive weight per class."""
     clip_grad: float = 0.0
     """Clip the gradient norm to this value; 0 disables."""
     log_every: int = 20
@@ -237,6 +267,16 @@ class TrainConfig:
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
         )
         _check(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _check(0 < self.threshold < 1, f"--threshold must be between 0 and 1, got {self.threshold}")
+        _check(
+            self.best_metric in BEST_METRICS,
+            f"--best-metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}",
+        )
+        _check(
+            self.class_weights in CLASS_WEIGHTS,
+            f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}",
+        )
         _check(self.clip_grad >= 0, f"--clip-grad must be 0 (off) or positive, got {self.clip_grad}")
         _check(self.log_every > 0, f"--log-every must be a positive integer, got {self.log_every}")
         _check(

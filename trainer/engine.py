@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
@@ -23,9 +22,11 @@ from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.files import WEIGHTS
 from trainer.launch import build_accelerator, check_fsdp_options, emulated_precision_warning
+from trainer.metrics import MultiLabelPredictions, multilabel_metrics, single_label_metrics
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
 from trainer.rundirs import RunFolder, create_run_dir
+from trainer.tasks import Task, build_task, describe_task, restore_best
 from trainer.tracking import Reporter
 from trainer.weights import save_epoch_weights, weights_metadata
 
@@ -55,6 +56,7 @@ class Loop:
     metadata: dict[str, str] = field(default_factory=dict)  # of the weight files (weights_metadata)
     num_classes: int = 0
     teacher: distill.Teacher | None = None  # --teacher: frozen, on the device, never prepared nor saved
+    task: Task | None = None  # the loss and the best metric (trainer.tasks); None: single-label defaults
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
@@ -66,7 +68,13 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     size_kwargs(cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz)
     backend, dataset = load_data(accelerator, cfg, reporter)
     info = dataset.info
+    task = build_task(cfg.train, info.multilabel, len(info.class_names), _train_counts(cfg, dataset))
     model, sync_bn, pre = build_model_side(accelerator, cfg, info, reporter)
+    if info.multilabel and cfg.distill.teacher:
+        raise UserError(
+            "--teacher: logit distillation is single-label (a softmax over classes) and this data is "
+            "multi-label; drop --teacher"
+        )
     teacher = distill.build_teacher(
         cfg.distill, cfg.data, accelerator.device, accelerator.autocast, info.class_names, pre, resume_dir
     )
@@ -90,9 +98,10 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         val_loader=val_loader,
         ema=ema,
         run_dir=run_dir,
-        metadata=weights_metadata(cfg.model.model, info.class_names, pre),
+        metadata=weights_metadata(cfg.model.model, info.class_names, pre, **task.weights_metadata()),
         num_classes=len(info.class_names),
         teacher=teacher,
+        task=task,
     )
     record = run_record(cfg, loop, info, pre, sync_bn, steps_per_epoch, backend)
     start_run(loop, cfg, record, info, resumed=resume_dir is not None)
@@ -101,11 +110,26 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     # Collective: tear the process group down together; a rank that leaves while rank 0 still writes files
     # was seen to abort in gloo at exit ("terminate called without an active exception").
     accelerator.wait_for_everyone()
-    summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
+    summary = {
+        "best/metric": task.best.key,
+        "best/value": best[0],
+        "best/epoch": best[1],
+        "time_s": time.time() - start,
+        "run_dir": str(run_dir),
+    }
+    if not task.multilabel:
+        summary["best/val_top1"] = state.best_top1
     if state.skipped_steps:
         summary["train/skipped_steps"] = state.skipped_steps
     reporter.finish(summary, val_split=dataset.val)
     return summary
+
+
+def _train_counts(cfg: Config, dataset) -> np.ndarray | None:
+    """Images per class of the training split, for --class-weights (a stream is not counted: None)."""
+    if cfg.train.class_weights == "none" or cfg.data.streaming:
+        return None
+    return data.label_counts(dataset.train, dataset.info)
 
 
 def _fsdp(accelerator: Accelerator) -> bool:
@@ -207,13 +231,16 @@ def start_run(loop: Loop, cfg: Config, record: dict, info, resumed: bool) -> Non
     reporter.start(loop.run_dir, record, cfg.run, resume=resumed)
     reporter.print(
         f"{cfg.model.model} on {info.source} ({info.train_size} train / {info.val_size} val, "
-        f"{len(info.class_names)} classes), {world} process(es) on {accelerator.device.type}, "
+        f"{len(info.class_names)} {'labels, multi-label' if info.multilabel else 'classes'}), "
+        f"{world} process(es) on {accelerator.device.type}, "
         f"global batch {cfg.train.batch_size} = {cfg.train.per_device_batch_size(world)} x {world} x "
         f"{cfg.train.grad_accum}, precision {accelerator.mixed_precision}"
     )
     reporter.print(data.describe_augmentation(cfg.data, info))
     if loop.teacher is not None:
         reporter.print(loop.teacher.describe())
+    if loop.task is not None:
+        reporter.print(describe_task(loop.task, cfg.train.class_weights, cfg.data.balanced_sampler))
     if resumed:
         reporter.keep_results(loop.state.epoch)  # rows written after the checkpoint are trained again
         reporter.print(f"resuming {loop.run_dir} at epoch {loop.state.epoch + 1}, step {loop.state.step}")
@@ -255,10 +282,14 @@ def run_record(cfg: Config, loop: Loop, info, pre, sync_bn, steps_per_epoch: int
 def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
     """Train from `loop.state` to cfg.epochs; evaluate, save weights and a checkpoint after each epoch.
 
-    With an EMA (`loop.ema`), the average is evaluated too and best.safetensors takes whichever of the two scores
-    higher. Returns (best top-1, its epoch)."""
+    "Best" is one comparison, `task.best` (--best-metric: a metric name and a mode), for best.safetensors and the
+    plateau schedule alike. With an EMA (`loop.ema`), the average is evaluated too and best.safetensors takes
+    whichever of the two scores better. Returns (the best value, its epoch)."""
     accelerator, model, ema, state, reporter = loop.accelerator, loop.model, loop.ema, loop.state, loop.reporter
     scheduler, train_loader, val_loader = loop.scheduler, loop.train_loader, loop.val_loader
+    task = loop.task or Task(multilabel=False, num_classes=loop.num_classes)
+    best = task.best
+    restore_best(state, best)
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         train_loader.set_epoch(epoch)
@@ -268,28 +299,36 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
             sync_bn_stats(accelerator, model)
             if ema is not None:  # each rank averaged its own running statistics into its EMA
                 sync_bn_stats(accelerator, ema.module)
-        metrics, preds = evaluate(accelerator, model, val_loader, loop.num_classes)
+        metrics, preds = evaluate(accelerator, model, val_loader, loop.num_classes, task)
         if ema is not None:
-            ema_metrics, ema_preds = evaluate(accelerator, ema.module, val_loader, loop.num_classes)
+            ema_metrics, ema_preds = evaluate(accelerator, ema.module, val_loader, loop.num_classes, task)
             metrics |= {f"{k}_ema": v for k, v in ema_metrics.items()}
-        scheduler.end_epoch(epoch, metrics["val/top1"])
+        scheduler.end_epoch(epoch, best.plateau_value(metrics[best.key]))
         metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
-        source = "ema" if ema is not None and metrics["val/top1_ema"] > metrics["val/top1"] else "model"
-        top1 = metrics["val/top1_ema" if source == "ema" else "val/top1"]
-        is_best = top1 > state.best_top1
+        use_ema = ema is not None and best.better(metrics[f"{best.key}_ema"], metrics[best.key])
+        source = "ema" if use_ema else "model"
+        value = metrics[f"{best.key}_ema" if use_ema else best.key]
+        is_best = best.better(value, state.best_value)
         if is_best:
-            state.best_top1, state.best_epoch = top1, epoch
+            state.best_value, state.best_metric, state.best_epoch = value, best.key, epoch
+            if not task.multilabel:  # kept for readers of older checkpoints and summaries
+                state.best_top1 = metrics["val/top1_ema" if use_ema else "val/top1"]
         reporter.log({**metrics, "epoch": epoch}, step=state.step)
-        best_preds = ema_preds if source == "ema" else preds
+        best_preds = ema_preds if use_ema else preds
         reporter.epoch_end(epoch, cfg.epochs, metrics, stats.seconds, stats.images / stats.seconds, is_best, best_preds)
-        meta = {**loop.metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}", "weights": "model"}
-        best_meta = {**meta, "val_top1": f"{top1:.6f}", "weights": source}
-        best_model = ema.module if source == "ema" else model
+        name = best.key.replace("/", "_")
+        meta = {**loop.metadata, "epoch": str(epoch), name: f"{metrics[best.key]:.6f}", "weights": "model"}
+        if "val/top1" in metrics:
+            meta["val_top1"] = f"{metrics['val/top1']:.6f}"
+        best_meta = {**meta, name: f"{value:.6f}", "weights": source, "best_metric": best.key}
+        if use_ema and "val/top1_ema" in metrics:
+            best_meta["val_top1"] = f"{metrics['val/top1_ema']:.6f}"
+        best_model = ema.module if use_ema else model
         save_epoch_weights(accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta)
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
         loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs)
-    return state.best_top1, state.best_epoch
+    return state.best_value if state.best_value is not None else float("nan"), state.best_epoch
 
 
 def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
@@ -300,6 +339,7 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
     accelerator, model, optimizer, scheduler = loop.accelerator, loop.model, loop.optimizer, loop.scheduler
     state, reporter, checkpointer, ema = loop.state, loop.reporter, loop.checkpointer, loop.ema
     loader = loop.train_loader
+    task = loop.task or Task(multilabel=False, num_classes=loop.num_classes, label_smoothing=cfg.label_smoothing)
     model.train()
     start = time.time()
     # Resumed mid-epoch: this rank's partial sums come from the checkpoint and its first batches are skipped.
@@ -315,7 +355,7 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
         with accelerator.accumulate(model):
             logits = model(images)
             # labels are class indices, or class probabilities when --mixup/--cutmix mixed the batch
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = task.loss(logits, labels)
             if loop.teacher is not None:  # --teacher: its softened logits on the same (mixed) images join the loss
                 loss = loop.teacher.mix(loss, logits, images)
             accelerator.backward(loss)
@@ -355,11 +395,12 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, num_classes: int) -> tuple[dict[str, float], Predictions]:
-    """Loss, top-1 and top-5 over the whole validation set, and every sample's predictions in dataset order.
-
-    Every rank gets the same full result: each sample counted once across ranks.
+def evaluate(accelerator, model, loader, num_classes: int, task: Task | None = None):
+    """Validation metrics over the whole set, and every sample's predictions in dataset order: loss, top-1, top-5,
+    macro-F1 and balanced accuracy (single-label, `report.Predictions`), or loss, mAP, micro/macro F1 (multi-label,
+    `metrics.MultiLabelPredictions`). Every rank gets the same full result: each sample counted once across ranks.
     """
+    task = task or Task(multilabel=False, num_classes=num_classes)
     model.eval()
     k = min(5, num_classes)
     parts: list[tuple[torch.Tensor, ...]] = []
@@ -367,22 +408,32 @@ def evaluate(accelerator, model, loader, num_classes: int) -> tuple[dict[str, fl
         images, labels = batch.images, batch.labels
         with accelerator.autocast():  # the EMA copy is not prepared, so it has no autocast of its own
             logits = model(images).float()
-        loss = F.cross_entropy(logits, labels, reduction="none")
-        probs, topk = logits.softmax(dim=1).topk(k, dim=1)
+        loss = task.sample_loss(logits, labels)
+        if task.multilabel:
+            outputs = (labels.to(torch.int8), logits.sigmoid(), loss)
+        else:
+            probs, topk = logits.softmax(dim=1).topk(k, dim=1)
+            outputs = (labels, topk, loss, probs)
         # Collective: gather_for_metrics drops the samples padded onto the last batch of the shards; the
         # unshuffled loader hands ranks consecutive batches, so the gathered rows come in dataset order.
-        parts.append(accelerator.gather_for_metrics((labels, topk, loss, probs)))
-    labels, topk, loss, probs = (torch.cat(column).cpu().numpy() for column in zip(*parts, strict=True))
+        parts.append(accelerator.gather_for_metrics(outputs))
+    columns = [torch.cat(column).cpu().numpy() for column in zip(*parts, strict=True)]
+    if task.multilabel:
+        targets, scores, loss = columns
+        preds = MultiLabelPredictions(targets, scores.astype(np.float32), loss.astype(np.float32), task.threshold)
+        return multilabel_metrics(preds), preds
+    labels, topk, loss, probs = columns
     preds = Predictions(
         labels=labels.astype(np.int64), topk=topk.astype(np.int64), loss=loss.astype(np.float32), probs=probs
     )
     correct = preds.topk == preds.labels[:, None]
-    metrics = {
+    values = {
         "val/loss": float(preds.loss.astype(np.float64).mean()),
         "val/top1": float(correct[:, 0].mean()),
         "val/top5": float(correct.any(axis=1).mean()),
+        **single_label_metrics(preds.labels, preds.predicted, num_classes),
     }
-    return metrics, preds
+    return values, preds
 
 
 def sync_bn_stats(accelerator: Accelerator, model: torch.nn.Module) -> None:

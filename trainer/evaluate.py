@@ -16,6 +16,7 @@ from trainer.config import Config, RunConfig, UserError
 from trainer.engine import evaluate
 from trainer.inference import check_classes, data_config_for, load_model, read_weights
 from trainer.launch import build_accelerator
+from trainer.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.rundirs import RunFolder, create_run_dir
 
 VAL_FOLDER = RunFolder("runs/val")  # --project runs/val --name exp
@@ -47,6 +48,11 @@ def validate(
     dataset = data.load_data(accelerator, data_cfg)  # Collective: every rank
     info = dataset.info
     check_classes(trained, info.class_names, data_cfg.data)
+    if info.multilabel != trained.multilabel:
+        raise UserError(
+            f"--data {data_cfg.data} is {info.task} but {trained.path.name} was trained {trained.task().kind}; "
+            "pass the data it was trained on"
+        )
     if split not in dataset.splits:
         raise UserError(f"--split {split}: {info.source} has splits {', '.join(dataset.splits)}")
     if not hasattr(dataset.splits[split], "__len__"):  # a --streaming run's training split is a stream
@@ -56,7 +62,7 @@ def validate(
     batches = data.eval_loader(accelerator, dataset.splits[split], spec, math.ceil(batch_size / world))  # sharded
     model = accelerator.prepare(load_model(trained))
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
-    metrics, preds = evaluate(accelerator, model, batches, trained.num_classes)
+    metrics, preds = evaluate(accelerator, model, batches, trained.num_classes, trained.task())
     # Every rank: the main process picks and creates the folder, then broadcasts its name.
     run_dir = create_run_dir(accelerator, folder, weights_dir=False)
     summary = {
@@ -77,12 +83,17 @@ def validate(
     return summary
 
 
-def write_report(run_dir: Path, summary: dict, preds: report.Predictions, class_names: list[str], model: str):
+def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], model: str):
     """Main process only: the console report and the files of a val run."""
-    rows = report.per_class_rows(preds, class_names)
+    multilabel = isinstance(preds, MultiLabelPredictions)
+    rows = multilabel_rows(preds, class_names) if multilabel else report.per_class_rows(preds, class_names)
     report.save_per_class_csv(rows, run_dir / "per_class.csv")
-    cm = report.confusion_matrix(preds, len(class_names))
-    report.save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png")
+    if multilabel:
+        report.save_pr_curves_png(preds, class_names, run_dir / "pr_curve.png")
+    else:
+        cm = report.confusion_matrix(preds, len(class_names))
+        report.save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png")
+        summary["val/ece"] = report.save_reliability_png(preds, run_dir / "reliability.png")
     with open(run_dir / "metrics.json", "w") as f:
         json.dump(summary, f, indent=1)
     print(
@@ -90,8 +101,10 @@ def write_report(run_dir: Path, summary: dict, preds: report.Predictions, class_
         f"{summary['num_processes']} process(es)"
     )
     print(report.format_per_class(rows))
-    print(
-        f"val/loss {summary['val/loss']:.4f}  top1 {summary['val/top1']:.4f}  top5 {summary['val/top5']:.4f}. "
-        f"Results saved to {run_dir}",
-        flush=True,
-    )
+    if multilabel:
+        scores = f"mAP {summary['val/map']:.4f}  micro_f1 {summary['val/micro_f1']:.4f}"
+        scores += f"  macro_f1 {summary['val/macro_f1']:.4f} (threshold {preds.threshold:g})"
+    else:
+        scores = f"top1 {summary['val/top1']:.4f}  top5 {summary['val/top5']:.4f}"
+        scores += f"  macro_f1 {summary['val/macro_f1']:.4f}  bal_acc {summary['val/balanced_acc']:.4f}"
+    print(f"val/loss {summary['val/loss']:.4f}  {scores}. Results saved to {run_dir}", flush=True)

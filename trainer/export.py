@@ -44,6 +44,7 @@ def export(
         print(
             f"ONNX {out} ({out.stat().st_size / 1e6:.1f} MB), input 'images' (batch, {trained.pre.in_chans}, "
             f"{trained.pre.imgsz}, {trained.pre.imgsz}), output 'logits' (batch, {trained.num_classes})"
+            + (f", a sigmoid per label (threshold {trained.threshold:g})" if trained.multilabel else "")
         )
         verdict = "ok" if diff <= ONNX_GOAL else f"ABOVE the {ONNX_GOAL:g} goal"
         print(
@@ -91,6 +92,7 @@ def export_onnx(model: torch.nn.Module, trained: TrainedWeights, out: Path) -> N
 
 def _onnx_metadata(trained: TrainedWeights) -> dict[str, str]:
     keys = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct", "epoch")
+    keys += ("task", "output", "threshold")  # multi-label weights: a sigmoid per label, and the threshold
     return {k: trained.metadata[k] for k in keys if k in trained.metadata}
 
 

@@ -16,6 +16,7 @@ import torch
 from trainer.config import DataConfig, UserError, build_config, load_yaml
 from trainer.data import Preprocess
 from trainer.files import CONFIG_FILE, WEIGHTS
+from trainer.tasks import Task
 
 REQUIRED_KEYS = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct")
 
@@ -34,6 +35,20 @@ class TrainedWeights:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def multilabel(self) -> bool:
+        """Whether the outputs are one sigmoid per label (weights from a multi-label run) rather than a softmax."""
+        return self.metadata.get("task") == "multilabel"
+
+    @property
+    def threshold(self) -> float:
+        """The probability above which a label counts as predicted (multi-label weights; 0.5 when unrecorded)."""
+        return float(self.metadata.get("threshold", 0.5))
+
+    def task(self):
+        """The `trainer.tasks.Task` these weights were trained for (its validation loss, metrics and threshold)."""
+        return Task(multilabel=self.multilabel, num_classes=self.num_classes, threshold=self.threshold)
+
     def describe(self) -> str:
         """`resnet10t, epoch 4 (val/top1 0.9840)` as far as the metadata tells."""
         text = self.model_name
@@ -41,6 +56,8 @@ class TrainedWeights:
             text += f", epoch {self.metadata['epoch']}"
         if "val_top1" in self.metadata:
             text += f" (recorded val/top1 {float(self.metadata['val_top1']):.4f})"
+        elif "val_map" in self.metadata:
+            text += f" (recorded val/map {float(self.metadata['val_map']):.4f})"
         return text
 
 

@@ -1,4 +1,5 @@
-"""`trainer predict`: top-k classes with probabilities for image files, folders and globs, batched.
+"""`trainer predict`: top-k classes with probabilities for image files, folders and globs, batched; for multi-label
+weights, every label whose sigmoid is above the weights' threshold (or --threshold), with its probability.
 
 Images come through the data pipeline's `files_loader`, preprocessed exactly as in validation by either backend. A
 file that cannot be read is listed with the reason and skipped; the run goes on.
@@ -73,8 +74,10 @@ def predict(
     loader: str = "auto",
     folder: RunFolder = PREDICT_FOLDER,
     write_json: bool = False,
+    threshold: float | None = None,
 ) -> tuple[Path, list[Prediction]]:
-    """Classify every image in `sources`; print a table; write predictions.csv (and .json) to a run folder."""
+    """Classify every image in `sources`; print a table; write predictions.csv (and .json) to a run folder.
+    Multi-label weights list every label above `threshold` (default: the one they were trained with)."""
     from accelerate import Accelerator
 
     trained = read_weights(weights)
@@ -87,6 +90,7 @@ def predict(
         raise UserError("trainer predict runs in one process; start it without accelerate launch or torchrun")
     model = accelerator.prepare_model(load_model(trained), evaluation_mode=True)  # device + launcher's precision
     k = min(topk, trained.num_classes)
+    cut = trained.threshold if threshold is None else threshold
     workers = data.num_workers(DataConfig(workers=workers), 1)
     device = accelerator.device
     start = time.time()
@@ -99,7 +103,11 @@ def predict(
         if not len(batch):
             continue
         # labels: the files' positions in `paths`
-        probs, classes = model(batch.images.to(device)).float().softmax(dim=1).topk(k, dim=1)
+        logits = model(batch.images.to(device)).float()
+        if trained.multilabel:
+            results += labels_above(logits.sigmoid(), [str(paths[i]) for i in batch.labels.tolist()], trained, cut)
+            continue
+        probs, classes = logits.softmax(dim=1).topk(k, dim=1)
         for i, p, c in zip(batch.labels.tolist(), probs.tolist(), classes.tolist(), strict=True):
             results.append(Prediction(str(paths[i]), [trained.class_names[j] for j in c], c, p))
     seconds = time.time() - start
@@ -108,10 +116,14 @@ def predict(
     results += failed
 
     run_dir = make_run_dir(folder)
-    write_csv(results, k, run_dir / "predictions.csv")
+    if trained.multilabel:
+        write_labels_csv(results, run_dir / "predictions.csv")
+        k = max([len(r.classes) for r in results] + [1])
+    else:
+        write_csv(results, k, run_dir / "predictions.csv")
     if write_json:
         write_json_file(results, trained.path, run_dir / "predictions.json")
-    print_table(results, k)
+    print_table(results, k, f"label above {cut:g}" if trained.multilabel else "top")
     done = sum(not r.error for r in results)
     print(
         f"{done} image(s) classified by {trained.describe()} in {seconds:.1f}s "
@@ -120,10 +132,22 @@ def predict(
     return run_dir, results
 
 
-def print_table(results: list[Prediction], k: int) -> None:
+def labels_above(probs: torch.Tensor, paths: list[str], trained, threshold: float) -> list[Prediction]:
+    """Per image every label whose probability is above `threshold`, most probable first."""
+    results = []
+    for path, row in zip(paths, probs.tolist(), strict=True):
+        above = sorted((j for j, p in enumerate(row) if p > threshold), key=lambda j: -row[j])
+        results.append(Prediction(path, [trained.class_names[j] for j in above], above, [row[j] for j in above]))
+    return results
+
+
+def print_table(results: list[Prediction], k: int, title: str = "top") -> None:
     ok = [r for r in results if not r.error]
     width = min(60, max([len(r.path) for r in ok] + [5]))
-    print(f"{'image':<{width}}  " + "  ".join(f"{f'top-{j + 1}':>12} {'prob':>6}" for j in range(k)))
+    k = min(k, 8) if title != "top" else k
+    heads = [f"{title}-{j + 1}" if title == "top" else "label" for j in range(k)]
+    note = "" if title == "top" else f"  ({title})"
+    print(f"{'image':<{width}}  " + "  ".join(f"{h:>12} {'prob':>6}" for h in heads) + note)
     for r in ok[:PRINTED_ROWS]:
         path = r.path if len(r.path) <= width else "..." + r.path[-(width - 3) :]
         cells = "  ".join(f"{c[:12]:>12} {p:6.3f}" for c, p in zip(r.classes, r.probabilities, strict=True))
@@ -146,6 +170,16 @@ def write_csv(results: list[Prediction], k: int, path: Path) -> None:
         for r in results:
             cells = [v for c, p in zip(r.classes, r.probabilities, strict=True) for v in (c, f"{p:.6f}")]
             writer.writerow([r.path, *cells, *[""] * (2 * k - len(cells)), r.error])
+
+
+def write_labels_csv(results: list[Prediction], path: Path) -> None:
+    """Multi-label: one row per file: path, labels above the threshold (space-separated), their probabilities,
+    error."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels", "probs", "error"])
+        for r in results:
+            writer.writerow([r.path, " ".join(r.classes), " ".join(f"{p:.6f}" for p in r.probabilities), r.error])
 
 
 def write_json_file(results: list[Prediction], weights: Path, path: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.metrics import calibration, precision_recall_curves, single_label_scores
+
 TABLE_COLUMNS = ("class", "images", "top1", "top5")
 
 
@@ -38,9 +40,11 @@ class Predictions:
 
 
 def per_class_rows(preds: Predictions, class_names: list[str]) -> list[dict]:
-    """Images, top-1 and top-k accuracy per true class, then an `all` row; `top5` means top-k, k = topk.shape[1]."""
+    """Images, top-1 and top-k accuracy, precision, recall and F1 (of the top-1 prediction) per true class, then an
+    `all` row (its precision/recall/F1 are the macro averages); `top5` means top-k, k = topk.shape[1]."""
     hit1 = preds.topk[:, 0] == preds.labels
     hitk = (preds.topk == preds.labels[:, None]).any(axis=1)
+    scores = single_label_scores(preds.labels, preds.predicted, len(class_names))
     rows = []
     for index, name in enumerate(class_names):
         mine = preds.labels == index
@@ -51,6 +55,7 @@ def per_class_rows(preds: Predictions, class_names: list[str]) -> list[dict]:
                 "images": n,
                 "top1": float(hit1[mine].mean()) if n else 0.0,
                 "top5": float(hitk[mine].mean()) if n else 0.0,
+                **{key: float(scores[key][index]) for key in ("precision", "recall", "f1")},
             }
         )
     n = len(preds.labels)
@@ -60,29 +65,36 @@ def per_class_rows(preds: Predictions, class_names: list[str]) -> list[dict]:
             "images": n,
             "top1": float(hit1.mean()) if n else 0.0,
             "top5": float(hitk.mean()) if n else 0.0,
+            **{key: float(scores[key].mean()) for key in ("precision", "recall", "f1")},
         }
     )
     return rows
 
 
+HEADERS = {"top1": "top1_acc", "top5": "top5_acc", "ap": "AP"}
+
+
 def format_per_class(rows: list[dict]) -> str:
-    """The YOLOv5-style table: one right-aligned line per class, `all` first as the headline."""
+    """The YOLOv5-style table: one right-aligned line per class, `all` first as the headline; the columns are
+    the rows' (single-label: top-1/top-5 accuracy, precision, recall, F1; multi-label: AP, precision, recall, F1)."""
     width = max(12, *(len(str(r["class"])) for r in rows))
-    header = f"{'Class':>{width}} {'Images':>10} {'top1_acc':>10} {'top5_acc':>10}"
+    columns = [c for c in rows[0] if c not in ("class", "images")] if rows else []
+    header = f"{'Class':>{width}} {'Images':>10}" + "".join(f" {HEADERS.get(c, c):>10}" for c in columns)
     ordered = [rows[-1], *rows[:-1]] if rows and rows[-1]["class"] == "all" else rows
     lines = [header]
     for r in ordered:
-        lines.append(f"{r['class']!s:>{width}} {r['images']:>10d} {r['top1']:>10.3f} {r['top5']:>10.3f}")
+        lines.append(f"{r['class']!s:>{width}} {r['images']:>10d}" + "".join(f" {r[c]:>10.3f}" for c in columns))
     return "\n".join(lines)
 
 
 def save_per_class_csv(rows: list[dict], path: str | Path) -> None:
-    """Write the per-class rows (class, images, top1, top5) as CSV, `all` last."""
+    """Write the per-class rows as CSV (class, images, then the metric columns), `all` last."""
+    columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(TABLE_COLUMNS)
+        writer.writerow(columns)
         for r in rows:
-            writer.writerow([r["class"], r["images"], f"{r['top1']:.6g}", f"{r['top5']:.6g}"])
+            writer.writerow([r["class"], r["images"], *(f"{r[c]:.6g}" for c in columns[2:])])
 
 
 def confusion_matrix(preds: Predictions, num_classes: int) -> np.ndarray:
@@ -170,7 +182,7 @@ def save_results_png(results_csv: str | Path, path: str | Path) -> None:
     columns = [c for c in table[0] if c != "epoch"]
     panels = {
         "loss": [c for c in columns if "loss" in c],
-        "accuracy": [c for c in columns if "top" in c],
+        "accuracy": [c for c in columns if any(k in c for k in ("top", "f1", "acc", "map"))],
         "learning rate": [c for c in columns if c.endswith("lr")],
     }
     plt = pyplot()
@@ -184,6 +196,51 @@ def save_results_png(results_csv: str | Path, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         if names:
             ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_reliability_png(preds: Predictions, path: str | Path) -> float:
+    """The reliability diagram of the top-1 probability (accuracy per confidence bin against the diagonal);
+    returns the expected calibration error it shows."""
+    confidence = preds.probs[:, 0].astype(np.float64)
+    ece, bins = calibration(confidence, preds.predicted == preds.labels)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    centres = (np.arange(len(bins)) + 0.5) / len(bins)
+    filled = bins[:, 2] > 0
+    ax.bar(centres[filled], bins[filled, 1], width=1 / len(bins), edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {ece:.4f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return ece
+
+
+def save_pr_curves_png(preds, class_names: list[str], path: str | Path, shown: int = 20) -> None:
+    """Precision-recall curves of a multi-label set, one per class (the first `shown` with positives)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    drawn = 0
+    for name, (recall, precision) in zip(class_names, precision_recall_curves(preds), strict=True):
+        if len(recall) and drawn < shown:
+            ax.plot(recall, precision, linewidth=1, label=name)
+            drawn += 1
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("Precision-recall per class")
+    if drawn <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

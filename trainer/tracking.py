@@ -23,14 +23,34 @@ from trainer import report
 from trainer.config import RunConfig
 from trainer.data.decode import decode_image
 from trainer.files import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
+from trainer.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.progress import Progress
 
-RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
+RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "val/macro_f1", "val/balanced_acc", "lr")
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
+MULTI_LABEL_COLUMNS = ("epoch", "train/loss", "val/loss", "val/map", "val/micro_f1", "val/macro_f1", "lr")
+MULTI_LABEL_EMA_COLUMNS = ("val/loss_ema", "val/map_ema", "val/macro_f1_ema")
+PLOTS = ("results.png", "confusion_matrix.png", "val_predictions.png")
 WANDB_ID_FILE = "wandb_id.txt"
 ID_ALPHABET = string.ascii_lowercase + string.digits
 PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
 GRID_IMAGES = 25
+
+
+EPOCH_LINE = (  # (metric, its name on the epoch line), printed when the epoch has it
+    ("val/top1", "top1"),
+    ("val/top5", "top5"),
+    ("val/map", "mAP"),
+    ("val/micro_f1", "micro_f1"),
+    ("val/macro_f1", "macro_f1"),
+    ("val/balanced_acc", "bal_acc"),
+    ("val/top1_ema", "top1_ema"),
+    ("val/map_ema", "mAP_ema"),
+)
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{name} {metrics[key]:.4f}" for key, name in EPOCH_LINE if key in metrics)
 
 
 def wandb_has_credentials() -> bool:
@@ -77,6 +97,7 @@ class Reporter:
         self.epoch = 0
         self.best: tuple[int, report.Predictions] | None = None
         self.best_is_best = False  # False: self.best holds the latest epoch (resumed after the best one)
+        self.ece: float | None = None  # of the best epoch's predictions, once the final reports are written
         self.train_images = 0
         self.train_seconds = 0.0
         self._interval_images = 0
@@ -102,7 +123,12 @@ class Reporter:
         the wandb run stored in it is continued.
         """
         self.run_dir, self.record = run_dir, record
-        self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if record.get("optim", {}).get("ema") else ())
+        multilabel = record.get("dataset", {}).get("task") == "multilabel"
+        ema = record.get("optim", {}).get("ema")
+        if multilabel:
+            self.columns = MULTI_LABEL_COLUMNS + (MULTI_LABEL_EMA_COLUMNS if ema else ())
+        else:
+            self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if ema else ())
         if not self.is_main:
             return
         if not resume:
@@ -161,7 +187,8 @@ class Reporter:
         # Validation charts default to epochs on the x-axis; the summary keeps the best, not the last, value.
         tracker.run.define_metric("epoch")
         tracker.run.define_metric("val/*", step_metric="epoch")
-        tracker.run.define_metric("val/top1", summary="max")
+        for name in ("val/top1", "val/map", "val/macro_f1", "val/balanced_acc"):
+            tracker.run.define_metric(name, summary="max")
         tracker.run.define_metric("val/loss", summary="min")
 
     def _start_tensorboard(self, run: RunConfig) -> None:
@@ -249,13 +276,12 @@ class Reporter:
         # checkpointed); a best epoch of this session always takes over.
         if preds is not None and (best or not self.best_is_best):
             self.best, self.best_is_best = (epoch, preds), best
-        row = [epoch, *(metrics[c] for c in self.columns[1:])]
+        row = [epoch, *(metrics.get(c, float("nan")) for c in self.columns[1:])]
         with open(self.run_dir / RESULTS_FILE, "a", newline="") as f:
             csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
-        ema = f"  top1_ema {metrics['val/top1_ema']:.4f}" if "val/top1_ema" in metrics else ""
         print(
             f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
-            f"top1 {metrics['val/top1']:.4f}  top5 {metrics['val/top5']:.4f}{ema}  lr {metrics['lr']:.2e}  "
+            f"{_scores(metrics)}  lr {metrics['lr']:.2e}  "
             f"{seconds:.1f}s  {imgs_per_sec:.0f} img/s{'  *best' if best else ''}",
             flush=True,
         )
@@ -293,17 +319,28 @@ class Reporter:
             return written
         epoch, preds = self.best
         names = self.record["dataset"]["class_names"]
-        rows = report.per_class_rows(preds, names)
+        multilabel = isinstance(preds, MultiLabelPredictions)
+        rows = multilabel_rows(preds, names) if multilabel else report.per_class_rows(preds, names)
         report.save_per_class_csv(rows, self.run_dir / "per_class.csv")
         shown = rows
+        worst = "ap" if multilabel else "top1"
         if len(rows) > PRINTED_CLASSES + 1:
-            shown = [*sorted(rows[:-1], key=lambda r: r["top1"])[:20], rows[-1]]
+            shown = [*sorted(rows[:-1], key=lambda r: r[worst])[:20], rows[-1]]
         more = "" if shown is rows else f", the 20 worst of {len(rows) - 1} classes (all in per_class.csv)"
         which = f"the best epoch ({epoch})" if self.best_is_best else f"epoch {epoch} (the best ran before the resume)"
-        print(f"per-class accuracy at {which}{more}:\n{report.format_per_class(shown)}", flush=True)
+        what = f"AP and scores at threshold {preds.threshold:g}" if multilabel else "accuracy"
+        print(f"per-class {what} at {which}{more}:\n{report.format_per_class(shown)}", flush=True)
+        written.append("per_class.csv")
+        if multilabel:
+            report.save_pr_curves_png(preds, names, self.run_dir / "pr_curve.png")
+            return [*written, "pr_curve.png"]
         cm = report.confusion_matrix(preds, len(names))
         report.save_confusion_matrix_png(cm, names, self.run_dir / "confusion_matrix.png")
-        written += ["per_class.csv", "confusion_matrix.png"]
+        written.append("confusion_matrix.png")
+        if preds.probs is not None:
+            self.ece = report.save_reliability_png(preds, self.run_dir / "reliability.png")
+            print(f"calibration: expected calibration error (ECE, 15 bins) {self.ece:.4f}; see reliability.png")
+            written.append("reliability.png")
         if val_split is not None:
             index = report.sample_indices(preds, GRID_IMAGES)
             images = [decode_image(val_split[int(i)]["image"]) for i in index]
@@ -319,10 +356,12 @@ class Reporter:
         run.summary.update({k: v for k, v in summary.items() if k != "run_dir"})
         media = {
             f"plots/{name.removesuffix('.png')}": wandb.Image(str(self.run_dir / name))
-            for name in ("results.png", "confusion_matrix.png", "val_predictions.png")
+            for name in (*PLOTS, "reliability.png", "pr_curve.png")
             if (self.run_dir / name).exists()
         }
-        if self.best is not None:
+        if self.ece is not None:
+            run.summary["val/ece"] = self.ece
+        if self.best is not None and not isinstance(self.best[1], MultiLabelPredictions):
             _, preds = self.best
             names = self.record["dataset"]["class_names"]
             media["val/confusion_matrix"] = wandb.plot.confusion_matrix(
@@ -342,14 +381,20 @@ class Reporter:
             artifact = wandb.Artifact(
                 f"model-{run.id}",
                 type="model",
-                metadata={"val_top1": summary.get("best/val_top1"), "epoch": summary.get("best/epoch")},
+                metadata={
+                    "val_top1": summary.get("best/val_top1"),
+                    summary.get("best/metric", "best"): summary.get("best/value"),
+                    "epoch": summary.get("best/epoch"),
+                },
             )
             artifact.add_file(str(best_weights))
             run.log_artifact(artifact, aliases=["best", f"epoch-{summary.get('best/epoch')}"])
 
     def _print_summary(self, summary: dict[str, Any], written: list[str]) -> None:
+        key = summary.get("best/metric", "val/top1")
+        value = summary.get("best/value", summary.get("best/val_top1"))
         print(
-            f"best val/top1 {summary['best/val_top1']:.4f} at epoch {summary['best/epoch']}, "
+            f"best {key} {value:.4f} at epoch {summary['best/epoch']}, "
             f"{summary['time_s']:.0f}s in all, {summary['train/imgs_per_sec']:.0f} img/s training. "
             f"Results saved to {self.run_dir}",
             flush=True,

@@ -19,6 +19,13 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 FAST = ["--data", "digits", "--imgsz", "16", "--epochs", "1", "--batch-size", "64"]
 
 
+# A valid 1x1 grey PNG.
+PNG_1PX = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b550000000a4944415478da63f80f00010101"
+    "001b5ba6e50000000049454e44ae426082"
+)
+
+
 class Payload:
     def __init__(self, marker: Path):
         self.marker = marker
@@ -44,6 +51,11 @@ def _existing_run(root: Path) -> None:
     (root / "garbage.pth").write_bytes(b"\x00not a checkpoint")
     torch.save({"fc.weight": Payload(root / "pwned")}, root / "payload.pth")
     (root / "norun").mkdir()
+    for name, rows in (("tags_missing", "a.png,1 2\nb.png,2\nc.png,1\n"), ("tags_empty", "a.png,1\nb.png,\n")):
+        (root / name).mkdir()
+        for image in ("a.png", "b.png"):
+            (root / name / image).write_bytes(PNG_1PX)
+        (root / name / "labels.csv").write_text("filename,labels\n" + rows)
     _teacher_files(root)
 
 
@@ -71,6 +83,14 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 CASES = [
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--task", "tags"], "--task must be one of auto, multiclass, multilabel, got 'tags'"),
+    (["--task", "multilabel"], "--data digits: --task multilabel, but it has one label per image"),
+    (["--loss", "asl"], "--loss asl is for multi-label data, and these labels are one per image"),
+    (["--threshold", "0.3"], "--threshold applies to multi-label data"),
+    (["--best-metric", "map"], "--best-metric map is for multi-label data"),
+    (["--data", "tags_missing"], "tags_missing/labels.csv names 1 file(s) that do not exist (c.png)"),
+    (["--data", "tags_empty"], "tags_empty/labels.csv has 1 row(s) with no labels (b.png)"),
+    (["--balanced-sampler", "--streaming"], "--balanced-sampler draws from map-style data and a stream cannot"),
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--batch-size", "-8"], "--batch-size must be a positive integer, got -8"),
     (["--imgsz", "0"], "--imgsz must be at least 8 pixels, got 0"),

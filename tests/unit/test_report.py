@@ -43,14 +43,23 @@ def test_class_without_images_has_zero_count_not_nan():
     preds = _preds()
     rows = per_class_rows(preds, [*NAMES, "fish"])
     fish = rows[3]
-    assert fish == {"class": "fish", "images": 0, "top1": 0.0, "top5": 0.0}
+    assert fish == {"class": "fish", "images": 0, "top1": 0.0, "top5": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+def test_per_class_precision_recall_f1_by_hand():
+    # top-1 predictions cat, cat, dog, dog, cat, cat: cat 2 of 4 predicted right (precision 1/2) and 2 of 3 found.
+    rows = per_class_rows(_preds(), NAMES)
+    assert [r["precision"] for r in rows[:3]] == pytest.approx([1 / 2, 1 / 2, 0.0])
+    assert [r["recall"] for r in rows[:3]] == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert rows[0]["f1"] == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
+    assert rows[-1]["recall"] == pytest.approx((2 / 3 + 1 / 2) / 3)  # the `all` row: macro averages
 
 
 def test_format_per_class_puts_all_first_and_lists_every_class():
     text = format_per_class(per_class_rows(_preds(), NAMES))
     lines = text.splitlines()
-    assert lines[0].split() == ["Class", "Images", "top1_acc", "top5_acc"]
-    assert lines[1].split() == ["all", "6", "0.500", "0.833"]
+    assert lines[0].split() == ["Class", "Images", "top1_acc", "top5_acc", "precision", "recall", "f1"]
+    assert lines[1].split() == ["all", "6", "0.500", "0.833", "0.333", "0.389", "0.357"]
     assert [line.split()[0] for line in lines[2:]] == NAMES
     assert len({len(line) for line in lines}) == 1  # aligned columns
 

@@ -30,7 +30,14 @@ from trainer.data.batch import Batch
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
 from trainer.data.sources import BUILTIN
-from trainer.data.splits import DataInfo, load_splits, load_splits_in_turn, unreadable_warning
+from trainer.data.splits import (
+    DataInfo,
+    balanced_weights,
+    label_counts,
+    load_splits,
+    load_splits_in_turn,
+    unreadable_warning,
+)
 from trainer.data.transforms import (
     ImageTransform,
     Preprocess,
@@ -69,7 +76,10 @@ def build_loaders(accelerator, data: Data, cfg: DataConfig, spec: LoaderSpec, pe
     world = accelerator.num_processes if accelerator is not None else 1
     augment = resolve_augment(cfg, data.info, per_device_batch_size)
     steps = data.info.train_size // (world * per_device_batch_size)
-    train = train_loader(accelerator, data.train, spec, augment, per_device_batch_size, steps=steps)
+    weights = balanced_weights(data.train, data.info) if cfg.balanced_sampler else None
+    train = train_loader(
+        accelerator, data.train, spec, augment, per_device_batch_size, steps=steps, sample_weights=weights
+    )
     val = eval_loader(accelerator, data.val, spec, per_device_batch_size * 2)
     return train, val
 
@@ -98,6 +108,7 @@ __all__ = [
     "describe_augmentation",
     "eval_loader",
     "files_loader",
+    "label_counts",
     "load_data",
     "load_splits",
     "loader_spec",

@@ -17,9 +17,17 @@ class Failed:
     reason: str
 
 
+def label_tensor(values: list) -> torch.Tensor:
+    """Collated labels: int64 class indices (B,), or float32 multi-hot rows (B, C) for multi-label data."""
+    if values and isinstance(values[0], list | tuple | np.ndarray):
+        return torch.tensor(np.asarray(values), dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.long)
+
+
 @dataclass
 class Batch:
-    """A batch the model sees. `labels`: class indices, or class probabilities once mixup/cutmix mixed the batch.
+    """A batch the model sees. `labels`: class indices, or class probabilities once mixup/cutmix mixed the batch;
+    for multi-label data float multi-hot rows (B, C), mixed the same way.
 
     `indices`: the samples' positions in their dataset (kept by `trainer predict` to name each file);
     `failed`: {path: reason} of files left out of this batch instead of replaced (`trainer predict`).

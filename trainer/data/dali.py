@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.data.batch import Batch, EncodedBatch, Failed
+from trainer.data.batch import Batch, EncodedBatch, Failed, label_tensor
 from trainer.data.decode import (
     EXIF_ORIENTATION,
     UnreadableImage,
@@ -139,7 +139,7 @@ def collate(examples: list) -> EncodedBatch:
         encoded=[e["encoded"] for e in examples],
         windows=np.stack([e["window"] for e in examples]) if examples else np.zeros((0, 4), np.float32),
         flips=np.array([e["flip"] for e in examples], dtype=np.int32),
-        labels=torch.tensor([e["label"] for e in examples], dtype=torch.long),
+        labels=label_tensor([e["label"] for e in examples]),
         indices=np.array([e["index"] for e in examples], dtype=np.int64),
         paths=[e["path"] for e in examples],
         seed=random.getrandbits(62),
@@ -275,13 +275,18 @@ class DaliStage:
         encoded, windows, flips, labels = list(batch.encoded), batch.windows.copy(), batch.flips.copy(), batch.labels
         labels, keep, failed = labels.clone(), [], dict(batch.failed)
         for j in range(len(batch)):
-            own = {"encoded": encoded[j], "window": windows[j], "flip": flips[j], "label": int(labels[j])}
+            own = {"encoded": encoded[j], "window": windows[j], "flip": flips[j], "label": labels[j].tolist()}
             row = self.policy.first_readable(self._candidates(batch, j, own), f"index {batch.indices[j]}")
             if isinstance(row, Failed):
                 failed[row.path] = row.reason
                 continue
             keep.append(j)
-            encoded[j], windows[j], flips[j], labels[j] = row["encoded"], row["window"], row["flip"], row["label"]
+            encoded[j], windows[j], flips[j], labels[j] = (
+                row["encoded"],
+                row["window"],
+                row["flip"],
+                torch.as_tensor(row["label"], dtype=labels.dtype),
+            )
         repaired = EncodedBatch(encoded, windows, flips, labels, batch.indices, batch.paths, batch.seed, failed)
         return repaired.take(keep)
 

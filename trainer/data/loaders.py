@@ -23,7 +23,7 @@ from trainer.config import DataConfig
 from trainer.data import shard as sharding
 from trainer.data.backends import Backend
 from trainer.data.folders import check_image
-from trainer.data.samples import EpochStream, Indexed, Replacement, Replacing, SeededBatches, seeded
+from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededBatches, seeded
 from trainer.data.transforms import Augment, Preprocess
 
 
@@ -124,9 +124,12 @@ class LoaderSpec:
     shuffle_buffer: int = 1000  # a stream's shuffle buffer (examples)
 
 
-def train_loader(accelerator, split, spec: LoaderSpec, augment: Augment, batch_size: int, *, steps: int = 0):
+def train_loader(
+    accelerator, split, spec: LoaderSpec, augment: Augment, batch_size: int, *, steps: int = 0, sample_weights=None
+):
     """The training loader of this rank: `split` map-style (seeded shuffle, drop_last, sharded by batches) or a
-    stream (this rank's part, `steps` batches per epoch). `batch_size` is per process."""
+    stream (this rank's part, `steps` batches per epoch). `batch_size` is per process. `sample_weights` (one per
+    sample, --balanced-sampler): draw each epoch's samples in proportion to them instead of shuffling."""
     shard = sharding.Shard.of(accelerator)
     if not hasattr(split, "__len__"):  # a stream
         part = sharding.stream_part(split, shard, seed=spec.seed, buffer_size=spec.shuffle_buffer)
@@ -144,13 +147,15 @@ def train_loader(accelerator, split, spec: LoaderSpec, augment: Augment, batch_s
     samples = Indexed(split.with_transform(examples))
     dataset = SeededBatches(Replacing(samples, Replacement(where=f"rank {shard.rank}")), spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)  # same on every rank: the shuffle order must agree
+    order = dict(shuffle=True, generator=generator)
+    if sample_weights is not None:
+        order = dict(sampler=BalancedSampler(sample_weights, spec.seed))
     # drop_last keeps every optimizer step at the full global batch (and BatchNorm away from tiny batches).
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
         drop_last=True,
-        generator=generator,
+        **order,
         collate_fn=partial(dataset.collate, spec.backend.collate(examples)),
         **_worker_options(spec.workers, shard.device, shard.rank),
     )

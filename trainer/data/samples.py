@@ -164,6 +164,28 @@ class SeededBatches(torch.utils.data.Dataset):
         return seeded(self._batch_seed + 1, lambda: collate_fn(examples))
 
 
+class BalancedSampler(torch.utils.data.Sampler):
+    """--balanced-sampler: each epoch `len(weights)` indices drawn with replacement, in proportion to `weights` (one
+    per sample: inverse to its class frequency), under a generator seeded by (seed, epoch) alone. Every rank draws
+    the same sequence and accelerate hands each its own batches (equal steps per rank, drop_last), and a resumed epoch
+    draws it again and skips the batches already trained."""
+
+    def __init__(self, weights, seed: int):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, "balanced", self.epoch))
+        drawn = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator)
+        return iter(drawn.tolist())
+
+
 class EpochStream(torch.utils.data.IterableDataset):
     """Exactly `steps` batches per epoch from this rank's part of a stream, re-read (reshuffled) if it runs short.
 

@@ -7,6 +7,7 @@ decodes) and `label` (a ClassLabel). Bad input is refused here, before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import os
@@ -19,6 +20,15 @@ import numpy as np
 
 from trainer.config import DataConfig, UserError
 from trainer.data.folders import scan_image_folder
+from trainer.data.multilabel import (
+    is_list_feature,
+    json_labels,
+    labels_csv_splits,
+    list_class_names,
+    load_tagged_folder,
+    multi_hot,
+    natural_key,
+)
 
 # WebDataset shards name their columns by file extension: `jpg`/`png`/... for the image, `cls` for the label.
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "jpg", "jpeg", "png", "webp")
@@ -52,6 +62,7 @@ class Source:
     channels: int | None = None  # 1 or 3 when the loader knows; None: look at a few images
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out
     default_hflip: float = 0.5
+    multilabel: bool = False  # `label` holds a multi-hot row per image (data/multilabel.py)
 
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -91,6 +102,9 @@ def load_source(cfg: DataConfig) -> Source:
     files = data_files(spec)
     if files is not None:
         return standardize(_load_files(files, spec), cfg)
+    if path.is_dir() and labels_csv_splits(path):
+        splits = load_tagged_folder(path, cfg.label_delimiter, spec)
+        return standardize(Source(splits, [], f"folder:{spec} (labels.csv)"), cfg)
     if path.exists():
         folder = scan_image_folder(path, spec)
         return Source(folder.splits, folder.class_names, f"folder:{spec}", folder.channels, folder.skipped)
@@ -297,12 +311,12 @@ def detect_columns(features, image_column: str, label_column: str, where: str) -
 
     columns = list(features)
 
-    def pick(given: str, names: tuple[str, ...], kind: type, flag: str, what: str) -> str:
+    def pick(given: str, names: tuple[str, ...], kind, flag: str, what: str) -> str:
         if given:
             if given not in features:
                 raise UserError(f"--data {where}: {flag} {given!r} is not a column; columns: {', '.join(columns)}")
             return given
-        found = [c for c in names if c in features] or [c for c, f in features.items() if isinstance(f, kind)]
+        found = [c for c in names if c in features] or [c for c, f in features.items() if kind(f)]
         if len(found) != 1 and not (found and found[0] in names):
             raise UserError(
                 f"--data {where}: cannot tell which column holds the {what} (columns: {', '.join(columns)}); "
@@ -310,8 +324,11 @@ def detect_columns(features, image_column: str, label_column: str, where: str) -
             )
         return found[0]
 
-    image = pick(image_column, IMAGE_COLUMNS, datasets.Image, "--image-column", "images")
-    label = pick(label_column, LABEL_COLUMNS, datasets.ClassLabel, "--label-column", "labels")
+    def is_label(f) -> bool:  # a ClassLabel, or a list of them (multi-label)
+        return isinstance(f, datasets.ClassLabel) or isinstance(getattr(f, "feature", None), datasets.ClassLabel)
+
+    image = pick(image_column, IMAGE_COLUMNS, lambda f: isinstance(f, datasets.Image), "--image-column", "images")
+    label = pick(label_column, LABEL_COLUMNS, is_label, "--label-column", "labels")
     return image, label
 
 
@@ -321,24 +338,47 @@ def standardize(source: Source, cfg: DataConfig) -> Source:
 
     if not source.splits:
         raise UserError(f"--data {cfg.data}: no splits found")
+    source = dataclasses.replace(source, splits=json_labels(source.splits, LABEL_COLUMNS))
     first = next(iter(source.splits.values()))
     image_col, label_col = detect_columns(first.features, cfg.image_column, cfg.label_column, cfg.data)
     label_feature = first.features[label_col]
-    if isinstance(label_feature, datasets.ClassLabel):
+    multilabel = is_list_feature(label_feature)
+    if multilabel:
+        splits = source.splits
+        train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in splits), next(iter(splits)))
+        train_values = splits[train_name].with_format("arrow")[label_col].to_pylist() if train_name in splits else []
+        names = list_class_names(label_feature, train_values)
+    elif isinstance(label_feature, datasets.ClassLabel):
         names = list(label_feature.names)
     else:
         values = {name: split[label_col] for name, split in source.splits.items()}
         train_name = cfg.train_split or next((n for n in TRAIN_SPLITS if n in values), next(iter(values)))
         # Class names come from the training split: a label seen only elsewhere is an error, caught below.
-        names = sorted({str(v) for v in values.get(train_name, [])}, key=_natural_key)
+        names = sorted({str(v) for v in values.get(train_name, [])}, key=natural_key)
     splits = {}
     for name, split in source.splits.items():
         if name in (cfg.train_split, cfg.val_split) or name in TRAIN_SPLITS + VAL_SPLITS or len(source.splits) == 1:
-            splits[name] = _standard_split(split, image_col, label_col, names, cfg.data, name)
-    return Source(splits, names, source.description, source.channels, source.skipped, source.default_hflip)
+            splits[name] = _standard_split(split, image_col, label_col, names, cfg.data, name, multilabel)
+    return Source(splits, names, source.description, source.channels, source.skipped, source.default_hflip, multilabel)
 
 
-def _standard_split(split, image_col: str, label_col: str, names: list[str], where: str, split_name: str):
+def check_task(cfg: DataConfig, multilabel: bool) -> None:
+    """--task against what the labels are (lists, or one label per image)."""
+    if multilabel and cfg.task == "multiclass":
+        raise UserError(
+            f"--data {cfg.data}: --task multiclass, but its labels are lists (multi-label); use --task multilabel "
+            "(or auto)"
+        )
+    if not multilabel and cfg.task == "multilabel":
+        raise UserError(
+            f"--data {cfg.data}: --task multilabel, but it has one label per image; give lists of labels (or an "
+            "image folder with a labels.csv), or drop --task"
+        )
+
+
+def _standard_split(
+    split, image_col: str, label_col: str, names: list[str], where: str, split_name: str, multilabel: bool = False
+):
     import datasets
 
     split = split.select_columns([image_col, label_col])
@@ -347,7 +387,9 @@ def _standard_split(split, image_col: str, label_col: str, names: list[str], whe
         split = split.cast_column(image_col, datasets.Image(decode=False))
     if image_col != "image":
         split = split.rename_column(image_col, "image")
-    if not isinstance(split.features[label_col], datasets.ClassLabel):
+    if multilabel:
+        split = multi_hot(split, label_col, names, where, split_name)
+    elif not isinstance(split.features[label_col], datasets.ClassLabel):
         index = {n: i for i, n in enumerate(names)}
         values = [str(v) for v in split[label_col]]
         unknown = sorted(set(values) - set(index))
@@ -362,8 +404,3 @@ def _standard_split(split, image_col: str, label_col: str, names: list[str], whe
     elif label_col != "label":
         split = split.rename_column(label_col, "label")
     return split
-
-
-def _natural_key(text: str):
-    # "2" before "10", so numeric labels keep their numeric order as class indices.
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]

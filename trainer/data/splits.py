@@ -10,7 +10,8 @@ import numpy as np
 
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import GRAY_MODES, UnreadableImage, decode_image
-from trainer.data.sources import detect_columns, load_source, split_names
+from trainer.data.multilabel import is_list_feature, label_matrix
+from trainer.data.sources import check_task, detect_columns, load_source, split_names
 from trainer.data.streams import read_split, standard, stream_source
 
 
@@ -26,6 +27,11 @@ class DataInfo:
     default_hflip: float
     val_split: str = ""  # where validation comes from, in words (recorded in config.yaml)
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out up front
+    multilabel: bool = False  # labels are multi-hot rows (Batch.labels float (B, C)), not class indices
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.multilabel else "multiclass"
 
 
 def load_splits(cfg: DataConfig):
@@ -36,21 +42,23 @@ def load_splits(cfg: DataConfig):
     if cfg.streaming:
         return _stream_splits(cfg)
     source = load_source(cfg)
+    check_task(cfg, source.multilabel)
     train_name, val_name = split_names(list(source.splits), cfg)
     train = source.splits[train_name]
-    _check_classes(train, source.class_names, cfg.data)
+    _check_classes(train, source.class_names, cfg.data, source.multilabel)
     if val_name:
         val, val_desc = source.splits[val_name], f"split {val_name}"
     else:
         try:
             # Stratified, seeded hold-out: every class keeps its share in both splits, identically on every rank.
-            train, val = hold_out(train, cfg.val_fraction, cfg.split_seed)
+            train, val = hold_out(train, cfg.val_fraction, cfg.split_seed, stratify=not source.multilabel)
         except ValueError as e:
             raise UserError(
                 f"--data {cfg.data}: cannot hold out --val-fraction {cfg.val_fraction} per class ({e}); "
                 "add a validation split or more images"
             ) from e
-        val_desc = f"{cfg.val_fraction:g} of {train_name} held out, stratified, --split-seed {cfg.split_seed}"
+        how = "at random" if source.multilabel else "stratified"
+        val_desc = f"{cfg.val_fraction:g} of {train_name} held out, {how}, --split-seed {cfg.split_seed}"
     if len(val) == 0:
         raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
     info = DataInfo(
@@ -62,6 +70,7 @@ def load_splits(cfg: DataConfig):
         default_hflip=source.default_hflip,
         val_split=val_desc,
         skipped=source.skipped,
+        multilabel=source.multilabel,
     )
     return {"train": train, "val": val}, info
 
@@ -84,6 +93,11 @@ def _stream_splits(cfg: DataConfig):
         raise UserError(f"--data {cfg.data}: the stream does not declare its columns; name them in dataset_info.json")
     image_col, label_col = detect_columns(train.features, cfg.image_column, cfg.label_column, cfg.data)
     label = train.features[label_col]
+    if is_list_feature(label) or cfg.task == "multilabel":
+        raise UserError(
+            f"--data {cfg.data} --streaming: multi-label streams are not read yet; drop --streaming (the data is "
+            "then copied into the datasets cache once)"
+        )
     if not isinstance(label, datasets.ClassLabel):
         raise UserError(
             f"--data {cfg.data} --streaming: the label column {label_col!r} has no class names (not a ClassLabel); "
@@ -124,7 +138,23 @@ def labels_of(dataset) -> np.ndarray:
     return dataset.with_format("arrow")["label"].to_numpy().astype(np.int64)
 
 
-def hold_out(train, fraction: float, seed: int):
+def label_counts(dataset, info: DataInfo) -> np.ndarray:
+    """Images per class (multi-label: positives per class) of a map-style split, as int64."""
+    if info.multilabel:
+        return label_matrix(dataset).sum(axis=0, dtype=np.int64)
+    return np.bincount(labels_of(dataset), minlength=len(info.class_names)).astype(np.int64)
+
+
+def balanced_weights(dataset, info: DataInfo) -> np.ndarray:
+    """Per sample, the inverse frequency of its class (multi-label: of its rarest label), for --balanced-sampler."""
+    inverse = 1.0 / np.maximum(label_counts(dataset, info), 1)
+    if info.multilabel:
+        rarest = (label_matrix(dataset) * inverse[None, :]).max(axis=1)
+        return np.where(rarest > 0, rarest, inverse.min())  # an image without labels: as the commonest label
+    return inverse[labels_of(dataset)]
+
+
+def hold_out(train, fraction: float, seed: int, stratify: bool = True):
     """The rows of datasets' `train.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)`, in
     its order, with its own index generator; the labels are read as one Arrow column, where train_test_split reads
     them row by row (0.1 ms a row: 0.5 s for 5,000 images, every run on a folder). Returns (train, held out)."""
@@ -132,6 +162,9 @@ def hold_out(train, fraction: float, seed: int):
 
     n_test = math.ceil(fraction * len(train))
     rng = np.random.default_rng(seed)
+    if not stratify:  # multi-label rows have no single class to stratify by
+        order = rng.permutation(len(train))
+        return train.select(np.sort(order[n_test:])), train.select(np.sort(order[:n_test]))
     try:
         train_rows, test_rows = next(
             stratified_shuffle_split_generate_indices(labels_of(train), len(train) - n_test, n_test, rng=rng)
@@ -143,12 +176,15 @@ def hold_out(train, fraction: float, seed: int):
     return train.select(train_rows), train.select(test_rows)
 
 
-def _check_classes(train, class_names: list[str], where: str) -> None:
+def _check_classes(train, class_names: list[str], where: str, multilabel: bool = False) -> None:
     if len(train) == 0:
         raise UserError(f"--data {where}: no training images")
-    if len(class_names) < 2:
+    if len(class_names) < 2 and not multilabel:
         raise UserError(f"--data {where}: only one class ({', '.join(class_names)}); classification needs two or more")
-    counts = np.bincount(labels_of(train), minlength=len(class_names))
+    if multilabel:
+        counts = label_matrix(train).sum(axis=0)
+    else:
+        counts = np.bincount(labels_of(train), minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")

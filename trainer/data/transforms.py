@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer.config import DataConfig, UserError
-from trainer.data.batch import Batch, Failed
+from trainer.data.batch import Batch, Failed, label_tensor
 from trainer.data.decode import decode_image
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
         "val_split": info.val_split,
         "num_classes": len(info.class_names),
         "class_names": info.class_names,
+        "task": info.task,
         "in_chans": pre.in_chans,
         "hflip": resolve_hflip(cfg, info),
         "scale": list(resolve_scale(cfg)),
@@ -125,7 +126,7 @@ class ImageTransform:
         if not examples:
             return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), failed)
         images = torch.stack([e["image"] for e in examples])
-        labels = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        labels = label_tensor([e["label"] for e in examples])
         indices = torch.tensor([e["index"] for e in examples]) if "index" in examples[0] else None
         if self.mixup is not None:
             # Label smoothing stays with the loss: F.cross_entropy smooths probability targets exactly as timm's
@@ -182,7 +183,13 @@ def train_mixup(cfg: DataConfig, info: DataInfo, per_device_batch_size: int):
             f"--mixup/--cutmix pair images within a batch and need an even per-process batch, "
             f"got {per_device_batch_size}; change --batch-size"
         )
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(info.class_names))
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        label_smoothing=0.0,
+        num_classes=len(info.class_names),
+        multi_label=info.multilabel,  # mixes the multi-hot rows themselves
+    )
 
 
 @dataclass(frozen=True)
