@@ -136,7 +136,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
                     f.name, LOADERS
                 )
             else:
-                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
+                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default or 0).__name__.upper()
             group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
             dests[f.name] = (section, f)
     return dests

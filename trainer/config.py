@@ -227,6 +227,9 @@ class TrainConfig:
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     skip_nonfinite: bool = False
     """Skip (and count) optimizer steps whose loss is NaN or inf instead of stopping the run at the first one."""
+    patience: int | None = None
+    """Early stopping: end the run normally once the best val metric has not improved for N epochs (N >= 1); unset:
+    train every epoch."""
 
     def __post_init__(self):
         _check(self.epochs > 0, f"--epochs must be a positive integer, got {self.epochs}")
@@ -242,6 +245,10 @@ class TrainConfig:
         _check(
             self.compile_mode in COMPILE_MODES,
             f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}",
+        )
+        _check(
+            self.patience is None or self.patience >= 1,
+            f"--patience must be 1 or more epochs, got {self.patience}; leave it out to train every epoch",
         )
 
     def per_device_batch_size(self, num_processes: int) -> int:
@@ -388,7 +395,9 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
             )
         if isinstance(value, bool):  # YAML `epochs: true` is a mistake, not 1
             raise ValueError
-        if isinstance(default, int):
+        if default is None and value in (None, ""):  # an optional count (--patience) left unset
+            return None
+        if isinstance(default, int) or default is None:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
@@ -397,6 +406,7 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
         return "" if value is None else str(value)
     except (TypeError, ValueError):
         kind = type(default).__name__ if not isinstance(default, tuple) else "two comma-separated numbers"
+        kind = "int" if default is None else kind
         raise UserError(f"{where} expects {kind}, got {value!r}") from None
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from trainer import data, optim
+from trainer import data, optim, stopping
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.files import WEIGHTS
@@ -99,6 +99,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     summary = {"best/val_top1": best[0], "best/epoch": best[1], "time_s": time.time() - start, "run_dir": str(run_dir)}
     if state.skipped_steps:
         summary["train/skipped_steps"] = state.skipped_steps
+    if state.stopped_epoch:
+        summary["early_stop/epoch"] = state.stopped_epoch
+        summary["early_stop/reason"] = stopping.reason(state, cfg.train.patience)
     reporter.finish(summary, val_split=dataset.val)
     return summary
 
@@ -252,6 +255,8 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
     scheduler, train_loader, val_loader = loop.scheduler, loop.train_loader, loop.val_loader
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if stopping.already_stopped(state):  # resumed after it had stopped early
+            break
         train_loader.set_epoch(epoch)
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
         stats = train_one_epoch(loop, cfg)
@@ -279,7 +284,11 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         save_epoch_weights(accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta)
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
-        loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs)
+        stop_early = stopping.count_epoch(state, epoch, is_best, cfg.patience)  # same on every rank: see there
+        loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs or stop_early)
+        if stop_early:
+            reporter.print(stopping.reason(state, cfg.patience))
+            break
     return state.best_top1, state.best_epoch
 
 

@@ -70,10 +70,12 @@ def auto_resume(given: dict[str, dict[str, Any]]) -> tuple[Config, Path | None]:
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
-    """Whether the newest checkpoint of the run is its last epoch's (an unreadable one is left to the loader)."""
+    """Whether the newest checkpoint of the run is its last epoch's, or early stopping ended the run there (an
+    unreadable one is left to the loader)."""
     found = checkpoint_dirs(run_dir)
     try:
-        return bool(found) and json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text())["epoch"] >= epochs
+        state = json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text()) if found else {}
+        return bool(found) and (state["epoch"] >= epochs or state.get("stopped_epoch", 0) > 0)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

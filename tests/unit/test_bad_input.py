@@ -67,6 +67,8 @@ CASES = [
     (["--loader", "fast"], "argument --loader: invalid choice: 'fast'"),
     (["--loader", "dali", "--auto-augment", "rand-m9-mstd0.5"], "has no DALI equivalent; use --loader torch"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--patience", "0"], "--patience must be 1 or more epochs, got 0; leave it out to train every epoch"),
+    (["--patience", "2.5"], "--patience expects int, got '2.5'"),
     (["--dist-timeout", "-1"], "--dist-timeout must be minutes, or 0 for PyTorch's default, got -1.0"),
     (["--resume", "auto", "--model", "resnet18"], "--model resnet18 differs from the run's resnet10t"),
     (["--data", "no/such/folder"], "--data no/such/folder: no such file or folder"),
