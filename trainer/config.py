@@ -227,6 +227,12 @@ class TrainConfig:
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     skip_nonfinite: bool = False
     """Skip (and count) optimizer steps whose loss is NaN or inf instead of stopping the run at the first one."""
+    freeze: str = ""
+    """Fine-tuning: `backbone` trains only the classifier (a linear probe); N freezes the first N of timm's coarse
+    parameter groups (the stem, then stages). Frozen BatchNorm statistics stay fixed. Empty: train everything."""
+    unfreeze_epoch: int = 0
+    """With --freeze: train everything from this epoch on (2..--epochs), the optimizer and schedule carrying on; 0:
+    stay frozen."""
     patience: int | None = None
     """Early stopping: end the run normally once the best val metric has not improved for N epochs (N >= 1); unset:
     train every epoch."""
@@ -245,6 +251,15 @@ class TrainConfig:
         _check(
             self.compile_mode in COMPILE_MODES,
             f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}",
+        )
+        _check(
+            self.freeze in ("", "backbone") or (self.freeze.isdigit() and int(self.freeze) > 0),
+            f"--freeze must be `backbone` or a positive number of stages, got {self.freeze!r}",
+        )
+        _check(
+            self.unfreeze_epoch == 0 or (self.freeze and 2 <= self.unfreeze_epoch <= self.epochs),
+            f"--unfreeze-epoch {self.unfreeze_epoch} needs --freeze and must be between 2 and --epochs "
+            f"({self.epochs}), or 0 to stay frozen",
         )
         _check(
             self.patience is None or self.patience >= 1,

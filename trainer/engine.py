@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from trainer import data, optim, stopping
+from trainer import data, finetune, optim, stopping
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.files import WEIGHTS
@@ -54,6 +54,7 @@ class Loop:
     run_dir: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)  # of the weight files (weights_metadata)
     num_classes: int = 0
+    freeze: finetune.Freeze | None = None  # --freeze: what is frozen until which epoch
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
@@ -66,6 +67,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     backend, dataset = load_data(accelerator, cfg, reporter)
     info = dataset.info
     model, sync_bn, pre = build_model_side(accelerator, cfg, info, reporter)
+    freeze = finetune.plan_freeze(cfg.train, model, _fsdp(accelerator))  # names of the unwrapped model
+    if freeze is not None:
+        reporter.print_once(finetune.describe(freeze, cfg.train))
     # Loaders first, already sharded: the schedule's length comes from this rank's shard of the data.
     spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
     per_device_batch_size = cfg.train.per_device_batch_size(accelerator.num_processes)
@@ -88,6 +92,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         run_dir=run_dir,
         metadata=weights_metadata(cfg.model.model, info.class_names, pre),
         num_classes=len(info.class_names),
+        freeze=freeze,
     )
     record = run_record(cfg, loop, info, pre, sync_bn, steps_per_epoch, backend)
     start_run(loop, cfg, record, info, resumed=resume_dir is not None)
@@ -258,6 +263,7 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         if stopping.already_stopped(state):  # resumed after it had stopped early
             break
         train_loader.set_epoch(epoch)
+        finetune.set_epoch(accelerator.unwrap_model(model), loop.freeze, epoch)  # after prepare: see finetune
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
         stats = train_one_epoch(loop, cfg)
         if average_bn:
@@ -301,6 +307,7 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
     state, reporter, checkpointer, ema = loop.state, loop.reporter, loop.checkpointer, loop.ema
     loader = loop.train_loader
     model.train()
+    finetune.hold_frozen_bn(model)
     start = time.time()
     # Resumed mid-epoch: this rank's partial sums come from the checkpoint and its first batches are skipped.
     loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)

@@ -1,4 +1,4 @@
-"""Tuning runs of `trainer train`: early stopping (--patience), at 1 and 2 gloo ranks."""
+"""Tuning runs of `trainer train`: early stopping (--patience) and fine-tuning (--freeze), at 1 and 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 from conftest import CPU_2PROC, accelerate_launch, check, config_of, results, run, trainer
+from safetensors.torch import load_file, save_file
+from test_resume import assert_same_weights, kill_when, start, steps
 
 from trainer.files import STATE_FILE, checkpoint_dirs
 
@@ -37,3 +41,54 @@ def test_patience_stops_after_the_right_epoch(workdir: Path, ranks: int):
     if ranks == 1:
         again = check(run(trainer(*args, "--resume", "auto"), workdir))
         assert "nothing to do" in again.stderr, again.stderr
+
+
+# Fine-tuning from a weights file: 1,617 training digits / 64 = 25 optimizer steps per epoch, repeatable bit for bit.
+TUNE = ("--data", "digits", "--imgsz", "16", "--epochs", "2", "--batch-size", "64", "--deterministic", "--seed", "3")
+TUNE += ("--model", "test_resnet", "--tracker", "none", "--workers", "0", "--pretrained", "init.safetensors")
+TUNE += ("--freeze", "backbone", "--unfreeze-epoch", "2")
+
+
+def _weights_file(workdir: Path) -> dict[str, torch.Tensor]:
+    """A weights file as a user brings one: a seeded test_resnet for the 10 one-channel digit classes."""
+    torch.manual_seed(1)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(workdir / "init.safetensors"))
+    return state
+
+
+def _changed(before: dict[str, torch.Tensor], file: Path) -> set[str]:
+    after = load_file(str(file))
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_freeze_backbone_then_unfreeze_two_ranks(workdir: Path):
+    """2 gloo ranks (DDP with unused parameters): epoch 1 changes only the classifier's tensors (BatchNorm
+    statistics included: they stay fixed); after --unfreeze-epoch 2 every tensor has changed."""
+    init = _weights_file(workdir)
+    proc = check(run(accelerate_launch(CPU_2PROC, "train", *TUNE, "--keep-checkpoints", "2"), workdir))
+    run_dir = workdir / "runs" / "train" / "exp"
+    assert config_of(run_dir)["launch"]["num_processes"] == 2
+    params = [name for name, _ in timm.create_model("test_resnet", num_classes=10, in_chans=1).named_parameters()]
+    backbone = sum(not name.startswith("fc.") for name in params)
+    assert f"--freeze backbone: {backbone} parameter tensors frozen until epoch 2" in proc.stdout
+    assert _changed(init, run_dir / "checkpoints" / "step-25" / "model.safetensors") == {"fc.weight", "fc.bias"}
+    assert _changed(init, run_dir / "weights" / "last.safetensors") == set(init)
+
+
+def test_freeze_kill_and_resume_across_the_unfreeze_point_is_bitwise_exact(workdir: Path):
+    """SIGKILL while frozen (after step 10) and again after the unfreeze (after step 35), resumed each time: the
+    weights equal those of the uninterrupted run bit for bit."""
+    _weights_file(workdir)
+    runs = workdir / "runs" / "train"
+    check(run(trainer("train", *TUNE, "--name", "ref"), workdir))
+    cut = runs / "cut"
+    kill_when(
+        start(trainer("train", *TUNE, "--name", "cut", "--checkpoint-every", "5"), workdir), lambda: 10 in steps(cut)
+    )
+    assert steps(cut)[-1] < 25
+    out = kill_when(start(trainer("train", "--resume", str(cut)), workdir), lambda: steps(cut)[-1] >= 35)
+    assert f"resuming {cut}" in out
+    check(run(trainer("train", "--resume", str(cut)), workdir))
+    assert_same_weights(runs / "ref", cut)
