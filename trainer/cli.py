@@ -181,6 +181,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+TTA_MODES = ("flip", "crops")  # trainer.tta's, without importing torch for --help
+TTA_HELP = "test-time augmentation: average the logits over the image and its flip, or over ten crops (crops)"
+
+
 def _add_use_commands(commands) -> None:
     """val, predict, export: each with its own small set of flags."""
     weights = dict(metavar="PATH", required=True, help="a weights file written by trainer train (.safetensors)")
@@ -200,6 +204,7 @@ def _add_use_commands(commands) -> None:
     val.add_argument(
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
+    val.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -219,6 +224,7 @@ def _add_use_commands(commands) -> None:
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
     predict.add_argument("--json", action="store_true", help="also write predictions.json")
+    predict.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -325,6 +331,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             workers=args.workers,
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
+            tta=args.tta,
         )
     elif args.command == "predict":
         from trainer.predict import predict
@@ -338,6 +345,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
             write_json=args.json,
+            tta=args.tta,
         )
     else:
         from trainer.export import export

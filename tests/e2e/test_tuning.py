@@ -92,3 +92,55 @@ def test_freeze_kill_and_resume_across_the_unfreeze_point_is_bitwise_exact(workd
     assert f"resuming {cut}" in out
     check(run(trainer("train", "--resume", str(cut)), workdir))
     assert_same_weights(runs / "ref", cut)
+
+
+def _eval_batches(weights: Path):
+    """The validation images as `trainer val` feeds them (the weights' eval transform), with an Accelerator."""
+    from accelerate import Accelerator
+
+    from trainer import data
+    from trainer.config import DataConfig
+    from trainer.inference import load_model, read_weights
+
+    trained = read_weights(weights)
+    cfg = DataConfig(data="digits", imgsz=trained.pre.imgsz, workers=0)
+    accelerator = Accelerator(cpu=True)
+    dataset = data.load_data(accelerator, cfg)
+    spec = data.loader_spec(cfg, data.Backend("torch", "test"), trained.pre)
+    return load_model(trained), list(data.eval_loader(accelerator, dataset.splits["val"], spec, 64))
+
+
+def test_val_and_predict_tta_equal_the_mean_of_the_forward_passes(workdir: Path):
+    """`val --tta flip`: top-1 and loss of the mean of the logits of each image and its mirror, computed here by
+    hand; `--tta crops` runs; `predict --tta flip` gives the hand-computed probabilities of a few files."""
+    check(run(trainer("train", *STUCK[:8], "--epochs", "1", "--lr", "1e-2"), workdir))
+    weights = workdir / "runs" / "train" / "exp" / "weights" / "best.safetensors"
+    for mode in ("flip", "crops"):
+        out = check(run(trainer("val", "--weights", str(weights), "--tta", mode, "--name", mode), workdir)).stdout
+        assert f"TTA {mode}" in out
+    flip, crops = (json.loads((workdir / "runs" / "val" / m / "metrics.json").read_text()) for m in ("flip", "crops"))
+    assert flip["tta"] == "flip" and crops["tta"] == "crops" and flip["images"] == crops["images"] == 180
+
+    model, batches = _eval_batches(weights)
+    with torch.no_grad():
+        logits = torch.cat([(model(b.images) + model(b.images.flip(-1))) / 2 for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    assert round(flip["val/top1"] * 180) == (logits.argmax(1) == labels).sum().item()
+    assert flip["val/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+    from PIL import Image
+
+    from trainer import data
+    from trainer.inference import read_weights
+
+    for i, batch in enumerate(batches[0].images[:3]):
+        pixels = (batch * 0.5 + 0.5).clamp(0, 1)  # any image will do: a PNG of a validation tensor
+        Image.fromarray((pixels[0].numpy() * 255).round().astype("uint8")).save(workdir / f"img{i}.png")
+    files = [str(workdir / f"img{i}.png") for i in range(3)]
+    check(run(trainer("predict", "--weights", str(weights), *files, "--json", "--tta", "flip", "--topk", "1"), workdir))
+    report = json.loads((workdir / "runs" / "predict" / "exp" / "predictions.json").read_text())
+    spec = data.LoaderSpec(data.Backend("torch", "test"), read_weights(weights).pre, 0)
+    images = torch.cat([b.images for b in data.files_loader(files, spec, 8, "cpu")[0]])
+    with torch.no_grad():
+        probs = ((model(images) + model(images.flip(-1))) / 2).softmax(1).max(1).values
+    assert [r["predictions"][0]["probability"] for r in report["images"]] == pytest.approx(probs.tolist(), abs=1e-5)
