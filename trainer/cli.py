@@ -166,9 +166,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "{project}/{name} if it has a checkpoint, else start it there (the same command for every restart)",
     )
     dests = _add_config_flags(train)
+    _add_lr_find(commands)
     _add_use_commands(commands)
     _add_data_commands(commands)
     return parser, dests
+
+
+def _add_lr_find(commands) -> None:
+    """`trainer lr-find`: train's flags plus the sweep's own (trainer.lr_find)."""
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="sweep the learning rate exponentially and suggest one (advisory)",
+        description="Train a throwaway copy of the run's model for --steps updates at exponentially rising learning "
+        "rates; write lr_find.csv and lr_find.png to runs/lr_find/exp and print a suggested --lr. Takes train's "
+        "flags; runs plainly or under accelerate launch / torchrun.",
+    )
+    lr_find.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
+    lr_find.add_argument("--steps", type=_positive_int, default=200, help="optimizer updates in the sweep (200)")
+    lr_find.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
+    lr_find.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
+    _add_config_flags(lr_find)
 
 
 def _positive_int(text: str) -> int:
@@ -368,6 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "data":
             run_data_command(args)
+            return 0
+        if args.command == "lr-find":
+            cfg = resolve_config(args, dests)
+            _stay_offline(not cfg.run.allow_download, wandb=False)
+            from trainer.lr_find import lr_find
+
+            lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
             return 0
         if args.command != "train":
             run_use_command(args)

@@ -1,8 +1,11 @@
-"""Tuning runs of `trainer train`: early stopping (--patience) and fine-tuning (--freeze), at 1 and 2 gloo ranks."""
+"""Tuning: early stopping (--patience), fine-tuning (--freeze), TTA (val/predict --tta) and lr-find, at 1 and 2
+gloo ranks."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,22 @@ def test_val_and_predict_tta_equal_the_mean_of_the_forward_passes(workdir: Path)
     with torch.no_grad():
         probs = ((model(images) + model(images.flip(-1))) / 2).softmax(1).max(1).values
     assert [r["predictions"][0]["probability"] for r in report["images"]] == pytest.approx(probs.tolist(), abs=1e-5)
+
+
+def test_lr_find_two_ranks_writes_the_sweep_and_an_advisory_suggestion(workdir: Path):
+    """`trainer lr-find` under accelerate launch (2 gloo ranks): lr_find.csv with rising lrs within the range,
+    lr_find.png, and a suggested lr that is one of the swept ones."""
+    flags = ("--data", "digits", "--imgsz", "16", "--model", "test_resnet", "--batch-size", "64", "--tracker", "none")
+    sweep = ("--steps", "30", "--start-lr", "1e-5", "--end-lr", "1")
+    out = check(run(accelerate_launch(CPU_2PROC, "lr-find", *flags, *sweep), workdir)).stdout
+    folder = workdir / "runs" / "lr_find" / "exp"
+    with open(folder / "lr_find.csv") as f:
+        rows = list(csv.DictReader(f))
+    lrs = [float(r["lr"]) for r in rows]
+    assert 5 <= len(rows) <= 30 and lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-5)
+    assert all(1e-5 <= lr <= 1 for lr in lrs) and all(math.isfinite(float(r["smoothed_loss"])) for r in rows[:5])
+    assert (folder / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    line = next(x for x in out.splitlines() if x.startswith("lr-find:"))
+    assert "on 2 process(es)" in line and "advisory" in line
+    suggested = float(line.split("suggested lr ")[1].split()[0])
+    assert any(suggested == pytest.approx(lr, rel=1e-2) for lr in lrs)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -72,3 +74,14 @@ def test_patience_counts_on_across_a_resume():
     assert resumed.stopped_epoch == 3 and stopping.already_stopped(resumed)
     assert "stopped early at epoch 3" in stopping.reason(resumed, 2)
     assert not stopping.count_epoch(TrainState(), 1, is_best=False, patience=None)
+
+
+def test_lr_find_suggests_the_steepest_descent_of_the_smoothed_loss():
+    from trainer.lr_find import smooth, suggest
+
+    lrs = list(np.geomspace(1e-6, 1, 300))
+    # a loss falling fastest per decade at 1e-3, then rising (divergence)
+    losses = [2 - math.tanh(math.log10(lr) + 3) + (5 * (lr - 0.1) if lr > 0.1 else 0) for lr in lrs]
+    assert smooth([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])  # bias-corrected: no pull towards 0
+    suggested = suggest(lrs, smooth(losses))
+    assert 1e-4 < suggested < 1e-2
