@@ -11,13 +11,15 @@
 #   fsdp_memory.json   bench/fsdp_memory.py: vit_large_patch16_224 peak memory and img/s, DDP vs FSDP2 vs
 #                      FSDP2 + grad checkpointing, on one GPU
 #   gpu_tests.log      pytest tests/gpu (SyncBN on two ranks sharing the GPU, the DALI mixed decoder)
+#   autobatch.json     bench/autobatch.py: --batch-size auto's probe on resnet50 and vit_base at 224 px (bf16): the
+#                      size found, its 90 %, the probe's seconds, and a real AdamW step's peak memory at that size
 # Each part has its own time limit and a failing part never stops the others.
 #
 # Needs torch, timm, accelerate and torchvision, plus `datasets`, pytest and the DALI wheel (nvidia-dali-cuda120 or
 # -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
 # in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (allow 540 s: the parts below sum to at most 440 s plus start-up).
+# (allow 600 s: the parts below sum to at most 500 s plus start-up).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()
@@ -46,6 +48,7 @@ part() {  # part NAME SECONDS COMMAND...: run one check under its own limit, not
 part gpu_pipeline 270 python3 bench/gpu_pipeline.py "${smoke[@]}" --out "$out/gpu_pipeline.json"
 part fsdp_memory 120 python3 bench/fsdp_memory.py "${smoke[@]}" --case-timeout 38 --out "$out/fsdp_memory.json"
 part gpu_tests 50 python3 -m pytest tests/gpu -q -p no:cacheprovider
+part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform

@@ -29,6 +29,10 @@ LOADERS = ("auto", "torch", "dali")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+DEFAULT_BATCH_SIZE = 128  # TrainConfig.batch_size's default, and --batch-size auto's without a GPU
+BATCH_AUTO = 0  # TrainConfig.batch_size of --batch-size auto until trainer.autobatch resolves it
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -205,8 +209,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5
     """Number of training epochs."""
-    batch_size: int = 128
-    """GLOBAL batch size per optimizer step, across all processes and accumulation steps."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    """GLOBAL batch size per optimizer step, across all processes and accumulation steps; `auto`: the largest
+    micro-batch that fits the GPU (a probe) x processes x --grad-accum, the default on a CPU."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
     seed: int = 0
@@ -239,8 +244,15 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs > 0, f"--epochs must be a positive integer, got {self.epochs}")
-        _check(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _check(
+            self.batch_size > 0 or self.auto_batch, f"--batch-size must be a positive integer, got {self.batch_size}"
+        )
         _check(self.grad_accum > 0, f"--grad-accum must be a positive integer, got {self.grad_accum}")
+        _check(
+            not self.auto_batch or DEFAULT_BATCH_SIZE % self.grad_accum == 0,
+            f"--batch-size auto falls back to {DEFAULT_BATCH_SIZE} without a GPU, which --grad-accum "
+            f"{self.grad_accum} does not divide; use a --grad-accum that divides {DEFAULT_BATCH_SIZE} (1, 2, 4, ...)",
+        )
         _check(
             self.mixed_precision in ("", *MIXED_PRECISION),
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
@@ -265,6 +277,11 @@ class TrainConfig:
             self.patience is None or self.patience >= 1,
             f"--patience must be 1 or more epochs, got {self.patience}; leave it out to train every epoch",
         )
+
+    @property
+    def auto_batch(self) -> bool:
+        """--batch-size auto, not yet resolved to a number (trainer.autobatch)."""
+        return self.batch_size == BATCH_AUTO
 
     def per_device_batch_size(self, num_processes: int) -> int:
         """Micro-batch size of one forward pass on one process."""
@@ -410,6 +427,10 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
             )
         if isinstance(value, bool):  # YAML `epochs: true` is a mistake, not 1
             raise ValueError
+        if f.name == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
+            return BATCH_AUTO
+        if f.name == "batch_size" and isinstance(value, str) and value.strip() == "0":  # BATCH_AUTO is internal
+            raise ValueError
         if default is None and value in (None, ""):  # an optional count (--patience) left unset
             return None
         if isinstance(default, int) or default is None:
@@ -421,7 +442,7 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
         return "" if value is None else str(value)
     except (TypeError, ValueError):
         kind = type(default).__name__ if not isinstance(default, tuple) else "two comma-separated numbers"
-        kind = "int" if default is None else kind
+        kind = "int" if default is None else "int or auto" if f.name == "batch_size" else kind
         raise UserError(f"{where} expects {kind}, got {value!r}") from None
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from trainer import data, finetune, optim, stopping
+from trainer import autobatch, data, finetune, optim, stopping
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.files import WEIGHTS
@@ -67,6 +67,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     backend, dataset = load_data(accelerator, cfg, reporter)
     info = dataset.info
     model, sync_bn, pre = build_model_side(accelerator, cfg, info, reporter)
+    cfg, line = autobatch.resolve_config(cfg, accelerator, model, info)  # --batch-size auto -> a number
+    if line:
+        reporter.print_once(line)
     freeze = finetune.plan_freeze(cfg.train, model, _fsdp(accelerator))  # names of the unwrapped model
     if freeze is not None:
         reporter.print_once(finetune.describe(freeze, cfg.train))

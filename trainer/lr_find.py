@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-from trainer import data, optim
+from trainer import autobatch, data, optim
 from trainer.config import Config, RunConfig, UserError
 from trainer.engine import build_model_side, load_data, prepare_launch
 from trainer.report import pyplot
@@ -34,6 +34,9 @@ def lr_find(cfg: Config, steps: int = 200, start_lr: float = 1e-7, end_lr: float
     accelerator, reporter = prepare_launch(cfg, None)
     backend, dataset = load_data(accelerator, cfg, reporter)
     model, _, pre = build_model_side(accelerator, cfg, dataset.info, reporter)
+    cfg, line = autobatch.resolve_config(cfg, accelerator, model, dataset.info)  # --batch-size auto
+    if line:
+        reporter.print_once(line)
     spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
     batch = cfg.train.batch_size // accelerator.num_processes  # one forward per update: no accumulation here
     train_loader, _ = data.build_loaders(accelerator, dataset, cfg.data, spec, max(1, batch))

@@ -28,11 +28,16 @@ STUCK += ("--lr", "1e-12", "--min-lr", "0", "--warmup-lr", "0", "--warmup-epochs
 def test_patience_stops_after_the_right_epoch(workdir: Path, ranks: int):
     """--patience 2 on a run whose best is epoch 1: it ends normally after epoch 3 of 6, on every rank alike."""
     args = ("train", *STUCK, "--epochs", "6", "--patience", "2")
+    if ranks == 1:  # and --batch-size auto on a CPU: the default batch, said in one line, recorded as a number
+        args += ("--batch-size", "auto")
     cmd = accelerate_launch(CPU_2PROC, *args) if ranks == 2 else trainer(*args)
     proc = check(run(cmd, workdir))
     run_dir = workdir / "runs" / "train" / "exp"
     assert config_of(run_dir)["launch"]["num_processes"] == ranks
     assert [int(r["epoch"]) for r in results(run_dir)] == [1, 2, 3]
+    if ranks == 1:
+        assert "--batch-size auto: no GPU to probe on cpu; using the default 128" in proc.stdout
+        assert config_of(run_dir)["train"]["batch_size"] == 128 and "global batch 128 = 128 x 1 x 1" in proc.stdout
     assert "stopped early at epoch 3" in proc.stdout and "since epoch 1" in proc.stdout
     assert (run_dir / "weights" / "best.safetensors").is_file() and (run_dir / "weights" / "last.safetensors").is_file()
     assert (run_dir / "results.png").is_file()

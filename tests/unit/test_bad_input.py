@@ -67,6 +67,8 @@ CASES = [
     (["--loader", "fast"], "argument --loader: invalid choice: 'fast'"),
     (["--loader", "dali", "--auto-augment", "rand-m9-mstd0.5"], "has no DALI equivalent; use --loader torch"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--batch-size", "auto", "--grad-accum", "3"], "--batch-size auto falls back to 128 without a GPU, which"),
+    (["--batch-size", "0"], "--batch-size expects int or auto, got '0'"),
     (["--patience", "0"], "--patience must be 1 or more epochs, got 0; leave it out to train every epoch"),
     (["--patience", "2.5"], "--patience expects int, got '2.5'"),
     (["--freeze", "head"], "--freeze must be `backbone` or a positive number of stages, got 'head'"),

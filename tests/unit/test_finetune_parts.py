@@ -85,3 +85,42 @@ def test_lr_find_suggests_the_steepest_descent_of_the_smoothed_loss():
     assert smooth([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])  # bias-corrected: no pull towards 0
     suggested = suggest(lrs, smooth(losses))
     assert 1e-4 < suggested < 1e-2
+
+
+def test_auto_batch_finds_the_largest_size_under_a_simulated_memory_limit():
+    """A probe that runs out of memory above 300 images: 296 fit, 264 (90 %, a multiple of 8) is used."""
+    from trainer.autobatch import largest_batch, with_margin
+
+    tried = []
+
+    def probe(size: int) -> None:
+        tried.append(size)
+        if size > 300:
+            raise torch.OutOfMemoryError("simulated")
+
+    assert largest_batch(probe) == 296 and with_margin(296) == 264
+    assert all(size % 8 == 0 for size in tried) and len(tried) <= 12  # 7 doublings, 5 bisections
+    assert largest_batch(lambda size: (_ for _ in ()).throw(torch.OutOfMemoryError("none"))) == 0
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_auto_batch_resolves_the_global_batch_or_keeps_the_default_on_cpu():
+    from accelerate import Accelerator
+
+    from trainer.autobatch import resolve
+    from trainer.config import BATCH_AUTO, DEFAULT_BATCH_SIZE
+
+    accelerator = Accelerator(cpu=True)
+    cfg = TrainConfig(batch_size=BATCH_AUTO, grad_accum=2)
+
+    def probe(size: int) -> None:
+        if size > 100:
+            raise torch.OutOfMemoryError("simulated")
+
+    resolved, line = resolve(cfg, accelerator, probe, gpu=True)  # the GPU path, memory simulated
+    # 96 fit (101 would not: bisection over multiples of 8); 90 % of it, down to a multiple of 8: 80
+    assert resolved.batch_size == 80 * 2 and not resolved.auto_batch
+    assert "96 images fit per device" in line and "global batch 160 = 80 x 1 x 2" in line
+    on_cpu, line = resolve(cfg, accelerator, probe)
+    assert on_cpu.batch_size == DEFAULT_BATCH_SIZE and "no GPU to probe on cpu" in line
+    assert resolve(TrainConfig(), accelerator, probe) == (TrainConfig(), "")
