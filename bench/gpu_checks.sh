@@ -13,6 +13,8 @@
 #   distill_step.json  bench/distill_step.py: ms per step of resnet18 single-label vs distilled from resnet50 (bf16,
 #                      224 px, batch 128, channels-last), and the teacher's forward alone
 #   gpu_tests.log      pytest tests/gpu (SyncBN on two ranks sharing the GPU, the DALI mixed decoder)
+#   autobatch.json     bench/autobatch.py: --batch-size auto's probe on resnet50 and vit_base at 224 px (bf16): the
+#                      size found, its 90 %, the probe's seconds, and a real AdamW step's peak memory at that size
 # Each part has its own time limit and a failing part never stops the others.
 #
 # Needs torch, timm, accelerate and torchvision, plus `datasets`, pytest and the DALI wheel (nvidia-dali-cuda120 or
@@ -50,6 +52,7 @@ part fsdp_memory 120 python3 bench/fsdp_memory.py "${smoke[@]}" --case-timeout 3
 part distill_step 60 python3 bench/distill_step.py "${smoke[@]}" --model resnet18 --teacher resnet50 --imgsz 224 \
   --in-chans 3 --batch-size 128 --mixed-precision bf16 --channels-last --out "$out/distill_step.json"
 part gpu_tests 50 python3 -m pytest tests/gpu -q -p no:cacheprovider
+part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform

@@ -37,6 +37,8 @@ class TrainState:
     best_metric: str = ""  # the results.csv column `best_value` is of, e.g. val/top1, val/map
     skipped_steps: int = 0  # non-finite steps skipped with --skip-nonfinite
     num_processes: int = 1
+    epochs_since_best: int = 0  # --patience: epochs ended since the best one (trainer.stopping)
+    stopped_epoch: int = 0  # --patience: the epoch the run stopped early at; 0: it did not
 
 
 class Stopped(Exception):

@@ -136,7 +136,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
                     f.name, LOADERS
                 )
             else:
-                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default).__name__.upper()
+                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default or 0).__name__.upper()
             group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
             dests[f.name] = (section, f)
     return dests
@@ -166,9 +166,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "{project}/{name} if it has a checkpoint, else start it there (the same command for every restart)",
     )
     dests = _add_config_flags(train)
+    _add_lr_find(commands)
     _add_use_commands(commands)
     _add_data_commands(commands)
     return parser, dests
+
+
+def _add_lr_find(commands) -> None:
+    """`trainer lr-find`: train's flags plus the sweep's own (trainer.lr_find)."""
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="sweep the learning rate exponentially and suggest one (advisory)",
+        description="Train a throwaway copy of the run's model for --steps updates at exponentially rising learning "
+        "rates; write lr_find.csv and lr_find.png to runs/lr_find/exp and print a suggested --lr. Takes train's "
+        "flags; runs plainly or under accelerate launch / torchrun.",
+    )
+    lr_find.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
+    lr_find.add_argument("--steps", type=_positive_int, default=200, help="optimizer updates in the sweep (200)")
+    lr_find.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
+    lr_find.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
+    _add_config_flags(lr_find)
 
 
 def _positive_int(text: str) -> int:
@@ -179,6 +196,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expects a positive integer, got {value}")
     return value
+
+
+TTA_MODES = ("flip", "crops")  # trainer.tta's, without importing torch for --help
+TTA_HELP = "test-time augmentation: average the logits over the image and its flip, or over ten crops (crops)"
 
 
 def _add_use_commands(commands) -> None:
@@ -200,6 +221,7 @@ def _add_use_commands(commands) -> None:
     val.add_argument(
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
+    val.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -222,6 +244,7 @@ def _add_use_commands(commands) -> None:
     predict.add_argument(
         "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
     )
+    predict.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -328,6 +351,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             workers=args.workers,
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
+            tta=args.tta,
         )
     elif args.command == "predict":
         from trainer.predict import predict
@@ -342,6 +366,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             folder=RunFolder(args.project, args.name, args.exist_ok),
             write_json=args.json,
             threshold=args.threshold,
+            tta=args.tta,
         )
     else:
         from trainer.export import export
@@ -364,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "data":
             run_data_command(args)
+            return 0
+        if args.command == "lr-find":
+            cfg = resolve_config(args, dests)
+            _stay_offline(not cfg.run.allow_download, wandb=False)
+            from trainer.lr_find import lr_find
+
+            lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
             return 0
         if args.command != "train":
             run_use_command(args)

@@ -33,6 +33,10 @@ CLASS_WEIGHTS = ("none", "inv_freq", "effective_num")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+DEFAULT_BATCH_SIZE = 128  # TrainConfig.batch_size's default, and --batch-size auto's without a GPU
+BATCH_AUTO = 0  # TrainConfig.batch_size of --batch-size auto until trainer.autobatch resolves it
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -224,8 +228,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5
     """Number of training epochs."""
-    batch_size: int = 128
-    """GLOBAL batch size per optimizer step, across all processes and accumulation steps."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    """GLOBAL batch size per optimizer step, across all processes and accumulation steps; `auto`: the largest
+    micro-batch that fits the GPU (a probe) x processes x --grad-accum, the default on a CPU."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
     seed: int = 0
@@ -257,11 +262,27 @@ class TrainConfig:
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     skip_nonfinite: bool = False
     """Skip (and count) optimizer steps whose loss is NaN or inf instead of stopping the run at the first one."""
+    freeze: str = ""
+    """Fine-tuning: `backbone` trains only the classifier (a linear probe); N freezes the first N of timm's coarse
+    parameter groups (the stem, then stages). Frozen BatchNorm statistics stay fixed. Empty: train everything."""
+    unfreeze_epoch: int = 0
+    """With --freeze: train everything from this epoch on (2..--epochs), the optimizer and schedule carrying on; 0:
+    stay frozen."""
+    patience: int | None = None
+    """Early stopping: end the run normally once the best val metric has not improved for N epochs (N >= 1); unset:
+    train every epoch."""
 
     def __post_init__(self):
         _check(self.epochs > 0, f"--epochs must be a positive integer, got {self.epochs}")
-        _check(self.batch_size > 0, f"--batch-size must be a positive integer, got {self.batch_size}")
+        _check(
+            self.batch_size > 0 or self.auto_batch, f"--batch-size must be a positive integer, got {self.batch_size}"
+        )
         _check(self.grad_accum > 0, f"--grad-accum must be a positive integer, got {self.grad_accum}")
+        _check(
+            not self.auto_batch or DEFAULT_BATCH_SIZE % self.grad_accum == 0,
+            f"--batch-size auto falls back to {DEFAULT_BATCH_SIZE} without a GPU, which --grad-accum "
+            f"{self.grad_accum} does not divide; use a --grad-accum that divides {DEFAULT_BATCH_SIZE} (1, 2, 4, ...)",
+        )
         _check(
             self.mixed_precision in ("", *MIXED_PRECISION),
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
@@ -283,6 +304,24 @@ class TrainConfig:
             self.compile_mode in COMPILE_MODES,
             f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}",
         )
+        _check(
+            self.freeze in ("", "backbone") or (self.freeze.isdigit() and int(self.freeze) > 0),
+            f"--freeze must be `backbone` or a positive number of stages, got {self.freeze!r}",
+        )
+        _check(
+            self.unfreeze_epoch == 0 or (self.freeze and 2 <= self.unfreeze_epoch <= self.epochs),
+            f"--unfreeze-epoch {self.unfreeze_epoch} needs --freeze and must be between 2 and --epochs "
+            f"({self.epochs}), or 0 to stay frozen",
+        )
+        _check(
+            self.patience is None or self.patience >= 1,
+            f"--patience must be 1 or more epochs, got {self.patience}; leave it out to train every epoch",
+        )
+
+    @property
+    def auto_batch(self) -> bool:
+        """--batch-size auto, not yet resolved to a number (trainer.autobatch)."""
+        return self.batch_size == BATCH_AUTO
 
     def per_device_batch_size(self, num_processes: int) -> int:
         """Micro-batch size of one forward pass on one process."""
@@ -459,7 +498,13 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
             )
         if isinstance(value, bool):  # YAML `epochs: true` is a mistake, not 1
             raise ValueError
-        if isinstance(default, int):
+        if f.name == "batch_size" and isinstance(value, str) and value.strip().lower() == "auto":
+            return BATCH_AUTO
+        if f.name == "batch_size" and isinstance(value, str) and value.strip() == "0":  # BATCH_AUTO is internal
+            raise ValueError
+        if default is None and value in (None, ""):  # an optional count (--patience) left unset
+            return None
+        if isinstance(default, int) or default is None:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
@@ -468,6 +513,7 @@ def coerce_value(f: dataclasses.Field, value: Any, where: str) -> Any:
         return "" if value is None else str(value)
     except (TypeError, ValueError):
         kind = type(default).__name__ if not isinstance(default, tuple) else "two comma-separated numbers"
+        kind = "int" if default is None else "int or auto" if f.name == "batch_size" else kind
         raise UserError(f"{where} expects {kind}, got {value!r}") from None
 
 

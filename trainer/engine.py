@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from trainer import data, distill, optim
+from trainer import autobatch, data, distill, finetune, optim, stopping
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
 from trainer.files import WEIGHTS
@@ -57,6 +57,7 @@ class Loop:
     num_classes: int = 0
     teacher: distill.Teacher | None = None  # --teacher: frozen, on the device, never prepared nor saved
     task: Task | None = None  # the loss and the best metric (trainer.tasks); None: single-label defaults
+    freeze: finetune.Freeze | None = None  # --freeze: what is frozen until which epoch
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
@@ -78,6 +79,12 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     teacher = distill.build_teacher(
         cfg.distill, cfg.data, accelerator.device, accelerator.autocast, info.class_names, pre, resume_dir
     )
+    cfg, line = autobatch.resolve_config(cfg, accelerator, model, info)  # --batch-size auto -> a number
+    if line:
+        reporter.print_once(line)
+    freeze = finetune.plan_freeze(cfg.train, model, _fsdp(accelerator))  # names of the unwrapped model
+    if freeze is not None:
+        reporter.print_once(finetune.describe(freeze, cfg.train))
     # Loaders first, already sharded: the schedule's length comes from this rank's shard of the data.
     spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
     per_device_batch_size = cfg.train.per_device_batch_size(accelerator.num_processes)
@@ -102,6 +109,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         num_classes=len(info.class_names),
         teacher=teacher,
         task=task,
+        freeze=freeze,
     )
     record = run_record(cfg, loop, info, pre, sync_bn, steps_per_epoch, backend)
     start_run(loop, cfg, record, info, resumed=resume_dir is not None)
@@ -121,6 +129,9 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         summary["best/val_top1"] = state.best_top1
     if state.skipped_steps:
         summary["train/skipped_steps"] = state.skipped_steps
+    if state.stopped_epoch:
+        summary["early_stop/epoch"] = state.stopped_epoch
+        summary["early_stop/reason"] = stopping.reason(state, cfg.train.patience)
     reporter.finish(summary, val_split=dataset.val)
     return summary
 
@@ -292,7 +303,10 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
     restore_best(state, best)
     average_bn = accelerator.num_processes > 1 and has_batchnorm(model)
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if stopping.already_stopped(state):  # resumed after it had stopped early
+            break
         train_loader.set_epoch(epoch)
+        finetune.set_epoch(accelerator.unwrap_model(model), loop.freeze, epoch)  # after prepare: see finetune
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
         stats = train_one_epoch(loop, cfg)
         if average_bn:
@@ -327,7 +341,11 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         save_epoch_weights(accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta)
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
-        loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs)
+        stop_early = stopping.count_epoch(state, epoch, is_best, cfg.patience)  # same on every rank: see there
+        loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs or stop_early)
+        if stop_early:
+            reporter.print(stopping.reason(state, cfg.patience))
+            break
     return state.best_value if state.best_value is not None else float("nan"), state.best_epoch
 
 
@@ -341,6 +359,7 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
     loader = loop.train_loader
     task = loop.task or Task(multilabel=False, num_classes=loop.num_classes, label_smoothing=cfg.label_smoothing)
     model.train()
+    finetune.hold_frozen_bn(model)
     start = time.time()
     # Resumed mid-epoch: this rank's partial sums come from the checkpoint and its first batches are skipped.
     loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)

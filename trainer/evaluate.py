@@ -18,6 +18,7 @@ from trainer.inference import check_classes, data_config_for, load_model, read_w
 from trainer.launch import build_accelerator
 from trainer.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.rundirs import RunFolder, create_run_dir
+from trainer.tta import with_tta
 
 VAL_FOLDER = RunFolder("runs/val")  # --project runs/val --name exp
 
@@ -31,6 +32,7 @@ def validate(
     workers: int = -1,
     loader: str = "auto",
     folder: RunFolder = VAL_FOLDER,
+    tta: str | None = None,
 ) -> dict:
     """Evaluate `weights` on `split` of their run's data (or `data_name`); print the metrics and the per-class
     table; write per_class.csv, confusion_matrix.png and metrics.json to a run folder. Every rank calls this."""
@@ -60,7 +62,7 @@ def validate(
     world = accelerator.num_processes
     spec = data.loader_spec(data_cfg, backend, trained.pre)
     batches = data.eval_loader(accelerator, dataset.splits[split], spec, math.ceil(batch_size / world))  # sharded
-    model = accelerator.prepare(load_model(trained))
+    model = accelerator.prepare(with_tta(load_model(trained), tta))  # --tta: averaged logits, see trainer.tta
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
     metrics, preds = evaluate(accelerator, model, batches, trained.num_classes, trained.task())
     # Every rank: the main process picks and creates the folder, then broadcasts its name.
@@ -74,6 +76,7 @@ def validate(
         "split": split,
         "num_processes": world,
         "loader": backend.name,
+        "tta": tta or "",
     }
     if accelerator.is_main_process:
         write_report(run_dir, summary, preds, trained.class_names, trained.describe())
@@ -98,7 +101,7 @@ def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], mo
         json.dump(summary, f, indent=1)
     print(
         f"{model} on {summary['data']} {summary['split']} ({summary['images']} images), "
-        f"{summary['num_processes']} process(es)"
+        f"{summary['num_processes']} process(es)" + (f", TTA {summary['tta']}" if summary["tta"] else "")
     )
     print(report.format_per_class(rows))
     if multilabel:

@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, TorchDynamoPlugin, gather_object
 
 from trainer.config import Config, UserError
@@ -37,6 +37,8 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
         seconds = cfg.run.dist_timeout * 60
         group["timeout"] = timedelta(seconds=seconds + (seconds == 600))
     handlers = [InitProcessGroupKwargs(**group)] if group else []
+    if cfg.train.freeze:  # frozen parameters get no gradient until --unfreeze-epoch (trainer.finetune)
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     # prepare() compiles the model after wrapping it; without --compile a launcher's dynamo config still applies.
     dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode) if cfg.train.compile else None
     try:

@@ -21,6 +21,7 @@ from trainer.config import DataConfig, UserError
 from trainer.data.decode import IMAGE_EXTENSIONS
 from trainer.inference import load_model, read_weights
 from trainer.rundirs import RunFolder, make_run_dir
+from trainer.tta import with_tta
 
 PRINTED_ROWS = 30  # the table on screen; the files hold every image
 
@@ -75,6 +76,7 @@ def predict(
     folder: RunFolder = PREDICT_FOLDER,
     write_json: bool = False,
     threshold: float | None = None,
+    tta: str | None = None,
 ) -> tuple[Path, list[Prediction]]:
     """Classify every image in `sources`; print a table; write predictions.csv (and .json) to a run folder.
     Multi-label weights list every label above `threshold` (default: the one they were trained with)."""
@@ -88,7 +90,8 @@ def predict(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes > 1:
         raise UserError("trainer predict runs in one process; start it without accelerate launch or torchrun")
-    model = accelerator.prepare_model(load_model(trained), evaluation_mode=True)  # device + launcher's precision
+    # device + launcher's precision; --tta: averaged logits (trainer.tta)
+    model = accelerator.prepare_model(with_tta(load_model(trained), tta), evaluation_mode=True)
     k = min(topk, trained.num_classes)
     cut = trained.threshold if threshold is None else threshold
     workers = data.num_workers(DataConfig(workers=workers), 1)

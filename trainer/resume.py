@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from trainer.config import SECTIONS, Config, RunConfig, UserError, build_config, load_yaml
+from trainer.config import BATCH_AUTO, SECTIONS, Config, RunConfig, UserError, build_config, load_yaml
 from trainer.files import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 
 LATEST = "latest"  # `--resume` with no folder
@@ -70,10 +70,12 @@ def auto_resume(given: dict[str, dict[str, Any]]) -> tuple[Config, Path | None]:
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
-    """Whether the newest checkpoint of the run is its last epoch's (an unreadable one is left to the loader)."""
+    """Whether the newest checkpoint of the run is its last epoch's, or early stopping ended the run there (an
+    unreadable one is left to the loader)."""
     found = checkpoint_dirs(run_dir)
     try:
-        return bool(found) and json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text())["epoch"] >= epochs
+        state = json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text()) if found else {}
+        return bool(found) and (state["epoch"] >= epochs or state.get("stopped_epoch", 0) > 0)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -87,7 +89,9 @@ def resume_config(run_dir: Path, given: dict[str, dict[str, Any]]) -> Config:
         raise UserError(f"--resume {run_dir}: its config.yaml is unusable ({e}); the run cannot be resumed") from None
     merged_values = {section: dict(stored_values.get(section) or {}) for section in SECTIONS}
     for section, values in given.items():
-        merged_values.setdefault(section, {}).update({k: v for k, v in values.items() if k not in LOCATORS})
+        # --batch-size auto was resolved to the number config.yaml holds: the same command line resumes
+        kept = {k: v for k, v in values.items() if k not in LOCATORS and not (k == "batch_size" and v == BATCH_AUTO)}
+        merged_values.setdefault(section, {}).update(kept)
     merged = build_config(merged_values)
     for section in SECTIONS:
         for f in dataclasses.fields(getattr(stored, section)):

@@ -399,5 +399,7 @@ class Reporter:
             f"Results saved to {self.run_dir}",
             flush=True,
         )
+        if summary.get("early_stop/reason"):
+            print(f"  {summary['early_stop/reason']}", flush=True)
         print(f"  weights: {self.run_dir / WEIGHTS}/{BEST_WEIGHTS}, {LAST_WEIGHTS}", flush=True)
         print(f"  reports: {RESULTS_FILE}, {', '.join(written)}", flush=True)
