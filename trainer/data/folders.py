@@ -367,3 +367,16 @@ def _store_entry(entry: Path, scan: FolderScan, tables: dict, listing: str, rows
         except OSError:  # removed meanwhile by another process
             continue
     return True
+
+
+def stored_listing(dataset) -> str:
+    """The listing key of the folder scan a split was memory-mapped from ("" when it does not come from the cache):
+    what a resumed run compares to see that the folder's files are the ones it trained on."""
+    for cached in getattr(dataset, "cache_files", None) or []:
+        entry = Path(cached["filename"]).parent
+        if entry.parent.parent.name == CACHE_FORMAT:
+            try:
+                return str(json.loads((entry / "scan.json").read_text())["listing"])
+            except (OSError, ValueError, KeyError):
+                return ""
+    return ""
