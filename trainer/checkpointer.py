@@ -249,7 +249,7 @@ class Checkpointer:
         fit (this data's batches per epoch). An incomplete or damaged newest checkpoint is skipped, with one line,
         for the newest complete one; every rank decides from the same files."""
         self.resumed = True
-        shape = shape or RunShape(epochs, batches_per_epoch=2**62)
+        shape = shape or RunShape(epochs)
         found = checkpoint_dirs(self.run_dir)
         if not found:
             raise UserError(

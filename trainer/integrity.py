@@ -24,7 +24,7 @@ class RunShape:
     """What a checkpoint's loop state must fit: the run's epochs and this data's batches per epoch."""
 
     epochs: int
-    batches_per_epoch: int  # micro-batches of one rank
+    batches_per_epoch: int = 0  # micro-batches of one rank; 0: unknown (not checked)
     grad_accum: int = 1
 
     @property
@@ -34,7 +34,11 @@ class RunShape:
 
 def write_manifest(folder: Path, step: int, num_processes: int) -> None:
     """Main process only, after every rank wrote its part: list every file with its size, then the manifest itself."""
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
     manifest = {"step": step, "num_processes": num_processes, "files": files}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=0))
 
@@ -92,7 +96,9 @@ def state_problem(states: list, shape: RunShape, check_step: bool = True) -> str
             return f"state values out of range: {', '.join(bad[:SHOWN])}"
     if first.epoch > shape.epochs:
         return f"epoch {first.epoch} beyond the run's {shape.epochs} epochs"
-    if first.batches_in_epoch >= max(shape.batches_per_epoch, 1):
+    if not shape.batches_per_epoch:
+        return None
+    if first.batches_in_epoch >= shape.batches_per_epoch:
         return f"batches_in_epoch {first.batches_in_epoch}, an epoch here has {shape.batches_per_epoch} batches"
     if any(s.best_epoch > first.epoch or s.skipped_steps > first.step for s in states):
         return "best_epoch or skipped_steps beyond the run's position"

@@ -86,7 +86,8 @@ CASES = [
     (["--resume", "norun"], "--resume norun: not a trainer run folder (no config.yaml)"),
     (["--resume", "--project", "empty"], "--resume: no run with a checkpoint under empty"),
     (["--resume", "runs/train/exp", "--model", "resnet18"], "--model resnet18 differs from the run's resnet10t"),
-    (["--resume", "runs/train/exp"], "step-25 is damaged (JSONDecodeError); start the run again without --resume"),
+    (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
+    (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
 ]
 
 
