@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,17 @@ from accelerate import Accelerator
 
 from trainer.config import CheckpointConfig, UserError
 from trainer.files import BUFFERS_FILE, CHECKPOINTS, STATE_FILE, STEP_PREFIX, checkpoint_dirs
+from trainer.finite import nonfinite_names, refuse_nonfinite
+from trainer.integrity import (
+    FINGERPRINT_FILE,
+    RunShape,
+    fingerprint_changes,
+    manifest_problem,
+    read_fingerprint,
+    record_data_change,
+    state_problem,
+    write_manifest,
+)
 from trainer.safeload import check_safe, custom_states_weights_only
 from trainer.weights import match_umask
 
@@ -59,17 +71,24 @@ class Checkpointer:
         cfg: CheckpointConfig,
         rank_local: dict[str, torch.nn.Module] | None = None,
         sharded: dict[str, torch.nn.Module] | None = None,
+        fingerprint: dict | None = None,
+        note: Callable[[str], None] | None = None,
     ):
         """`rank_local`: modules whose buffers each rank keeps for itself, saved and restored per rank. accelerate's
         save_state writes registered objects from the main process only; an EMA's BatchNorm statistics average each
         rank's own batches until the epoch-end sync, so the other ranks' would come back as rank 0's.
         `sharded`: FSDP2 modules outside `prepare` (the EMA), saved as `{name}_fsdp/` with every rank writing its
-        shards (torch.distributed.checkpoint), as accelerate saves the model."""
+        shards (torch.distributed.checkpoint), as accelerate saves the model.
+        `fingerprint`: the data the run trains on (trainer.data.fingerprint), stored in every checkpoint and compared
+        on restore. `note`: prints a line once (the Reporter's print; accelerate's main-process print by default)."""
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.cfg = cfg
         self.rank_local = rank_local or {}
         self.sharded = sharded or {}
+        self.fingerprint = fingerprint
+        self.note = note or accelerator.print
+        self.resumed = False
         self.signum = 0  # set by the SIGTERM/SIGINT handler
         self._previous_handlers: dict = {}
 
@@ -105,9 +124,10 @@ class Checkpointer:
         if bad and not skip_nonfinite:
             latest = checkpoint_dirs(self.run_dir)
             kept = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint was saved yet"
-            raise UserError(
-                f"non-finite loss at step {step}; {kept}; lower --lr, set --clip-grad, or pass --skip-nonfinite"
-            )
+            remedies = "lower --lr, set --clip-grad, or pass --skip-nonfinite"
+            if self.resumed:  # each changes what the run computes
+                remedies = "--resume refuses --lr, --clip-grad and --skip-nonfinite: start a new run that changes them"
+            raise UserError(f"non-finite loss at step {step}; {kept}; {remedies}")
         return bad, stop
 
     def stop_requested(self) -> bool:
@@ -141,6 +161,10 @@ class Checkpointer:
         root = self.run_dir / CHECKPOINTS
         final = root / f"{STEP_PREFIX}{state.step}"
         tmp = root / f".tmp-{STEP_PREFIX}{state.step}"
+        latest = checkpoint_dirs(self.run_dir)
+        kept = f"{latest[-1]} is intact" if latest else "no earlier checkpoint exists"
+        # Collective: every rank checks its own tensors, and all refuse together.
+        refuse_nonfinite(accelerator, self._nonfinite(), f"checkpoint {final.name}", state.step, kept)
         error = ""
         try:
             if accelerator.is_main_process:
@@ -157,6 +181,8 @@ class Checkpointer:
             if loss_sum is not None:
                 rank_state.update(loss_sum=float(loss_sum.item()), seen=float(seen.item()))
             (tmp / STATE_FILE.format(rank=accelerator.process_index)).write_text(json.dumps(rank_state))
+            if self.fingerprint is not None and accelerator.is_main_process:
+                (tmp / FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint))
             self._save_sharded(tmp)  # Collective: every rank writes its shards
             if self.rank_local:
                 from safetensors.torch import save_file
@@ -171,11 +197,25 @@ class Checkpointer:
             error = str(e).split("\n")[0]
         self._agree(error, tmp)
         if accelerator.is_main_process:
+            write_manifest(tmp, state.step, accelerator.num_processes)  # last: its presence says all is written
             match_umask(tmp)  # every rank has written its files (the collective above); model.safetensors is 0600
             self._publish(tmp, final)
         # Collective: nobody goes on (or exits) before the checkpoint is in place.
         accelerator.wait_for_everyone()
         return final
+
+    def _nonfinite(self) -> list[str]:
+        """Names of this rank's non-finite model, optimizer and EMA tensors (its shards under FSDP)."""
+        models = self.accelerator._models
+        named = [(f"model.{name}", t) for model in models for name, t in model.state_dict(keep_vars=True).items()]
+        for optimizer in self.accelerator._optimizers:
+            for i, per_param in enumerate(optimizer.optimizer.state.values()):
+                named += [
+                    (f"optimizer.{i}.{key}", value) for key, value in per_param.items() if hasattr(value, "dtype")
+                ]
+        for name, module in {**self.rank_local, **self.sharded}.items():
+            named += [(f"{name}.{key}", tensor) for key, tensor in module.state_dict(keep_vars=True).items()]
+        return nonfinite_names(named)
 
     def _agree(self, error: str, tmp: Path) -> None:
         """All ranks learn whether any rank failed to write, and all raise together instead of hanging."""
@@ -207,44 +247,119 @@ class Checkpointer:
             shutil.rmtree(leftover, ignore_errors=True)
 
     # -- load --------------------------------------------------------------------------------------------------------
-    def restore(self, epochs: int) -> TrainState:
+    def restore(self, epochs: int, shape: RunShape | None = None) -> TrainState:
         """Every rank calls this after everything stateful is prepared or registered: loads the newest complete
-        checkpoint safely and returns the loop state. `epochs`: the run's epoch count."""
+        checkpoint safely and returns the loop state. `epochs`: the run's epoch count; `shape`: what the state must
+        fit (this data's batches per epoch). An incomplete or damaged newest checkpoint is skipped, with one line,
+        for the newest complete one; every rank decides from the same files."""
+        self.resumed = True
+        shape = shape or RunShape(epochs)
         found = checkpoint_dirs(self.run_dir)
         if not found:
             raise UserError(
                 f"--resume {self.run_dir}: no complete checkpoint in {self.run_dir / CHECKPOINTS}; "
                 "the run stopped before its first save, start it again without --resume"
             )
-        path = found[-1]
-        rank_file = path / STATE_FILE.format(rank=self.accelerator.process_index)
-        try:
-            state = TrainState(**json.loads(rank_file.read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            damaged = f"--resume: checkpoint {path} is damaged ({type(e).__name__})"
-            raise UserError(f"{damaged}; {_delete_hint(found)}") from e
-        if state.num_processes != self.accelerator.num_processes:
+        skipped: list[str] = []
+        for path in reversed(found):
+            problem = self._problem(path, shape)
+            if isinstance(problem, TrainState):
+                break
+            skipped.append(f"{path.name} ({problem})")
+        else:
             raise UserError(
-                f"--resume: the run trained with {state.num_processes} process(es), this launch has "
-                f"{self.accelerator.num_processes}; relaunch with {state.num_processes} (the checkpoint holds "
-                "each process's random state and data position)"
+                f"--resume: no usable checkpoint in {self.run_dir / CHECKPOINTS}: {'; '.join(skipped)}; "
+                "start the run again without --resume"
             )
-        if state.epoch >= epochs:
-            raise UserError(f"--resume {self.run_dir}: the run already finished its {epochs} epochs; nothing to resume")
-        check_safe(path, hint=_delete_hint(found))
+        state = problem
+        self._agree_on(path)
+        if skipped:
+            self.note(f"--resume: skipped checkpoint {'; '.join(skipped)}; resuming from {path.name}")
         try:
             with custom_states_weights_only():
                 self.accelerator.load_state(str(path))
             self._restore_sharded(path)
             self._restore_rank_local(path)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            reason = f"{type(e).__name__}: {e}".split("\n")[0]
             raise UserError(
-                f"--resume: checkpoint {path} does not fit this run or is damaged ({type(e).__name__}: {e})".split(
-                    "\n"
-                )[0]
-                + f"; {_delete_hint(found)}"
+                f"--resume: checkpoint {path} does not load into this run ({reason}); its files are complete and "
+                "its data matches: a changed trainer or library version? start a new run without --resume"
             ) from e
         return state
+
+    def _problem(self, path: Path, shape: RunShape) -> TrainState | str:
+        """The checkpoint's loop state, or why it cannot be used (incomplete, damaged, values that do not fit the run).
+        Refuses (UserError) what no older checkpoint would fix: another process count, a finished run, new data."""
+        problem = manifest_problem(path)
+        if problem:
+            return problem
+        states = []
+        for rank in range(max(self.accelerator.num_processes, 1)):
+            try:
+                states.append(TrainState(**json.loads((path / STATE_FILE.format(rank=rank)).read_text())))
+            except (OSError, ValueError, TypeError) as e:
+                return f"{STATE_FILE.format(rank=rank)} damaged: {type(e).__name__}"
+            if states[-1].num_processes != self.accelerator.num_processes:
+                raise UserError(
+                    f"--resume: the run trained with {states[-1].num_processes} process(es), this launch has "
+                    f"{self.accelerator.num_processes}; relaunch with {states[-1].num_processes} (the checkpoint holds "
+                    "each process's random state and data position)"
+                )
+        state = states[self.accelerator.process_index]
+        if states[0].epoch >= shape.epochs:
+            raise UserError(
+                f"--resume {self.run_dir}: the run already finished its {shape.epochs} epochs; nothing to resume"
+            )
+        same_data = self._check_data(path, state)
+        problem = state_problem(states, shape, check_step=same_data)
+        if problem:
+            return problem
+        try:
+            check_safe(path)
+        except UserError as e:
+            return str(e).removeprefix("--resume: ").replace(str(path) + "/", "")
+        return state
+
+    def _check_data(self, path: Path, state: TrainState) -> bool:
+        """Refuse a resume on data that changed since the checkpoint, unless --data-changed ok; True: the same data."""
+        if self.fingerprint is None:
+            return True
+        stored = read_fingerprint(path)
+        if stored is None:
+            self.note(f"--resume: {path.name} has no data fingerprint (an older trainer wrote it): data not checked")
+            return True
+        changes = fingerprint_changes(stored, self.fingerprint)
+        if not changes:
+            return True
+        what = "; ".join(changes)
+        if len(stored.get("classes", [])) != len(self.fingerprint["classes"]):
+            raise UserError(
+                f"--resume: the data changed since {path.name} ({what}); the model was built for "
+                f"{len(stored['classes'])} classes, so it cannot continue: start a new run without --resume"
+            )
+        if self.cfg.data_changed != "ok":
+            raise UserError(
+                f"--resume: the data changed since {path.name} ({what}); start a new run without --resume, or "
+                "continue on this data on purpose with --resume --data-changed ok"
+            )
+        self.note(f"--data-changed ok: resuming {path.name} on changed data ({what})")
+        if self.accelerator.is_main_process:
+            record_data_change(self.run_dir, state.step, changes)
+        return False
+
+    def _agree_on(self, path: Path) -> None:
+        """Every rank chose the same checkpoint (they read the same files; a shared folder seen differently would
+        desynchronise them silently)."""
+        if self.accelerator.num_processes == 1:
+            return
+        step = torch.tensor([int(path.name.removeprefix(STEP_PREFIX))], device=self.accelerator.device)
+        steps = self.accelerator.gather(step)  # Collective: every rank calls it.
+        if len(set(steps.tolist())) > 1:
+            raise UserError(
+                f"--resume: the processes chose different checkpoints (steps {sorted(set(steps.tolist()))}): "
+                f"{self.run_dir} is not the same folder on every machine; resume from a shared folder"
+            )
 
     def _save_sharded(self, tmp: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -274,9 +389,3 @@ class Checkpointer:
             for name, module in self.rank_local.items():
                 for key, buffer in module.named_buffers():
                     buffer.copy_(saved[f"{name}.{key}"])
-
-
-def _delete_hint(found: list[Path]) -> str:
-    if len(found) > 1:
-        return f"delete it to resume from {found[-2]}"
-    return "start the run again without --resume"

@@ -372,8 +372,12 @@ class CheckpointConfig:
     only."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep in {run}/checkpoints."""
+    data_changed: str = ""
+    """With --resume: `ok` continues a run whose data changed since its checkpoint, on purpose (the change is printed
+    and recorded in config.yaml); empty: such a resume is refused, saying what changed."""
 
     def __post_init__(self):
+        _check(self.data_changed in ("", "ok"), f"--data-changed must be ok (or empty), got {self.data_changed!r}")
         _check(self.checkpoint_every >= 0, f"--checkpoint-every must be 0 (off) or more, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
 

@@ -20,7 +20,10 @@ from accelerate.utils import DistributedType, set_seed
 from trainer import autobatch, data, distill, finetune, optim, stopping
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import Config, TrainConfig, UserError
+from trainer.data.fingerprint import data_fingerprint
 from trainer.files import WEIGHTS
+from trainer.finite import BufferSnapshot
+from trainer.integrity import RunShape
 from trainer.launch import build_accelerator, check_fsdp_options, emulated_precision_warning
 from trainer.metrics import MultiLabelPredictions, multilabel_metrics, single_label_metrics
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
@@ -91,7 +94,8 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     train_loader, val_loader = data.build_loaders(accelerator, dataset, cfg.data, spec, per_device_batch_size)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     model, optimizer, scheduler, ema = build_optimization(accelerator, cfg, model, steps_per_epoch)
-    checkpointer, state = open_run(accelerator, cfg, resume_dir, ema)
+    shape = RunShape(cfg.train.epochs, len(train_loader), cfg.train.grad_accum)
+    checkpointer, state = open_run(accelerator, cfg, resume_dir, ema, data_fingerprint(cfg.data, dataset), shape)
     run_dir = checkpointer.run_dir
     loop = Loop(
         accelerator=accelerator,
@@ -216,8 +220,11 @@ def build_optimization(accelerator: Accelerator, cfg: Config, model, steps_per_e
     return model, optimizer, scheduler, ema
 
 
-def open_run(accelerator: Accelerator, cfg: Config, resume_dir: Path | None, ema) -> tuple[Checkpointer, TrainState]:
+def open_run(
+    accelerator: Accelerator, cfg: Config, resume_dir: Path | None, ema, fingerprint: dict, shape: RunShape
+) -> tuple[Checkpointer, TrainState]:
     """The run folder (a new one, or `resume_dir`), its Checkpointer and the loop's state. Every rank.
+    `fingerprint`: the data's, kept in every checkpoint; `shape`: what a checkpoint's position must fit.
 
     Called after everything stateful is prepared or registered for checkpointing: load_state restores exactly those."""
     if resume_dir is None:
@@ -231,8 +238,9 @@ def open_run(accelerator: Accelerator, cfg: Config, resume_dir: Path | None, ema
         cfg.checkpoint,
         rank_local={"ema": ema.module} if ema is not None else None,
         sharded={"ema": ema.module} if ema is not None and fsdp else None,
+        fingerprint=fingerprint,
     )
-    state = checkpointer.restore(cfg.train.epochs) if resume_dir else TrainState()
+    state = checkpointer.restore(cfg.train.epochs, shape) if resume_dir else TrainState()
     return checkpointer, state
 
 
@@ -338,7 +346,9 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         if use_ema and "val/top1_ema" in metrics:
             best_meta["val_top1"] = f"{metrics['val/top1_ema']:.6f}"
         best_model = ema.module if use_ema else model
-        save_epoch_weights(accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta)
+        save_epoch_weights(
+            accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta, step=state.step
+        )
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
         stop_early = stopping.count_epoch(state, epoch, is_best, cfg.patience)  # same on every rank: see there
@@ -369,9 +379,13 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
         loader = loader.skip(accelerator, state.batches_in_epoch)
     nonfinite = torch.zeros((), device=accelerator.device)
     stop = False
+    # A skipped update must leave no trace: its forwards already moved the BatchNorm statistics.
+    buffers = BufferSnapshot(model) if cfg.skip_nonfinite else None
     for batch in loader:
         images, labels = batch.images, batch.labels
         with accelerator.accumulate(model):
+            if buffers is not None:
+                buffers.take()  # before the window's first forward; a no-op for its later micro-batches
             logits = model(images)
             # labels are class indices, or class probabilities when --mixup/--cutmix mixed the batch
             loss = task.loss(logits, labels)
@@ -384,12 +398,15 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
                 # Collective: all ranks agree whether to skip this update and whether to stop after it.
                 skip, stop = checkpointer.check_step(nonfinite, state.step + 1, cfg.skip_nonfinite)
                 if skip:
+                    buffers.restore()
                     state.skipped_steps += 1
                     reporter.print(f"step {state.step + 1}: non-finite loss, update skipped ({state.skipped_steps})")
                 else:
                     if cfg.clip_grad > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                     optimizer.step()
+                    if buffers is not None:
+                        buffers.release()
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite.zero_()
         loss_sum += torch.where(finite, loss.detach(), 0.0) * labels.shape[0]

@@ -21,6 +21,7 @@ AUTO = "auto"  # `--resume auto`: continue {project}/{name} if it holds a checkp
 HARMLESS = frozenset(
     {"workers", "tracker", "log_every", "debug", "allow_download", "dist_backend"}
     | {"checkpoint_every", "keep_checkpoints", "grad_checkpointing", "dist_timeout"}
+    | {"data_changed"}  # not what the run computes: permission to continue it on data that changed (checked later)
 )
 # Settings that only locate the run folder: with --resume they find it, the stored values are kept.
 LOCATORS = frozenset({"project", "name", "exist_ok"})

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.files import BEST_WEIGHTS, LAST_WEIGHTS
+from trainer.finite import nonfinite_names, refuse_nonfinite
 
 if TYPE_CHECKING:
     import torch
@@ -86,15 +87,24 @@ def save_epoch_weights(
     is_best: bool,
     best_model=None,
     best_metadata: dict[str, str] | None = None,
+    step: int = 0,
 ):
     """Every rank calls this: get_state_dict gathers sharded (FSDP/DeepSpeed) weights; the main process writes
-    last.safetensors, and best.safetensors when `is_best` (from `best_model`, e.g. the EMA, when given)."""
+    last.safetensors, and best.safetensors when `is_best` (from `best_model`, e.g. the EMA, when given).
+
+    Weights holding a NaN or an infinity are refused on every rank together (UserError naming them and `step`), and
+    the files written before stay as they were."""
     # Collective under FSDP: every rank sends its shards and the main process receives the full, plain timm state
     # dict (on the CPU; the other ranks get an empty one). Under DDP it is the local state dict.
     state_dict = accelerator.get_state_dict(model)
     # is_best is the same on every rank (metrics are gathered), so all ranks make this call or none.
     other_best = is_best and best_model is not None and best_model is not model
     best_state = accelerator.get_state_dict(best_model) if other_best else state_dict  # Collective: as above
+    bad = nonfinite_names(state_dict.items())
+    if other_best:
+        bad += [f"{name} (best)" for name in nonfinite_names(best_state.items())]
+    kept = f"{weights_dir} keeps the previous epoch's files"
+    refuse_nonfinite(accelerator, bad, "the weights", step, kept)  # Collective: every rank calls it
     if accelerator.is_main_process:
         save_weights(state_dict, weights_dir / LAST_WEIGHTS, metadata)
         if is_best:
@@ -102,8 +112,13 @@ def save_epoch_weights(
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Main process only. Writes to a temporary name first so a kill mid-write never leaves a torn file."""
+    """Main process only. Writes to a temporary name first so a kill mid-write never leaves a torn file. Refuses
+    (UserError) weights holding a NaN or an infinity, leaving `path` as it was."""
     from safetensors.torch import save_file
+
+    bad = nonfinite_names(state_dict.items())
+    if bad:
+        refuse_nonfinite(None, bad, str(path), int(metadata.get("step", 0) or 0), f"{path} is unchanged")
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = path.with_suffix(".tmp")

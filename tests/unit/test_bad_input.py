@@ -156,7 +156,8 @@ CASES = [
         "resnet.pth does not fit a test_efficientnet",
     ),
     (["--resume", "runs/train/exp", "--distill-alpha", "0.9"], "--distill-alpha 0.9 differs from the run's 0.5"),
-    (["--resume", "runs/train/exp"], "step-25 is damaged (JSONDecodeError); start the run again without --resume"),
+    (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
+    (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
 ]
 
 

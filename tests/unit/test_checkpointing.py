@@ -20,6 +20,7 @@ from trainer import checkpointer, weights
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, Config, UserError
 from trainer.data.samples import SeededBatches
+from trainer.integrity import write_manifest
 from trainer.resume import LATEST, checkpoint_dirs, find_run_dir, resume_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -133,6 +134,7 @@ def test_pickle_payload_is_refused_not_run(tmp_path, target):
     ckpt.save(TrainState(step=5))
     marker = tmp_path / "pwned"
     torch.save({"state": Payload(marker)}, tmp_path / "checkpoints" / "step-5" / target)
+    write_manifest(tmp_path / "checkpoints" / "step-5", 5, 1)  # whoever can write the payload can write this too
     with pytest.raises(UserError, match=f"{target} holds pickled objects that could run code: refused"):
         ckpt.restore(epochs=2)
     assert not marker.exists()
@@ -144,8 +146,9 @@ def test_registered_objects_load_weights_only_even_without_the_precheck(tmp_path
     ckpt.save(TrainState(step=5))
     marker = tmp_path / "pwned"
     torch.save(Payload(marker), tmp_path / "checkpoints" / "step-5" / "custom_checkpoint_0.pkl")
+    write_manifest(tmp_path / "checkpoints" / "step-5", 5, 1)
     monkeypatch.setattr(checkpointer, "check_safe", lambda *a, **k: None)
-    with pytest.raises(UserError, match="does not fit this run or is damaged"):
+    with pytest.raises(UserError, match="does not load into this run"):
         ckpt.restore(epochs=2)
     assert not marker.exists()
 
@@ -155,13 +158,16 @@ def test_damaged_or_missing_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match=r"no complete checkpoint in .*start it again without --resume"):
         ckpt.restore(epochs=2)
     ckpt.save(TrainState(step=5))
-    ckpt.save(TrainState(step=10))
-    rng = tmp_path / "checkpoints" / "step-10" / "random_states_0.pkl"
+    rng = tmp_path / "checkpoints" / "step-5" / "random_states_0.pkl"
     rng.write_bytes(rng.read_bytes()[:100])  # accelerate alone would skip it silently and resume inexactly
-    with pytest.raises(UserError, match=r"random_states_0.pkl is unreadable .*delete it to resume from .*step-5"):
+    with pytest.raises(UserError, match=r"no usable checkpoint .*step-5 \(random_states_0.pkl 100 bytes, \d+ written"):
         ckpt.restore(epochs=2)
-    (tmp_path / "checkpoints" / "step-10" / "trainer_state_0.json").write_text("{")
-    with pytest.raises(UserError, match="step-10 is damaged"):
+    write_manifest(rng.parent, 5, 1)  # torn after a manifest that agrees: the safe load still finds it
+    with pytest.raises(UserError, match=r"step-5 \(random_states_0.pkl is unreadable \(.*start the run again"):
+        ckpt.restore(epochs=2)
+    (tmp_path / "checkpoints" / "step-5" / "trainer_state_0.json").write_text("{")
+    write_manifest(rng.parent, 5, 1)
+    with pytest.raises(UserError, match=r"step-5 \(trainer_state_0.json damaged: JSONDecodeError\)"):
         ckpt.restore(epochs=2)
 
 

@@ -8,7 +8,8 @@ folder (one stat per file) and memory-maps the stored splits instead of opening 
 (a file added, removed, renamed, replaced or rewritten) is rescanned; files whose path, size and modification time
 are unchanged keep their earlier check result, so only new and changed files are opened. Not noticed: a file rewritten
 in place with the same size and the same modification time (which copies, downloads, editors and `touch` never do).
-A damaged or read-only cache only costs a rescan.
+Every cached file carries a checksum (sha256, in scan.json), verified before it is used: a damaged or read-only cache
+only costs a rescan, with one line when a checksum differs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -284,7 +286,8 @@ def _cache_dir(real_root: str) -> Path:
 
 
 def _load_entry(entry: Path, root: Path) -> FolderScan | None:
-    """The stored scan of one listing, its splits memory-mapped; None when missing or damaged."""
+    """The stored scan of one listing, its splits memory-mapped; None when missing or damaged (a file whose checksum
+    differs from the one stored with it is damaged: one line says so)."""
     import datasets
 
     try:
@@ -292,6 +295,8 @@ def _load_entry(entry: Path, root: Path) -> FolderScan | None:
         info = datasets.DatasetInfo(features=_features(meta["class_names"]))
         splits = {}
         for split, rows in meta["splits"].items():
+            if not _intact(entry / f"{split}.arrow", meta, root):
+                return None
             splits[split] = datasets.Dataset.from_file(str(entry / f"{split}.arrow"), info=info.copy())
             if len(splits[split]) != rows:
                 return None
@@ -299,6 +304,29 @@ def _load_entry(entry: Path, root: Path) -> FolderScan | None:
         return FolderScan(splits, meta["class_names"], meta["channels"], skipped)
     except Exception:  # json, pyarrow and datasets raise many types for a damaged entry: rescan
         return None
+
+
+_WARNED: set[str] = set()  # damaged cache files already reported (a scan looks at an entry twice)
+
+
+def _checksum(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _intact(path: Path, meta: dict, root: Path) -> bool:
+    """Whether a cached file has the checksum stored with it (an entry without checksums is not trusted)."""
+    expected = (meta.get("checksums") or {}).get(path.name)
+    if expected is not None and _checksum(path) == expected:
+        return True
+    if expected is not None and str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        print(
+            f"trainer: warning: the scan cache of {root} is damaged ({path.name} checksum differs); rescanning",
+            file=sys.stderr,
+            flush=True,
+        )
+    return False
 
 
 def _earlier_checks(cache: Path) -> dict[str, tuple[str | None, str]]:
@@ -310,6 +338,12 @@ def _earlier_checks(cache: Path) -> dict[str, tuple[str | None, str]]:
         if not entries:
             return {}
         newest = max(entries, key=lambda p: p.stat().st_mtime)
+        try:
+            meta = json.loads((newest / "scan.json").read_text())
+        except (OSError, ValueError):
+            meta = None  # the check results alone are still worth a try: pyarrow refuses most damage
+        if meta is not None and "checksums" in meta and not _intact(newest / "files.arrow", meta, newest):
+            return {}
         with pa.memory_map(str(newest / "files.arrow")) as source:
             columns = pa.ipc.open_stream(source).read_all().to_pydict()
         rows = zip(columns["path"], columns["size"], columns["mtime"], columns["mode"], columns["reason"], strict=True)
@@ -354,6 +388,7 @@ def _store_entry(entry: Path, scan: FolderScan, tables: dict, listing: str, rows
         for split, table in tables.items():
             _write_arrow(tmp / f"{split}.arrow", table)
         _write_arrow(tmp / "files.arrow", files)
+        meta["checksums"] = {p.name: _checksum(p) for p in sorted(tmp.glob("*.arrow"))}
         (tmp / "scan.json").write_text(json.dumps(meta))
         os.rename(tmp, entry)
     except OSError:
@@ -367,3 +402,16 @@ def _store_entry(entry: Path, scan: FolderScan, tables: dict, listing: str, rows
         except OSError:  # removed meanwhile by another process
             continue
     return True
+
+
+def stored_listing(dataset) -> str:
+    """The listing key of the folder scan a split was memory-mapped from ("" when it does not come from the cache):
+    what a resumed run compares to see that the folder's files are the ones it trained on."""
+    for cached in getattr(dataset, "cache_files", None) or []:
+        entry = Path(cached["filename"]).parent
+        if entry.parent.parent.name == CACHE_FORMAT:
+            try:
+                return str(json.loads((entry / "scan.json").read_text())["listing"])
+            except (OSError, ValueError, KeyError):
+                return ""
+    return ""
