@@ -25,9 +25,10 @@ from trainer.files import WEIGHTS
 from trainer.launch import build_accelerator, check_fsdp_options, emulated_precision_warning
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
-from trainer.rundirs import RunFolder, create_run_dir
-from trainer.tracking import Reporter
+from trainer.rundirs import RunFolder, create_run_dir, release_run_dir
+from trainer.tracking import KEPT, Reporter
 from trainer.weights import save_epoch_weights, weights_metadata
+from trainer.writes import disk_errors
 
 
 @dataclass
@@ -100,6 +101,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     if state.skipped_steps:
         summary["train/skipped_steps"] = state.skipped_steps
     reporter.finish(summary, val_split=dataset.val)
+    release_run_dir(run_dir)
     return summary
 
 
@@ -180,10 +182,9 @@ def open_run(accelerator: Accelerator, cfg: Config, resume_dir: Path | None, ema
     """The run folder (a new one, or `resume_dir`), its Checkpointer and the loop's state. Every rank.
 
     Called after everything stateful is prepared or registered for checkpointing: load_state restores exactly those."""
-    if resume_dir is None:
-        run_dir = create_run_dir(accelerator, RunFolder(cfg.run.project, cfg.run.name, cfg.run.exist_ok))
-    else:
-        run_dir = resume_dir
+    folder = RunFolder(cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    # Locked by the main process for the run's life: a second train/--resume/--exist-ok on it is refused.
+    run_dir = create_run_dir(accelerator, folder, existing=resume_dir)  # Collective: every rank, one decision
     fsdp = _fsdp(accelerator)
     checkpointer = Checkpointer(
         accelerator,
@@ -276,7 +277,8 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         meta = {**loop.metadata, "epoch": str(epoch), "val_top1": f"{metrics['val/top1']:.6f}", "weights": "model"}
         best_meta = {**meta, "val_top1": f"{top1:.6f}", "weights": source}
         best_model = ema.module if source == "ema" else model
-        save_epoch_weights(accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta)
+        with disk_errors(loop.run_dir / WEIGHTS, KEPT):  # a full or read-only disk: one line, earlier files kept
+            save_epoch_weights(accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta)
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
         loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs)

@@ -1,6 +1,7 @@
 """Evaluation reports: per-class accuracy tables and the confusion matrix, from gathered validation predictions.
 
 Pure functions on numpy arrays, no rank logic: callers decide who writes (the main process, see tracking.py).
+Files are written under a temporary name, then renamed into place.
 matplotlib is imported lazily with the headless Agg backend, so importing this module costs nothing.
 """
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from trainer.writes import atomic_file
 
 TABLE_COLUMNS = ("class", "images", "top1", "top5")
 
@@ -78,7 +81,7 @@ def format_per_class(rows: list[dict]) -> str:
 
 def save_per_class_csv(rows: list[dict], path: str | Path) -> None:
     """Write the per-class rows (class, images, top1, top5) as CSV, `all` last."""
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(TABLE_COLUMNS)
         for r in rows:
@@ -125,7 +128,8 @@ def save_confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str 
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (normalised per true class)")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:  # a full disk keeps the previous picture, never a torn one
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -156,7 +160,8 @@ def save_prediction_grid(
         )
     fig.suptitle("validation: true -> predicted", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -185,5 +190,6 @@ def save_results_png(results_csv: str | Path, path: str | Path) -> None:
         if names:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

@@ -8,6 +8,7 @@ reported once and dropped; it never stops training.
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 import secrets
@@ -20,10 +21,11 @@ import yaml
 from accelerate import Accelerator
 
 from trainer import report
-from trainer.config import RunConfig
+from trainer.config import RunConfig, UserError
 from trainer.data.decode import decode_image
 from trainer.files import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.progress import Progress
+from trainer.writes import append_text, atomic_file, disk_errors
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "lr")
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
@@ -31,6 +33,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 ID_ALPHABET = string.ascii_lowercase + string.digits
 PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
 GRID_IMAGES = 25
+KEPT = "the weights, checkpoints and results.csv rows written before are kept"
 
 
 def wandb_has_credentials() -> bool:
@@ -105,12 +108,13 @@ class Reporter:
         self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if record.get("optim", {}).get("ema") else ())
         if not self.is_main:
             return
-        if not resume:
-            with open(run_dir / CONFIG_FILE, "w") as f:
-                yaml.safe_dump(record, f, sort_keys=False)
-        if not (resume and (run_dir / RESULTS_FILE).exists()):
-            with open(run_dir / RESULTS_FILE, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+        with disk_errors(run_dir):
+            if not resume:
+                with atomic_file(run_dir / CONFIG_FILE) as tmp, open(tmp, "w") as f:
+                    yaml.safe_dump(record, f, sort_keys=False)
+            if not (resume and (run_dir / RESULTS_FILE).exists()):
+                with atomic_file(run_dir / RESULTS_FILE) as tmp, open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerow(self.columns)
         trackers = run.trackers()
         if "wandb" in trackers:
             self._guard("wandb", lambda: self._start_wandb(run, resume))
@@ -250,8 +254,10 @@ class Reporter:
         if preds is not None and (best or not self.best_is_best):
             self.best, self.best_is_best = (epoch, preds), best
         row = [epoch, *(metrics[c] for c in self.columns[1:])]
-        with open(self.run_dir / RESULTS_FILE, "a", newline="") as f:
-            csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+        line = io.StringIO()
+        csv.writer(line).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+        with disk_errors(self.run_dir / RESULTS_FILE, KEPT):
+            append_text(self.run_dir / RESULTS_FILE, line.getvalue())
         ema = f"  top1_ema {metrics['val/top1_ema']:.4f}" if "val/top1_ema" in metrics else ""
         print(
             f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
@@ -269,8 +275,13 @@ class Reporter:
             summary: best/val_top1, best/epoch, time_s and run_dir from the engine.
             val_split: the raw validation dataset (an "image" per row, dataset order) for the prediction grid.
         """
+        failed = None
         if self.is_main:
-            written = self._write_reports(val_split)
+            try:
+                with disk_errors(self.run_dir, KEPT):
+                    written = self._write_reports(val_split)
+            except UserError as e:  # raised after the ranks have met below, so none of them waits for this one
+                failed, written = e, []
             summary = {**summary, "train/imgs_per_sec": self.train_images / max(self.train_seconds, 1e-9)}
             wandb_tracker = self._tracker("wandb")
             if wandb_tracker is not None:
@@ -283,6 +294,8 @@ class Reporter:
         # the gloo group down while rank 0 still works was seen to abort it).
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if failed is not None:
+            raise failed
 
     def _write_reports(self, val_split) -> list[str]:
         """results.png, and from the best epoch's predictions: per-class table, confusion matrix, image grid."""
