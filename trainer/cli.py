@@ -27,7 +27,7 @@ from trainer.config import (
     field_docs,
     load_yaml,
 )
-from trainer.faults import error_line, plain
+from trainer.faults import error_line, leave_process_group, plain
 from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
 from trainer.rundirs import RunFolder
 
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         _say(f"trainer: error: {plain(str(e))}")
+        leave_process_group()
         return 2
     except Exception as e:  # environment errors (disk full, a damaged file, ...) get one line; others are bugs
         line = None if debug else error_line(e, resume_dir)

@@ -5,7 +5,9 @@ libraries that name the cause in their own words (torch's "unexpected pos" of a 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from pathlib import Path
 
 from trainer.files import checkpoint_dirs
@@ -38,3 +40,13 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
             )
         return f"a safetensors file is damaged or truncated ({first}); write it again or use an intact copy"
     return None
+
+
+def leave_process_group() -> None:
+    """Before exiting on an error every rank met alike (a refusal they agreed on): tear the gloo/NCCL group down here,
+    in order, rather than in the interpreter's exit, where gloo was seen to abort a rank (SIGABRT) and the
+    launcher then reports signals instead of the exit code 2 every rank chose."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # leaving is best effort: the error line is already out
+            dist.destroy_process_group()
