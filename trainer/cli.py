@@ -29,7 +29,7 @@ from trainer.config import (
 )
 from trainer.faults import error_line, leave_process_group, plain
 from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
-from trainer.rundirs import RunFolder
+from trainer.rundirs import RunFolder, release_run_dirs
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
@@ -394,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        release_run_dirs()  # the command is over (main may be called in-process: tests, sweeps)
     return 0
 
 

@@ -93,6 +93,12 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(held[0])  # closing the descriptor releases the flock
 
 
+def release_run_dirs() -> None:
+    """Drop every lock this process holds (a command ending, in-process callers included)."""
+    for key in list(_held):
+        os.close(_held.pop(key)[0])
+
+
 def held_run_dir() -> Path | None:
     """The run folder this process writes (the latest it locked), to name it in an error that does not."""
     return next(reversed(_held.values()))[1] if _held else None
