@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from accelerate import Accelerator
 
 from trainer import report
 from trainer.config import RunConfig, UserError
-from trainer.data.decode import decode_image
+from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.samples import Replacement
 from trainer.files import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.progress import Progress
 from trainer.writes import append_text, atomic_file, disk_errors
@@ -53,6 +55,21 @@ def _shorter(path: Path) -> Path:
         return path.relative_to(Path.cwd())
     except ValueError:
         return path
+
+
+def _readable_images(val_split, index):
+    """The validation images at `index` that still read, and their indices. One that became unreadable after the scan
+    is left out of the picture and reported as training reports it (samples.Replacement's warning): a neighbour in
+    its place would show another image under this one's prediction."""
+    replacement = Replacement(where="the validation images drawn at the end")
+    kept, images = [], []
+    for i in index:
+        try:
+            images.append(decode_image(val_split[int(i)]["image"]))
+            kept.append(i)
+        except UnreadableImage as e:
+            replacement.warn(e.path, e.reason)
+    return np.asarray(kept, dtype=np.int64), images
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -318,8 +335,7 @@ class Reporter:
         report.save_confusion_matrix_png(cm, names, self.run_dir / "confusion_matrix.png")
         written += ["per_class.csv", "confusion_matrix.png"]
         if val_split is not None:
-            index = report.sample_indices(preds, GRID_IMAGES)
-            images = [decode_image(val_split[int(i)]["image"]) for i in index]
+            index, images = _readable_images(val_split, report.sample_indices(preds, GRID_IMAGES))
             report.save_prediction_grid(
                 images, preds.labels[index], preds.predicted[index], names, self.run_dir / "val_predictions.png"
             )
@@ -343,10 +359,11 @@ class Reporter:
             )
             if val_split is not None:
                 table = wandb.Table(columns=["index", "image", "true", "predicted", "confidence", "correct"])
-                for i in report.sample_indices(preds, 96):
+                index, images = _readable_images(val_split, report.sample_indices(preds, 96))
+                for i, decoded in zip(index, images, strict=True):
                     true, pred = int(preds.labels[i]), int(preds.predicted[i])
                     confidence = float(preds.probs[i, 0]) if preds.probs is not None else float("nan")
-                    image = wandb.Image(decode_image(val_split[int(i)]["image"]))
+                    image = wandb.Image(decoded)
                     table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
                 media["val/predictions"] = table
         run.log(media)

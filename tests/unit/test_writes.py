@@ -131,3 +131,27 @@ def test_a_locked_run_folder_names_its_holder_and_is_free_after_kill(tmp_path):
     lock_run_dir(run_dir)  # this process holds it already: no-op
     assert (run_dir / LOCK_FILE).read_text().split()[1] == str(os.getpid())
     release_run_dir(run_dir)
+
+
+def test_a_val_image_lost_after_the_scan_is_reported_not_fatal_at_the_end(tmp_path, capsys):
+    from PIL import Image
+
+    from trainer.report import Predictions
+
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("L", (8, 8), 40 * i).save(paths[-1])
+    val_split = [{"image": {"bytes": None, "path": p}} for p in paths]
+    os.remove(paths[2])  # gone after the scan, before the report
+    run_dir = tmp_path / "exp"
+    run_dir.mkdir()
+    reporter = Reporter(Accelerator(cpu=True))
+    reporter.start(run_dir, {"dataset": {"class_names": ["a", "b"]}}, RunConfig(tracker="none"))
+    labels = np.array([0, 1, 0, 1])
+    preds = Predictions(labels=labels, topk=np.array([[0, 1], [0, 1], [0, 1], [1, 0]]), loss=np.ones(4, np.float32))
+    reporter.epoch_end(1, 1, METRICS, seconds=1.0, imgs_per_sec=4.0, best=True, preds=preds)
+    reporter.finish({"best/val_top1": 0.5, "best/epoch": 1, "time_s": 1.0, "run_dir": str(run_dir)}, val_split)
+    err = capsys.readouterr().err
+    assert f"trainer: warning: skipped unreadable image {paths[2]}" in err
+    assert Image.open(run_dir / "val_predictions.png").size[0] > 0  # drawn from the 3 images that read
