@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer.config import DataConfig, UserError
 from trainer.data.folders import scan_image_folder
+from trainer.data.integrity import check_shards
 
 # WebDataset shards name their columns by file extension: `jpg`/`png`/... for the image, `cls` for the label.
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "jpg", "jpeg", "png", "webp")
@@ -267,6 +268,7 @@ def _load_files(files: DataFiles, spec: str) -> Source:
     import datasets
 
     stored = files.info()
+    check_shards(files.builder, files.by_split)  # a shard cut short: one line naming it, not a label-less sample
     try:
         loaded = datasets.load_dataset(
             files.builder, data_files=files.by_split, features=stored.features if stored else None
