@@ -27,8 +27,9 @@ from trainer.config import (
     field_docs,
     load_yaml,
 )
+from trainer.faults import error_line, leave_process_group, plain
 from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
-from trainer.rundirs import RunFolder
+from trainer.rundirs import RunFolder, release_run_dirs
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
@@ -384,6 +385,7 @@ def run_use_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = any(a == "--debug" or a.lower() in ("--debug=true", "--debug=1", "--debug=yes") for a in argv)
+    resume_dir = None
     try:
         parser, dests = build_parser()
         args = parser.parse_args(argv)
@@ -416,11 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        _say(f"trainer: error: {e}")
+        _say(f"trainer: error: {plain(str(e))}")
+        leave_process_group()
+        return 2
+    except Exception as e:  # environment errors (disk full, a damaged file, ...) get one line; others are bugs
+        line = None if debug else error_line(e, resume_dir)
+        if line is None:
+            raise
+        _say(f"trainer: error: {line}")
         return 2
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        release_run_dirs()  # the command is over (main may be called in-process: tests, sweeps)
     return 0
 
 

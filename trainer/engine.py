@@ -28,10 +28,11 @@ from trainer.launch import build_accelerator, check_fsdp_options, emulated_preci
 from trainer.metrics import MultiLabelPredictions, multilabel_metrics, single_label_metrics
 from trainer.model import apply_sync_bn, build_model, has_batchnorm, mark_fsdp_blocks, size_kwargs
 from trainer.report import Predictions
-from trainer.rundirs import RunFolder, create_run_dir
+from trainer.rundirs import RunFolder, create_run_dir, release_run_dir
 from trainer.tasks import Task, build_task, describe_task, restore_best
-from trainer.tracking import Reporter
+from trainer.tracking import KEPT, Reporter
 from trainer.weights import save_epoch_weights, weights_metadata
+from trainer.writes import disk_errors
 
 
 @dataclass
@@ -137,6 +138,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         summary["early_stop/epoch"] = state.stopped_epoch
         summary["early_stop/reason"] = stopping.reason(state, cfg.train.patience)
     reporter.finish(summary, val_split=dataset.val)
+    release_run_dir(run_dir)
     return summary
 
 
@@ -227,10 +229,9 @@ def open_run(
     `fingerprint`: the data's, kept in every checkpoint; `shape`: what a checkpoint's position must fit.
 
     Called after everything stateful is prepared or registered for checkpointing: load_state restores exactly those."""
-    if resume_dir is None:
-        run_dir = create_run_dir(accelerator, RunFolder(cfg.run.project, cfg.run.name, cfg.run.exist_ok))
-    else:
-        run_dir = resume_dir
+    folder = RunFolder(cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    # Locked by the main process for the run's life: a second train/--resume/--exist-ok on it is refused.
+    run_dir = create_run_dir(accelerator, folder, existing=resume_dir)  # Collective: every rank, one decision
     fsdp = _fsdp(accelerator)
     checkpointer = Checkpointer(
         accelerator,
@@ -346,9 +347,10 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         if use_ema and "val/top1_ema" in metrics:
             best_meta["val_top1"] = f"{metrics['val/top1_ema']:.6f}"
         best_model = ema.module if use_ema else model
-        save_epoch_weights(
-            accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta, step=state.step
-        )
+        with disk_errors(loop.run_dir / WEIGHTS, KEPT):  # a full or read-only disk: one line, earlier files kept
+            save_epoch_weights(
+                accelerator, model, loop.run_dir / WEIGHTS, meta, is_best, best_model, best_meta, step=state.step
+            )
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
         stop_early = stopping.count_epoch(state, epoch, is_best, cfg.patience)  # same on every rank: see there

@@ -1,6 +1,8 @@
 """`trainer export`: a trained weights file as ONNX (checked against onnxruntime) or as a timm hub folder.
 
-The .safetensors file itself already loads in plain timm (see docs/use.md); these formats take it elsewhere.
+The .safetensors file itself already loads in plain timm (see docs/use.md); these formats take it elsewhere. Both
+are built and checked in a hidden folder beside the target, then renamed into place: a failed export (a full disk,
+a failed check, a kill) leaves an earlier one intact.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from trainer import data
 from trainer.config import UserError
 from trainer.inference import TrainedWeights, check_classes, data_config_for, load_model, read_weights
 from trainer.weights import match_umask
+from trainer.writes import atomic_dir, disk_errors, scratch_dir
 
 FORMATS = ("onnx", "hf")
 ONNX_GOAL = 1e-4  # max |logit difference| to PyTorch in fp32
 INSTALL_HINT = "pip install 'trainer[export]'"
+KEPT = "an earlier export there is kept as it was"  # exports are built beside the target, then renamed into place
 
 
 def export(
@@ -38,9 +42,11 @@ def export(
     out = Path(output) if output else trained.path.with_name(trained.path.stem + {"onnx": ".onnx", "hf": "_hf"}[fmt])
     model = load_model(trained)
     if fmt == "onnx":
-        export_onnx(model, trained, out)
         images, source = check_inputs(trained, data_name, check_images)
-        diff, agree = check_onnx(model, out, images)
+        with disk_errors(out, KEPT), scratch_dir(out) as build:
+            export_onnx(model, trained, build / out.name)
+            diff, agree = check_onnx(model, build / out.name, images)
+            _move_files(build, out.parent)
         print(
             f"ONNX {out} ({out.stat().st_size / 1e6:.1f} MB), input 'images' (batch, {trained.pre.in_chans}, "
             f"{trained.pre.imgsz}, {trained.pre.imgsz}), output 'logits' (batch, {trained.num_classes})"
@@ -52,7 +58,8 @@ def export(
             f"max |logit diff| {diff:.2e} vs PyTorch ({verdict}), top-1 agrees on {agree}/{len(images)}"
         )
     else:
-        diff = export_hf(model, trained, out)
+        with disk_errors(out, KEPT), atomic_dir(out) as build:
+            diff = export_hf(model, trained, build)
         print(
             f"timm hub folder {out} (config.json, model.safetensors); loads with "
             f"timm.create_model('local-dir:{out}', pretrained=True): max |logit diff| {diff:.2e}"
@@ -86,8 +93,13 @@ def export_onnx(model: torch.nn.Module, trained: TrainedWeights, out: Path) -> N
         verbose=False,
     )
     program.model.metadata_props.update(_onnx_metadata(trained))
-    out.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(out))
+
+
+def _move_files(build: Path, folder: Path) -> None:
+    """Rename the checked export into place: the .onnx file, and its external-data file when it has one."""
+    for file in sorted(build.iterdir(), key=lambda p: p.suffix == ".onnx"):  # the model last: its data is ready
+        os.replace(file, folder / file.name)
 
 
 def _onnx_metadata(trained: TrainedWeights) -> dict[str, str]:

@@ -21,6 +21,7 @@ from trainer.config import Config, RunConfig, UserError
 from trainer.engine import build_model_side, load_data, prepare_launch
 from trainer.report import pyplot
 from trainer.rundirs import RunFolder, create_run_dir
+from trainer.writes import atomic_file
 
 LR_FIND_PROJECT = "runs/lr_find"
 SMOOTHING = 0.98  # of the loss's exponential moving average (fastai's)
@@ -114,7 +115,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 
 def write_sweep(run_dir: Path, lrs: list, losses: list, smoothed: list, suggested: float) -> None:
     """Main process only: lr_find.csv (step, lr, loss, smoothed_loss) and lr_find.png (log-lr axis, the suggestion)."""
-    with open(run_dir / "lr_find.csv", "w", newline="") as f:
+    with atomic_file(run_dir / "lr_find.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "lr", "loss", "smoothed_loss"])
         for step, row in enumerate(zip(lrs, losses, smoothed, strict=True), start=1):
@@ -127,5 +128,6 @@ def write_sweep(run_dir: Path, lrs: list, losses: list, smoothed: list, suggeste
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="lr-find")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "lr_find.png", dpi=100)
+    with atomic_file(run_dir / "lr_find.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

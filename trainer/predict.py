@@ -60,6 +60,10 @@ def find_images(sources: list[str]) -> tuple[list[Path], list[Prediction]]:
     return list(dict.fromkeys(found)), missing
 
 
+def _escaped(path: Path) -> str:
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -84,6 +88,11 @@ def predict(
 
     trained = read_weights(weights)
     paths, failed = find_images(sources)
+    # Names that are not UTF-8 (bytes from another system's encoding) fit no CSV, JSON or Arrow text: listed, skipped.
+    failed += [
+        Prediction(_escaped(p), error="file name is not valid UTF-8; rename it") for p in paths if _escaped(p) != str(p)
+    ]
+    paths = [p for p in paths if _escaped(p) == str(p)]
     if not paths:
         reasons = "; ".join(f"{p.path}: {p.error}" for p in failed)
         raise UserError(f"no images found in {' '.join(sources)}" + (f" ({reasons})" if reasons else ""))

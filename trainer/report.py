@@ -1,6 +1,7 @@
 """Evaluation reports: per-class accuracy tables and the confusion matrix, from gathered validation predictions.
 
 Pure functions on numpy arrays, no rank logic: callers decide who writes (the main process, see tracking.py).
+Files are written under a temporary name, then renamed into place.
 matplotlib is imported lazily with the headless Agg backend, so importing this module costs nothing.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.metrics import calibration, precision_recall_curves, single_label_scores
+from trainer.writes import atomic_file
 
 TABLE_COLUMNS = ("class", "images", "top1", "top5")
 
@@ -90,7 +92,7 @@ def format_per_class(rows: list[dict]) -> str:
 def save_per_class_csv(rows: list[dict], path: str | Path) -> None:
     """Write the per-class rows as CSV (class, images, then the metric columns), `all` last."""
     columns = list(rows[0]) if rows else list(TABLE_COLUMNS)
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in rows:
@@ -137,7 +139,8 @@ def save_confusion_matrix_png(cm: np.ndarray, class_names: list[str], path: str 
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (normalised per true class)")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:  # a full disk keeps the previous picture, never a torn one
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -168,7 +171,8 @@ def save_prediction_grid(
         )
     fig.suptitle("validation: true -> predicted", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -197,7 +201,8 @@ def save_results_png(results_csv: str | Path, path: str | Path) -> None:
         if names:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -219,7 +224,8 @@ def save_reliability_png(preds: Predictions, path: str | Path) -> float:
     ax.set_title(f"Reliability (ECE {ece:.4f})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return ece
 
@@ -242,5 +248,6 @@ def save_pr_curves_png(preds, class_names: list[str], path: str | Path, shown: i
         ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

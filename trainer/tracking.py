@@ -8,6 +8,7 @@ reported once and dropped; it never stops training.
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 import secrets
@@ -16,15 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from accelerate import Accelerator
 
 from trainer import report
-from trainer.config import RunConfig
-from trainer.data.decode import decode_image
+from trainer.config import RunConfig, UserError
+from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.samples import Replacement
 from trainer.files import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.progress import Progress
+from trainer.writes import append_text, atomic_file, disk_errors
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "val/macro_f1", "val/balanced_acc", "lr")
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
@@ -35,6 +39,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 ID_ALPHABET = string.ascii_lowercase + string.digits
 PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
 GRID_IMAGES = 25
+KEPT = "the weights, checkpoints and results.csv rows written before are kept"
 
 
 EPOCH_LINE = (  # (metric, its name on the epoch line), printed when the epoch has it
@@ -70,6 +75,21 @@ def _shorter(path: Path) -> Path:
         return path.relative_to(Path.cwd())
     except ValueError:
         return path
+
+
+def _readable_images(val_split, index):
+    """The validation images at `index` that still read, and their indices. One that became unreadable after the scan
+    is left out of the picture and reported as training reports it (samples.Replacement's warning): a neighbour in
+    its place would show another image under this one's prediction."""
+    replacement = Replacement(where="the validation images drawn at the end")
+    kept, images = [], []
+    for i in index:
+        try:
+            images.append(decode_image(val_split[int(i)]["image"]))
+            kept.append(i)
+        except UnreadableImage as e:
+            replacement.warn(e.path, e.reason)
+    return np.asarray(kept, dtype=np.int64), images
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -131,12 +151,13 @@ class Reporter:
             self.columns = RESULTS_COLUMNS + (EMA_COLUMNS if ema else ())
         if not self.is_main:
             return
-        if not resume:
-            with open(run_dir / CONFIG_FILE, "w") as f:
-                yaml.safe_dump(record, f, sort_keys=False)
-        if not (resume and (run_dir / RESULTS_FILE).exists()):
-            with open(run_dir / RESULTS_FILE, "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+        with disk_errors(run_dir):
+            if not resume:
+                with atomic_file(run_dir / CONFIG_FILE) as tmp, open(tmp, "w") as f:
+                    yaml.safe_dump(record, f, sort_keys=False)
+            if not (resume and (run_dir / RESULTS_FILE).exists()):
+                with atomic_file(run_dir / RESULTS_FILE) as tmp, open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerow(self.columns)
         trackers = run.trackers()
         if "wandb" in trackers:
             self._guard("wandb", lambda: self._start_wandb(run, resume))
@@ -277,8 +298,10 @@ class Reporter:
         if preds is not None and (best or not self.best_is_best):
             self.best, self.best_is_best = (epoch, preds), best
         row = [epoch, *(metrics.get(c, float("nan")) for c in self.columns[1:])]
-        with open(self.run_dir / RESULTS_FILE, "a", newline="") as f:
-            csv.writer(f).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+        line = io.StringIO()
+        csv.writer(line).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
+        with disk_errors(self.run_dir / RESULTS_FILE, KEPT):
+            append_text(self.run_dir / RESULTS_FILE, line.getvalue())
         print(
             f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
             f"{_scores(metrics)}  lr {metrics['lr']:.2e}  "
@@ -295,8 +318,13 @@ class Reporter:
             summary: best/val_top1, best/epoch, time_s and run_dir from the engine.
             val_split: the raw validation dataset (an "image" per row, dataset order) for the prediction grid.
         """
+        failed = None
         if self.is_main:
-            written = self._write_reports(val_split)
+            try:
+                with disk_errors(self.run_dir, KEPT):
+                    written = self._write_reports(val_split)
+            except UserError as e:  # raised after the ranks have met below, so none of them waits for this one
+                failed, written = e, []
             summary = {**summary, "train/imgs_per_sec": self.train_images / max(self.train_seconds, 1e-9)}
             wandb_tracker = self._tracker("wandb")
             if wandb_tracker is not None:
@@ -309,6 +337,8 @@ class Reporter:
         # the gloo group down while rank 0 still works was seen to abort it).
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if failed is not None:
+            raise failed
 
     def _write_reports(self, val_split) -> list[str]:
         """results.png, and from the best epoch's predictions: per-class table, confusion matrix, image grid."""
@@ -342,8 +372,7 @@ class Reporter:
             print(f"calibration: expected calibration error (ECE, 15 bins) {self.ece:.4f}; see reliability.png")
             written.append("reliability.png")
         if val_split is not None:
-            index = report.sample_indices(preds, GRID_IMAGES)
-            images = [decode_image(val_split[int(i)]["image"]) for i in index]
+            index, images = _readable_images(val_split, report.sample_indices(preds, GRID_IMAGES))
             report.save_prediction_grid(
                 images, preds.labels[index], preds.predicted[index], names, self.run_dir / "val_predictions.png"
             )
@@ -369,10 +398,11 @@ class Reporter:
             )
             if val_split is not None:
                 table = wandb.Table(columns=["index", "image", "true", "predicted", "confidence", "correct"])
-                for i in report.sample_indices(preds, 96):
+                index, images = _readable_images(val_split, report.sample_indices(preds, 96))
+                for i, decoded in zip(index, images, strict=True):
                     true, pred = int(preds.labels[i]), int(preds.predicted[i])
                     confidence = float(preds.probs[i, 0]) if preds.probs is not None else float("nan")
-                    image = wandb.Image(decode_image(val_split[int(i)]["image"]))
+                    image = wandb.Image(decoded)
                     table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
                 media["val/predictions"] = table
         run.log(media)

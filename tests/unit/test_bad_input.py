@@ -77,7 +77,7 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return {
         str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
         for p in root.rglob("*")
-        if p.is_file() and p.relative_to(root).parts[0] != ".cache"
+        if p.is_file() and p.relative_to(root).parts[0] != ".cache" and p.name != ".trainer.lock"  # the run's lock
     }
 
 

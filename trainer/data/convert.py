@@ -8,11 +8,14 @@ when one split mixes formats in a WebDataset (one extension per column: the odd 
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import re
 import shutil
+import signal
 import tarfile
+import threading
 from pathlib import Path
 
 from trainer.config import DataConfig, UserError
@@ -51,9 +54,11 @@ def convert(src: str, dst: str, fmt: str, shard_size: str, *, data_config: str =
     source = load_source(DataConfig(data=src, data_config=data_config))
     if source.skipped:
         print(f"trainer: warning: {len(source.skipped)} unreadable image file(s) left out", flush=True)
+    _remove_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     counts = {}
+    previous = _terminate_as_exit()
     try:
         for name, split in source.splits.items():
             write = _write_tars if fmt == "webdataset" else _write_parquet
@@ -82,10 +87,46 @@ def convert(src: str, dst: str, fmt: str, shard_size: str, *, data_config: str =
         if out.exists():
             out.rmdir()  # empty: checked above
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException:  # errors, Ctrl-C, SIGTERM (made SystemExit above): the partial shards go
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return counts
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary folders of conversions to `out` whose process is gone (killed with -9, or a machine
+    that went down); a live one is left alone. PIDs are this machine's: DST on a shared disk is not guarded."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            print(f"trainer: removing {stale}, left by an earlier conversion that was killed", flush=True)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _terminate_as_exit():
+    """SIGTERM (a scheduler, `kill`) ends the conversion as Ctrl-C does: the temporary folder is removed on the way
+    out, exit 143. Returns the handler to restore (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        print(f"trainer: {signal.Signals(signum).name}: conversion stopped, nothing written to its DST", flush=True)
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _shards(sizes: list[int], max_samples: int, max_bytes: int) -> list[range]:

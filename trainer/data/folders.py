@@ -35,6 +35,8 @@ CACHE_FORMAT = "trainer-folders-v1"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}  # IHDR colour type -> PIL mode
 JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # SOF component count -> PIL mode
+BAD_NAME = -2  # the size a listed file carries when its name is not UTF-8: skipped, never opened
+BAD_NAME_RESULT = (None, "file name is not valid UTF-8; rename it to use it")
 READABLE: dict[str, tuple[str, str]] = {}  # mode -> the check result of a readable file of that mode
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -113,15 +115,23 @@ def _check_files(files: list[tuple[str, int]]) -> list[tuple[str | None, str]]:
     return out
 
 
-def _list_images(folder: str, rel: str, hasher, keep: list | None) -> int:
+def _list_images(folder: str, rel: str, hasher, keep: list | None, above: tuple[str, ...] = ()) -> int:
     """Count the images under `folder` (its files in name order, then its subfolders, depth first), feed every
-    folder name and every image's path, size and mtime to `hasher`, and append (rel path, size, mtime) to `keep`."""
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
+    folder name and every image's path, size and mtime to `hasher`, and append (rel path, size, mtime) to `keep`.
+
+    A file name that is not UTF-8 is kept with size BAD_NAME and its name escaped (the scan skips and counts it); an
+    unreadable folder and a link back to a folder above it (a loop) are refused in one line naming them."""
+    entries = _entries(folder)
+    above = (*above, os.path.realpath(folder))
     lines, subdirs = [f"D{rel}"], []
     for e in entries:
         if e.is_dir():
             if not e.name.startswith("."):
+                if e.is_symlink() and os.path.realpath(e.path) in above:
+                    raise UserError(
+                        f"--data: {e.path} links to {os.path.realpath(e.path)}, a folder it is in (a loop); "
+                        "remove the link or point it elsewhere"
+                    )
                 subdirs.append(e)
         elif e.name.lower().endswith(IMAGE_EXTENSIONS):
             try:
@@ -131,16 +141,39 @@ def _list_images(folder: str, rel: str, hasher, keep: list | None) -> int:
                 size, mtime = -1, 0
             lines.append(f"{e.name}\0{size}\0{mtime}")
             if keep is not None:
-                keep.append((f"{rel}/{e.name}", size, mtime))
+                name = e.name
+                if not _is_utf8(name):  # Arrow, the cache and CSV files hold UTF-8 text: skipped, and said
+                    name, size = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), BAD_NAME
+                keep.append((f"{rel}/{name}", size, mtime))
     hasher.update("\n".join(lines).encode("utf-8", "surrogateescape"))
     count = len(lines) - 1
     for d in subdirs:
-        count += _list_images(d.path, f"{rel}/{d.name}", hasher, keep)
+        count += _list_images(d.path, f"{rel}/{d.name}", hasher, keep, above)
     return count
 
 
+def _entries(folder: str) -> list[os.DirEntry]:
+    """A folder's entries in name order; an unreadable folder (mode 000, another user's) is one line naming it."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except PermissionError:
+        raise UserError(
+            f"--data: cannot read folder {folder} (permission denied); give it read and search permission "
+            "(chmod u+rx) or move it out of the data folder"
+        ) from None
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.scandir gave undecodable bytes as surrogates
+        return False
+
+
 def _class_dirs(split_dir: Path, root: Path, where: str) -> list[str]:
-    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    names = [e.name for e in _entries(str(split_dir)) if e.is_dir() and not e.name.startswith(".")]
     if not names:
         raise UserError(f"--data {where}: {split_dir.relative_to(root)}/ has no class folders; {LAYOUT}")
     return names
@@ -170,7 +203,8 @@ def _listing(root: Path, split_dirs: dict[str, Path], keep: bool, where: str):
         hasher.update(f"\nS{split}\0{rel_split}".encode())
         for name in _class_dirs(split_dir, root, where):
             found: list | None = [] if keep else None
-            count = _list_images(str(split_dir / name), os.path.normpath(f"{rel_split}/{name}"), hasher, found)
+            above = (os.path.realpath(root), os.path.realpath(split_dir))  # a link back up to these is a loop too
+            count = _list_images(str(split_dir / name), os.path.normpath(f"{rel_split}/{name}"), hasher, found, above)
             if not count:
                 raise UserError(
                     f"--data {where}: class folder {os.path.normpath(f'{rel_split}/{name}')}/ has no images "
@@ -218,6 +252,7 @@ def _scan(root: Path, real_root: str, split_dirs: dict[str, Path], cache: Path, 
     known = _earlier_checks(cache)
     results = [known.get(f"{rel}\0{size}\0{mtime}") for rel, size, mtime in rows] if known else [None] * len(rows)
     del known
+    results = [BAD_NAME_RESULT if row[1] == BAD_NAME else r for row, r in zip(rows, results, strict=True)]
     todo = [i for i, result in enumerate(results) if result is None]
     spans = [slice(start, start + 512) for start in range(0, len(todo), 512)]
 

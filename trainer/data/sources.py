@@ -20,6 +20,7 @@ import numpy as np
 
 from trainer.config import DataConfig, UserError
 from trainer.data.folders import scan_image_folder
+from trainer.data.integrity import check_shards
 from trainer.data.multilabel import (
     is_list_feature,
     json_labels,
@@ -281,6 +282,7 @@ def _load_files(files: DataFiles, spec: str) -> Source:
     import datasets
 
     stored = files.info()
+    check_shards(files.builder, files.by_split)  # a shard cut short: one line naming it, not a label-less sample
     try:
         loaded = datasets.load_dataset(
             files.builder, data_files=files.by_split, features=stored.features if stored else None

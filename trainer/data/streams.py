@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import DataConfig, UserError
+from trainer.data.integrity import check_shards, parquet_rows, tar_samples
 from trainer.data.sources import BUILTIN, DataFiles, data_files
 
 
@@ -45,20 +46,10 @@ class StreamSource:
             return None
         files = self.files.by_split[split]
         if self.files.builder == "parquet":
-            import pyarrow.parquet as pq
-
-            return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            return sum(parquet_rows(f) for f in files)
         if self.files.builder == "webdataset":
-            return sum(_tar_samples(f) for f in files)
+            return sum(tar_samples(f) for f in files)  # a shard cut short: refused here, naming it
         return None
-
-
-def _tar_samples(path: str) -> int:
-    """Samples in a WebDataset tar: distinct keys (the name up to its first dot), from the headers only."""
-    import tarfile
-
-    with tarfile.open(path) as tar:
-        return len({m.name.split("/")[-1].split(".")[0] + m.name.rpartition("/")[0] for m in tar if m.isfile()})
 
 
 def stream_source(cfg: DataConfig) -> StreamSource:
@@ -70,6 +61,7 @@ def stream_source(cfg: DataConfig) -> StreamSource:
     if files is not None:
         if files.builder not in ("parquet", "webdataset"):
             raise UserError(f"--data {spec}: --streaming reads Parquet or WebDataset shards, not {files.builder} files")
+        check_shards(files.builder, files.by_split)  # cut short: one line naming it now, not a crash mid-epoch
         stored = files.info()
         counts = {name: s.num_examples for name, s in (stored.splits or {}).items()} if stored else {}
         return StreamSource(

@@ -1,0 +1,66 @@
+"""The folder scan meets a hostile file system (issue 19): an unreadable class folder, a link loop, a file name that
+is not UTF-8. Each is one line naming the place, or a file skipped and counted; nothing is left half-built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import datasets
+import pytest
+from test_sources import write_folder
+
+from trainer.config import UserError
+from trainer.data import folders
+
+LAYOUT = {"train": {"cat": 4, "dog": 4}, "val": {"cat": 2, "dog": 2}}
+NO_DAC = ["--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    root = write_folder(tmp_path / "pets", LAYOUT)
+    odd = os.fsdecode(bytes(root / "train" / "cat") + b"/caf\xe9.png")
+    shutil.copy(next((root / "train" / "cat").iterdir()), odd)
+    for _ in range(2):  # the first scan, then the cached one: the same answer
+        result = folders.scan_image_folder(root, str(root))
+        assert len(result.splits["train"]) == 8
+        assert result.skipped == ((str(root / "train" / "cat" / "caf\\xe9.png"), folders.BAD_NAME_RESULT[1]),)
+
+
+def test_a_link_back_up_is_refused_in_one_line(tmp_path):
+    root = write_folder(tmp_path / "pets", LAYOUT)
+    (root / "train" / "dog" / "again").symlink_to("..")
+    with pytest.raises(UserError, match=r"train/dog/again links to .*pets/train, a folder it is in \(a loop\)"):
+        folders.scan_image_folder(root, str(root))
+    (root / "train" / "dog" / "again").unlink()
+    (root / "train" / "dog" / "more").symlink_to(root / "val" / "dog")  # a link elsewhere is followed
+    assert len(folders.scan_image_folder(root, str(root)).splits["train"]) == 10
+
+
+def test_an_unreadable_class_folder_is_one_line_naming_it(tmp_path):
+    """As a user without root: the test runs the scan with the capabilities that let root read anything dropped."""
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop root's read-anything capability")
+    root = write_folder(tmp_path / "pets", LAYOUT)
+    (root / "train" / "dog").chmod(0)
+    code = "import sys; from pathlib import Path; from trainer.data import folders; "
+    code += "folders.scan_image_folder(Path(sys.argv[1]), sys.argv[1])"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    try:
+        proc = subprocess.run(["setpriv", *NO_DAC, sys.executable, "-c", code, str(root)], capture_output=True, env=env)
+    finally:
+        (root / "train" / "dog").chmod(0o755)
+    if b"setpriv:" in proc.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {proc.stderr.decode().strip()}")
+    last = proc.stderr.decode().strip().splitlines()[-1]
+    assert last == (
+        f"trainer.config.UserError: --data: cannot read folder {root / 'train' / 'dog'} (permission denied); give it "
+        "read and search permission (chmod u+rx) or move it out of the data folder"
+    )
