@@ -130,11 +130,29 @@ def data_config_for(weights: TrainedWeights, data: str | None) -> DataConfig | N
     if run_dir is not None:
         values = load_yaml(str(run_dir / CONFIG_FILE))
         cfg = build_config({"data": values.get("data", {})}).data
+        kind = _recorded_source(run_dir / CONFIG_FILE).split(":", 1)[0]
+        if data is None and kind in ("folder", "files", "webdataset") and not Path(cfg.data).expanduser().exists():
+            # A local dataset that moved or was deleted: not a hub id to download (the run read it from disk).
+            raise UserError(
+                f"the run's data {cfg.data} ({kind}, from {run_dir / CONFIG_FILE}) is not there any more (no such "
+                "file or folder from here); pass --data with where it is now"
+            )
     elif data is None:
         return None
     else:
         cfg = DataConfig()
     return replace(cfg, data=data or cfg.data, imgsz=weights.pre.imgsz)
+
+
+def _recorded_source(config_file: Path) -> str:
+    """`dataset.source` as the run wrote it (`folder:pets`, `hub:user/set`, ...); "" when it says nothing."""
+    import yaml
+
+    try:
+        record = yaml.safe_load(config_file.read_text()) or {}
+        return str((record.get("dataset") or {}).get("source", ""))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
 
 
 def check_classes(weights: TrainedWeights, class_names: list[str], data_name: str) -> None:

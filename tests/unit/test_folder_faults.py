@@ -64,3 +64,27 @@ def test_an_unreadable_class_folder_is_one_line_naming_it(tmp_path):
         f"trainer.config.UserError: --data: cannot read folder {root / 'train' / 'dog'} (permission denied); give it "
         "read and search permission (chmod u+rx) or move it out of the data folder"
     )
+
+
+def test_val_on_a_deleted_data_folder_says_so_not_allow_download(tmp_path):
+    import torch
+    import yaml
+
+    from trainer.data import Preprocess
+    from trainer.inference import data_config_for, read_weights
+    from trainer.weights import save_weights, weights_metadata
+
+    run_dir = tmp_path / "runs" / "train" / "exp"
+    (run_dir / "weights").mkdir(parents=True)
+    gone = tmp_path / "pets"  # trained on, then deleted
+    record = {"data": {"data": str(gone)}, "dataset": {"source": f"folder:{gone}"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(record))
+    pre = Preprocess(16, 3, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0)
+    save_weights(
+        {"w": torch.ones(1)}, run_dir / "weights" / "best.safetensors", weights_metadata("resnet10t", ["a", "b"], pre)
+    )
+    trained = read_weights(str(run_dir / "weights" / "best.safetensors"))
+    with pytest.raises(UserError, match=rf"^the run's data {gone} \(folder, from .*\) is not there any more") as e:
+        data_config_for(trained, None)
+    assert "--allow-download" not in str(e.value) and "pass --data" in str(e.value)
+    assert data_config_for(trained, str(tmp_path)).data == str(tmp_path)  # --data given: used as it is
