@@ -197,3 +197,18 @@ def test_webdataset_labels_in_json_are_multi_label(tmp_path):
     splits, info = load_splits(DataConfig(data=str(tmp_path)))
     assert info.multilabel and info.class_names == ["ball", "cat", "dog"]
     assert [r["label"] for r in splits["val"]] == [[0, 1, 0], [1, 0, 1]]
+
+
+def test_multilabel_fingerprint_counts_positives_and_sees_relabelled_rows(tmp_path):
+    from trainer.data import Data
+    from trainer.data.fingerprint import data_fingerprint
+    from trainer.integrity import fingerprint_changes
+
+    rows = [[0, 1], [2], [1, 2, 3], [0], [3], [0, 2], [1], [2, 3], [0, 1, 2, 3], [1, 3]]
+    cfg = DataConfig(data=_saved(tmp_path / "a", rows), val_fraction=0.2)
+    old = data_fingerprint(cfg, Data(*load_splits(cfg)))
+    total = np.add(old["images_per_class"]["train"], old["images_per_class"]["val"])
+    assert total.tolist() == [4, 5, 5, 5]
+    cfg = DataConfig(data=_saved(tmp_path / "b", [[0, 1, 2, 3]] + rows[1:]), val_fraction=0.2)
+    new = data_fingerprint(cfg, Data(*load_splits(cfg)))
+    assert fingerprint_changes(old, new)[0] == "train images per class: ball 5 -> 6, tree 4 -> 5"

@@ -1,7 +1,8 @@
 """What a run trains on, in a few numbers and digests (`data_fingerprint`), recorded in every checkpoint so that
 `--resume` sees whether the data under the same `--data` changed: sample counts per split and per class, the class
 names, a digest of each class's file names (folders and other path-based data), the folder scan's listing key (every
-file's path, size and modification time), and the names and sizes of shard files."""
+file's path, size and modification time), and the names and sizes of shard files. Multi-label data: positives per
+class and one digest of the file names with their label rows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 
 from trainer.config import DataConfig
 from trainer.data.folders import stored_listing
+from trainer.data.multilabel import label_matrix
 from trainer.data.sources import BUILTIN, data_files
 from trainer.data.splits import labels_of
 
@@ -32,9 +34,21 @@ def data_fingerprint(cfg: DataConfig, data) -> dict:
     for split, dataset in data.splits.items():
         if not hasattr(dataset, "with_format") or not hasattr(dataset, "cache_files"):  # a stream: counts only
             continue
-        labels = labels_of(dataset)
-        per_class[split] = [int(n) for n in _bincount(labels, len(info.class_names))]
         paths = _paths(dataset)
+        if info.multilabel:  # positives per class; one digest of every file name with its label row
+            rows = label_matrix(dataset)
+            per_class[split] = [int(n) for n in rows.sum(axis=0)]
+            if paths is not None:
+                digest = hashlib.sha1()
+                for row, path in zip(rows, paths, strict=True):
+                    digest.update(
+                        f"{os.path.basename(path)} {row.tobytes().hex()}\n".encode("utf-8", "surrogateescape")
+                    )
+                class_files[split] = {"*": digest.hexdigest()[:16]}
+            paths = None
+        else:
+            labels = labels_of(dataset)
+            per_class[split] = [int(n) for n in _bincount(labels, len(info.class_names))]
         if paths is not None:
             digests: dict[str, hashlib._Hash] = {}
             for label, path in zip(labels.tolist(), paths, strict=True):
