@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from trainer.config import CheckpointConfig, UserError
 from trainer.files import BUFFERS_FILE, CHECKPOINTS, STATE_FILE, STEP_PREFIX, checkpoint_dirs
@@ -193,7 +194,9 @@ class Checkpointer:
                     for key, buffer in module.named_buffers()
                 }
                 save_file(buffers, str(tmp / BUFFERS_FILE.format(rank=accelerator.process_index)))
-        except (OSError, RuntimeError) as e:  # disk full, unwritable; torch reports some as RuntimeError
+        # Disk full or unwritable: torch says so as RuntimeError, safetensors as SafetensorError. Every rank must
+        # reach _agree with its error, or the others wait in its reduce.
+        except (OSError, RuntimeError, SafetensorError) as e:
             error = str(e).split("\n")[0]
         self._agree(error, tmp)
         if accelerator.is_main_process:

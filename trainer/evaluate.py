@@ -19,6 +19,7 @@ from trainer.launch import build_accelerator
 from trainer.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.rundirs import RunFolder, create_run_dir
 from trainer.tta import with_tta
+from trainer.writes import atomic_file
 
 VAL_FOLDER = RunFolder("runs/val")  # --project runs/val --name exp
 
@@ -97,7 +98,7 @@ def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], mo
         cm = report.confusion_matrix(preds, len(class_names))
         report.save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png")
         summary["val/ece"] = report.save_reliability_png(preds, run_dir / "reliability.png")
-    with open(run_dir / "metrics.json", "w") as f:
+    with atomic_file(run_dir / "metrics.json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     print(
         f"{model} on {summary['data']} {summary['split']} ({summary['images']} images), "

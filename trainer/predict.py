@@ -22,6 +22,7 @@ from trainer.data.decode import IMAGE_EXTENSIONS
 from trainer.inference import load_model, read_weights
 from trainer.rundirs import RunFolder, make_run_dir
 from trainer.tta import with_tta
+from trainer.writes import atomic_file
 
 PRINTED_ROWS = 30  # the table on screen; the files hold every image
 
@@ -176,7 +177,7 @@ def print_table(results: list[Prediction], k: int, title: str = "top") -> None:
 def write_csv(results: list[Prediction], k: int, path: Path) -> None:
     """One row per file: path, top1, prob1, ..., topK, probK, error (empty when classified)."""
     header = ["path"] + [f"{col}{j + 1}" for j in range(k) for col in ("top", "prob")] + ["error"]
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for r in results:
@@ -187,7 +188,7 @@ def write_csv(results: list[Prediction], k: int, path: Path) -> None:
 def write_labels_csv(results: list[Prediction], path: Path) -> None:
     """Multi-label: one row per file: path, labels above the threshold (space-separated), their probabilities,
     error."""
-    with open(path, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "labels", "probs", "error"])
         for r in results:
@@ -207,5 +208,5 @@ def write_json_file(results: list[Prediction], weights: Path, path: Path) -> Non
         if not r.error
     ]
     unreadable = [{"path": r.path, "error": r.error} for r in results if r.error]
-    with open(path, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump({"weights": str(weights), "images": images, "unreadable": unreadable}, f, indent=1)
