@@ -209,6 +209,6 @@ def test_multilabel_fingerprint_counts_positives_and_sees_relabelled_rows(tmp_pa
     old = data_fingerprint(cfg, Data(*load_splits(cfg)))
     total = np.add(old["images_per_class"]["train"], old["images_per_class"]["val"])
     assert total.tolist() == [4, 5, 5, 5]
-    cfg = DataConfig(data=_saved(tmp_path / "b", [[0, 1, 2, 3]] + rows[1:]), val_fraction=0.2)
+    cfg = DataConfig(data=_saved(tmp_path / "b", [[0, 1, 2, 3], *rows[1:]]), val_fraction=0.2)
     new = data_fingerprint(cfg, Data(*load_splits(cfg)))
     assert fingerprint_changes(old, new)[0] == "train images per class: ball 5 -> 6, tree 4 -> 5"
