@@ -17,7 +17,9 @@ TINY = ("--model", "test_resnet", "--imgsz", "16", "--tracker", "none", "--worke
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes but the lock file's (it names the latest process that held it)."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".trainer.lock")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 def _nonfinite(path: Path) -> list[str]:

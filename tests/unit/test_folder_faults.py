@@ -34,6 +34,29 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path):
         assert result.skipped == ((str(root / "train" / "cat" / "caf\\xe9.png"), folders.BAD_NAME_RESULT[1]),)
 
 
+def test_images_over_the_pixel_limit_are_skipped_and_counted_at_the_scan(tmp_path, monkeypatch):
+    """A decompression bomb never reaches a worker: the scan reads its header's size and skips it with the reason,
+    for JPEG and PNG (the header fast path), other formats (PIL's header), and sizes over twice the limit (where PIL
+    itself raises)."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)
+    root = write_folder(tmp_path / "pets", LAYOUT)
+    large = {"big.jpg": (50, 40), "big.png": (41, 40), "big.bmp": (40, 41), "huge.png": (100, 100)}
+    for name, size in large.items():
+        Image.new("RGB", size).save(root / "train" / "dog" / name)
+    Image.new("RGB", (40, 40)).save(root / "train" / "dog" / "limit.png")  # at the limit: kept
+    for _ in range(2):  # the first scan, then the cached one: the same answer
+        result = folders.scan_image_folder(root, str(root))
+        assert len(result.splits["train"]) == 9
+        reasons = {os.path.basename(path): why for path, why in result.skipped}
+        assert sorted(reasons) == sorted(large)
+        for name in ("big.jpg", "big.png", "big.bmp"):
+            w, h = large[name]
+            assert reasons[name] == f"{w}x{h} pixels, above the limit of 1600 (PIL's Image.MAX_IMAGE_PIXELS)"
+        assert reasons["huge.png"].startswith("DecompressionBombError: Image size (10000 pixels) exceeds limit")
+
+
 def test_a_link_back_up_is_refused_in_one_line(tmp_path):
     root = write_folder(tmp_path / "pets", LAYOUT)
     (root / "train" / "dog" / "again").symlink_to("..")

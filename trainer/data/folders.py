@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,10 @@ from trainer.data.decode import GRAY_MODES, IMAGE_EXTENSIONS, jpeg_markers
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "valid", "validation": "validation"}
 SPLIT_FOLDERS["test"] = "test"
 LAYOUT = "expected train/ and val/ (or valid/, validation/, test/) holding one subfolder per class"
-# Bump when what a check decides or what the cache holds changes: older entries are then ignored.
-CACHE_FORMAT = "trainer-folders-v1"
+# Bump when what a check decides or what the cache holds changes: older entries are then ignored (v2: the pixel
+# limit). The listing key keeps its own seed, so a resume across the bump still sees the same data.
+CACHE_FORMAT = "trainer-folders-v2"
+LISTING_SEED = "trainer-folders-v1"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_MODES = {0: "L", 2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}  # IHDR colour type -> PIL mode
 JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}  # SOF component count -> PIL mode
@@ -57,8 +60,10 @@ def check_image(path: str) -> tuple[str | None, str]:
 
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)  # parses the header only
+            img = Image.open(f)  # parses the header only (and raises DecompressionBombError above twice the limit)
             mode, fmt = img.mode, img.format
+            if too_many_pixels(*img.size):
+                return None, too_many_pixels(*img.size)
             size = os.fstat(f.fileno()).st_size
             f.seek(max(0, size - 32))
             tail = f.read()
@@ -79,6 +84,18 @@ def check_image(path: str) -> tuple[str | None, str]:
         return None, f"{type(e).__name__}: {e}".split("\n")[0]
 
 
+def too_many_pixels(width: int, height: int) -> str:
+    """Why an image is skipped for its size (a decompression bomb), or "" when it is within PIL's
+    `Image.MAX_IMAGE_PIXELS` (89.5 M pixels unless changed; None: no limit). Decoding one would need width x height
+    x channels bytes in every worker that draws it."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return ""
+    return f"{width}x{height} pixels, above the limit of {limit} (PIL's Image.MAX_IMAGE_PIXELS)"
+
+
 def _riff_size(f) -> int:
     f.seek(4)
     return int.from_bytes(f.read(4), "little") + 8
@@ -96,15 +113,24 @@ def _quick_mode(path: str, size: int) -> str | None:
     except OSError:
         return None
     if head.startswith(PNG_SIGNATURE):
-        return PNG_MODES.get(head[25]) if head[12:16] == b"IHDR" and b"IEND" in tail else None
+        if head[12:16] != b"IHDR" or b"IEND" not in tail or _large(head, 16, 20):
+            return None
+        return PNG_MODES.get(head[25])
     if not head.startswith(b"\xff\xd8\xff") or b"\xff\xd9" not in tail:
         return None
     for marker, i in jpeg_markers(head):  # up to the frame header, which holds the component count
-        if marker in JPEG_SOF:
-            return JPEG_MODES.get(head[i + 9]) if i + 10 <= len(head) else None
+        if marker in JPEG_SOF:  # FF Cn, length, precision, height, width, components
+            return JPEG_MODES.get(head[i + 9]) if i + 10 <= len(head) and not _large(head, i + 7, i + 5) else None
         if marker == 0xDA:  # start of scan before any frame header: not a JPEG PIL opens
             return None
     return None
+
+
+def _large(head: bytes, w: int, h: int) -> bool:
+    """Whether the big-endian width at `w` and height at `h` of a header (4 bytes in PNG, 2 in JPEG) are over the
+    pixel limit: `check_image` then gives the reason."""
+    n = 4 if head.startswith(PNG_SIGNATURE) else 2
+    return bool(too_many_pixels(int.from_bytes(head[w : w + n], "big"), int.from_bytes(head[h : h + n], "big")))
 
 
 def _check_files(files: list[tuple[str, int]]) -> list[tuple[str | None, str]]:
@@ -195,7 +221,7 @@ def _split_dirs(root: Path, where: str) -> dict[str, Path]:
 
 def _listing(root: Path, split_dirs: dict[str, Path], keep: bool, where: str):
     """(listing hash, {split: {class: [(rel path, size, mtime)] or image count}}); refuses bad layouts."""
-    hasher = hashlib.sha1(CACHE_FORMAT.encode())
+    hasher = hashlib.sha1(LISTING_SEED.encode())
     files: dict[str, dict] = {}
     for split, split_dir in split_dirs.items():
         files[split] = {}
@@ -259,6 +285,10 @@ def _scan(root: Path, real_root: str, split_dirs: dict[str, Path], cache: Path, 
     def check(span: slice) -> list[tuple[str | None, str]]:
         return _check_files([(os.path.join(real_root, rows[i][0]), rows[i][1]) for i in todo[span]])
 
+    from PIL import Image
+
+    # Images over the pixel limit are skipped and listed with the reason: PIL's warning on opening them would repeat it.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     # Reads are I/O-bound (os.pread and PIL's file reads release the GIL): threads overlap them on slow disks.
     with ThreadPoolExecutor(max_workers=min(8, 4 * (os.cpu_count() or 1))) as pool:
         for span, checked in zip(spans, pool.map(check, spans), strict=True):
