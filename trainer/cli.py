@@ -117,6 +117,14 @@ def _either(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def _metavar(f: dataclasses.Field) -> str:
+    """STR, INT or FLOAT from the field's annotation ("int | None" -> INT; --batch-size also takes `auto`)."""
+    if f.name == "batch_size":
+        return "INT|auto"
+    kinds = [t.strip() for t in str(f.type).split("|") if t.strip() != "None"]
+    return kinds[0].upper() if kinds else "VALUE"
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, dataclasses.Field]]:
     """One flag per config field, named after it (`batch_size` -> `--batch-size`), help from its docstring."""
     dests = {}
@@ -125,8 +133,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            shown = (
+                {"": "empty", None: "unset"}.get(f.default, f.default)
+                if not isinstance(f.default, tuple)
+                else f.default
+            )
             kwargs: dict = dict(
-                dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {f.default})"
+                dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {shown})"
             )
             if isinstance(f.default, bool):
                 kwargs.update(action=_BoolFlag, field=f)
@@ -137,7 +150,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, d
                     f.name, LOADERS
                 )
             else:
-                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else type(f.default or 0).__name__.upper()
+                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else _metavar(f)
             group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
             dests[f.name] = (section, f)
     return dests
