@@ -40,6 +40,7 @@ class EpochStats:
     loss: float
     images: int
     seconds: float
+    classes: list[int] | None = None  # samples per class over all ranks, for a whole epoch (not a resumed one)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Loop:
     teacher: distill.Teacher | None = None  # --teacher: frozen, on the device, never prepared nor saved
     task: Task | None = None  # the loss and the best metric (trainer.tasks); None: single-label defaults
     freeze: finetune.Freeze | None = None  # --freeze: what is frozen until which epoch
+    coverage: data.ClassCoverage | None = None  # single-label map-style data: stop when a class lost every image
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
@@ -115,6 +117,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         teacher=teacher,
         task=task,
         freeze=freeze,
+        coverage=None if info.multilabel or cfg.data.streaming else data.ClassCoverage(dataset.train, info.class_names),
     )
     record = run_record(cfg, loop, info, pre, sync_bn, steps_per_epoch, backend)
     start_run(loop, cfg, record, info, resumed=resume_dir is not None)
@@ -318,6 +321,8 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         finetune.set_epoch(accelerator.unwrap_model(model), loop.freeze, epoch)  # after prepare: see finetune
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
         stats = train_one_epoch(loop, cfg)
+        if loop.coverage is not None and stats.classes is not None:  # the same sums and reads on every rank
+            loop.coverage.check(stats.classes, epoch, loop.run_dir)
         if average_bn:
             sync_bn_stats(accelerator, model)
             if ema is not None:  # each rank averaged its own running statistics into its EMA
@@ -377,6 +382,8 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
     loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
     seen = torch.tensor(state.seen, device=accelerator.device)
     trained = torch.zeros((), device=accelerator.device)  # images this session, for img/s
+    whole_epoch = loop.coverage is not None and not state.batches_in_epoch
+    classes = torch.zeros(loop.num_classes if whole_epoch else 0, device=accelerator.device)  # samples per class
     if state.batches_in_epoch:
         loader = loader.skip(accelerator, state.batches_in_epoch)
     nonfinite = torch.zeros((), device=accelerator.device)
@@ -414,6 +421,8 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
         loss_sum += torch.where(finite, loss.detach(), 0.0) * labels.shape[0]
         seen += finite * labels.shape[0]
         trained += labels.shape[0]
+        if whole_epoch:
+            classes += data.present(labels, loop.num_classes)
         state.batches_in_epoch += 1
         reporter.advance(labels.shape[0] * accelerator.num_processes)
         if accelerator.sync_gradients:
@@ -427,9 +436,11 @@ def train_one_epoch(loop: Loop, cfg: TrainConfig) -> EpochStats:
                 checkpointer.stop(state, loss_sum, seen)
             if checkpointer.due(state.step, accelerator.gradient_state.end_of_dataloader):
                 checkpointer.save(state, loss_sum, seen)  # Collective: every rank saves its part
-    # Collective: every rank contributes its sums.
-    loss_sum, seen, trained = accelerator.reduce(torch.stack([loss_sum, seen, trained]), reduction="sum")
-    return EpochStats(loss=(loss_sum / seen).item(), images=int(trained.item()), seconds=time.time() - start)
+    # Collective: every rank contributes its sums (and its samples per class).
+    sums = accelerator.reduce(torch.cat([torch.stack([loss_sum, seen, trained]), classes]), reduction="sum")
+    loss_sum, seen, trained = sums[:3]
+    counts = [int(n) for n in sums[3:].tolist()] if whole_epoch else None
+    return EpochStats((loss_sum / seen).item(), int(trained.item()), time.time() - start, counts)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import check, clean_env, results, run, torchrun_script, trainer
+from conftest import check, clean_env, config_of, results, run, torchrun_script, trainer
 from safetensors.torch import load_file
 
 ARGS = ("--data", "digits", "--model", "test_resnet", "--imgsz", "16", "--tracker", "none", "--workers", "0")
@@ -184,3 +184,34 @@ def test_convert_cleans_up_on_sigterm_and_removes_a_stale_temporary_folder(workd
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "conversion stopped, nothing written" in out
     assert sorted(p.name for p in workdir.iterdir()) == ["home"]  # no DST, no temporary folder
+
+
+def test_a_class_that_lost_every_image_after_the_scan_stops_both_ranks_in_one_line(workdir: Path):
+    """Files broken in place with their size and modification time kept: the scan cache stays valid, so only the
+    loop can notice that a class no longer reaches the model (it trained on substitutes only, silently)."""
+    from PIL import Image
+
+    root = workdir / "pets"
+    for split, n in (("train", 16), ("val", 4)):
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), (100 * c, 10 * i, 50)).save(root / split / name / f"{i}.jpg")
+    fast = ("--data", str(root), "--model", "test_resnet", "--imgsz", "16", "--tracker", "none", "--workers", "0")
+    fast += ("--batch-size", "8", "--epochs", "1")
+    check(run(trainer("train", *fast), workdir))  # scans the folder and stores the scan
+    for image in (root / "train" / "cat").iterdir():
+        st = image.stat()
+        image.write_bytes(b"\0" * st.st_size)
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = run(torchrun_script(2, "-m", "trainer", "train", *fast, "--name", "lost"), workdir)
+    assert proc.returncode != 0
+    lines = {line for line in proc.stderr.splitlines() if line.startswith("trainer: error:")}
+    run_dir = workdir / "runs" / "train" / "lost"
+    assert lines == {
+        "trainer: error: every image of class cat is unreadable now: epoch 1 trained on none of its 16 images, and "
+        f"the first 16 fail to read (e.g. {root}/train/cat/0.jpg: not an image); the epoch's weights are not saved: "
+        "make the files readable again, then continue with trainer train --resume runs/train/lost"
+    }, lines
+    assert config_of(run_dir)["launch"]["num_processes"] == 2
+    assert not list((run_dir / "weights").glob("*.safetensors"))

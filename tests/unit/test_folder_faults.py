@@ -10,6 +10,7 @@ import sys
 
 import datasets
 import pytest
+import torch
 from test_sources import write_folder
 
 from trainer.config import UserError
@@ -111,3 +112,32 @@ def test_val_on_a_deleted_data_folder_says_so_not_allow_download(tmp_path):
         data_config_for(trained, None)
     assert "--allow-download" not in str(e.value) and "pass --data" in str(e.value)
     assert data_config_for(trained, str(tmp_path)).data == str(tmp_path)  # --data given: used as it is
+
+
+def test_present_counts_index_and_mixed_labels():
+    from trainer.data import present
+
+    assert present(torch.tensor([0, 2, 2]), 4).tolist() == [1, 0, 2, 0]
+    smooth = 0.1 / 4  # mixup of classes 0 and 2 under label smoothing 0.1: every class gets `smooth`
+    mixed = torch.tensor([[0.7 * 0.9 + smooth, smooth, 0.3 * 0.9 + smooth, smooth]] * 3)
+    assert present(mixed, 4).tolist() == [3, 0, 3, 0]
+
+
+def test_a_class_that_lost_every_image_is_one_line_and_a_sampling_miss_is_not(tmp_path):
+    from trainer.data import ClassCoverage
+
+    root = write_folder(tmp_path / "pets", LAYOUT)
+    scan = folders.scan_image_folder(root, str(root))
+    coverage = ClassCoverage(scan.splits["train"], scan.class_names)
+    assert coverage.counts.tolist() == [4, 4]
+    coverage.check([0, 8], epoch=3, run_dir="runs/train/exp")  # cat's images read: an epoch that drew none of them
+    for image in (root / "train" / "cat").iterdir():
+        image.write_bytes(b"\0" * image.stat().st_size)  # broken in place, after the scan
+    with pytest.raises(UserError) as e:
+        coverage.check([0, 8], epoch=3, run_dir="runs/train/exp")
+    assert str(e.value).startswith(
+        "every image of class cat is unreadable now: epoch 3 trained on none of its 4 images, and the first 4 fail "
+        f"to read (e.g. {root}/train/cat/"
+    )
+    assert str(e.value).endswith("then continue with trainer train --resume runs/train/exp")
+    coverage.check([4, 4], epoch=3, run_dir="runs/train/exp")  # seen: never read again

@@ -11,6 +11,8 @@
 - `transforms` (the augmentation in force, `Preprocess`, the torch backend's transform) and `dali` (the DALI
   backend), behind `backends` (`Backend`: per-sample work, collate, in-process stage; `choose_backend`);
 - `batch`: what loaders yield (`Batch`; `EncodedBatch` between DALI's halves);
+- `coverage`: every class of the train split still reaches the model (`ClassCoverage`: stop when one lost every
+  image);
 - `loaders`: every loader of a run (`train_loader`, `eval_loader`, `files_loader`) as a `Loader`;
 - `shard`: which data each rank sees, for map-style data and streams alike;
 - `convert`: `trainer data convert` (any source to WebDataset or Parquet shards).
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from trainer.config import DataConfig
 from trainer.data.backends import Backend, choose_backend
 from trainer.data.batch import Batch
+from trainer.data.coverage import ClassCoverage, present
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
 from trainer.data.sources import BUILTIN
@@ -94,6 +97,7 @@ __all__ = [
     "BUILTIN",
     "Backend",
     "Batch",
+    "ClassCoverage",
     "Data",
     "DataInfo",
     "ImageTransform",
@@ -113,6 +117,7 @@ __all__ = [
     "load_splits",
     "loader_spec",
     "num_workers",
+    "present",
     "resolve_preprocess",
     "unreadable_warning",
 ]

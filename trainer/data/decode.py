@@ -28,6 +28,10 @@ class UnreadableImage(Exception):
 
 
 def _reason(e: Exception) -> str:
+    from PIL import Image
+
+    if isinstance(e, Image.UnidentifiedImageError):  # its text names a BytesIO object and its address
+        return "not an image"
     return f"{type(e).__name__}: {e}".split("\n")[0]
 
 
