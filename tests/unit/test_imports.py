@@ -177,3 +177,13 @@ def test_light_modules_load_without_torch_or_the_data_package():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_test_module_has_its_own_basename():
+    """pytest imports test modules by basename (rootdir/prepend mode, no __init__.py): two test_x.py under tests/
+    break the whole suite's collection, which running one folder at a time does not show."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT.parent / "tests").rglob("*.py")):
+        if path.name != "conftest.py":
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT.parent)))
+    assert not {name: paths for name, paths in seen.items() if len(paths) > 1}
