@@ -2,8 +2,8 @@
 
 Three measurements on the SAME pre-made batches already on the device, rounds alternating so that machine load hits
 all alike (the first round of each is warm-up):
-  single-label   engine.train_one_epoch, cross-entropy only (--teacher off)
-  distillation   engine.train_one_epoch with the frozen teacher: its forward + the KL term join every step
+  single-label   loop.train_one_epoch, cross-entropy only (--teacher off)
+  distillation   loop.train_one_epoch with the frozen teacher: its forward + the KL term join every step
   teacher fwd    the teacher's forward alone (Teacher.logits: no_grad, under the run's autocast), what it adds
 Prints milliseconds per step (medians over rounds) side by side and the distillation/single-label ratio.
 
@@ -31,8 +31,8 @@ from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import build_config
 from trainer.data import Batch
 from trainer.distill import Teacher
-from trainer.engine import Loop, train_one_epoch
 from trainer.launch import build_accelerator
+from trainer.loop import Loop, train_one_epoch
 from trainer.model import build_model
 from trainer.tracking import Reporter
 

@@ -4,7 +4,7 @@ One command for a GPU machine (about 5 minutes), figures to a JSON file:
 
 1. resnet50, 224 px, bf16, channels_last, batch 256, on synthetic batches already on the GPU: eager and compiled
    (the ceiling);
-2. the training loop's per-step path (`engine.train_one_epoch`: prepared model/optimizer/schedule, checkpointer
+2. the training loop's per-step path (`loop.train_one_epoch`: prepared model/optimizer/schedule, checkpointer
    bookkeeping, check_step) on the compiled model, fed from the same generated photo-sized JPEGs (500x375) by the
    torch loader (16 workers) and by DALI (hw_decoder_load 0.65 and 0.9); steady-state img/s and fraction of the
    ceiling;
@@ -100,7 +100,8 @@ class Setup:
     """The engine's pieces, built as engine.train builds them (config -> accelerator -> model -> prepare)."""
 
     def __init__(self, args, root: Path, run_dir: Path):
-        from trainer import data, engine, launch, optim
+        from trainer import data, launch, optim
+        from trainer import loop as engine_loop
         from trainer.checkpointer import Checkpointer
         from trainer.config import CheckpointConfig, Config, DataConfig, ModelConfig, RunConfig, TrainConfig
         from trainer.model import build_model
@@ -124,7 +125,7 @@ class Setup:
         self.scheduler = optim.build_scheduler(self.cfg.optim, self.optimizer, 1000, 1000)
         self.reporter = Reporter(self.accelerator)
         self.checkpointer = Checkpointer(self.accelerator, run_dir, CheckpointConfig())
-        self.engine = engine
+        self.loop = engine_loop
 
     def loader(self, name: str, hw_decoder_load: float = 0.65):
         cfg = dataclasses.replace(self.cfg.data, loader=name, workers=self.args.workers)
@@ -146,8 +147,8 @@ class Setup:
             loader.set_epoch(epoch + 1)
             self.reporter.epoch_start(epoch + 1, 1000, len(loader))
             parts = (self.accelerator, self.model, self.optimizer, self.scheduler, loader, state)
-            loop = self.engine.Loop(*parts, self.reporter, self.checkpointer)
-            stats = self.engine.train_one_epoch(loop, self.cfg.train)
+            loop = self.loop.Loop(*parts, self.reporter, self.checkpointer)
+            stats = self.loop.train_one_epoch(loop, self.cfg.train)
             state.batches_in_epoch = 0
             if epoch:
                 rates.append(stats.images / stats.seconds)

@@ -27,8 +27,8 @@ from trainer import optim
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import build_config
 from trainer.data import Batch
-from trainer.engine import Loop, train_one_epoch
 from trainer.launch import build_accelerator
+from trainer.loop import Loop, train_one_epoch
 from trainer.model import build_model
 from trainer.tracking import Reporter
 
@@ -64,7 +64,7 @@ def main() -> None:
         for _ in range(args.steps)
     ]
 
-    # trainer: its own components, prepared by Accelerate, driven by engine.train_one_epoch.
+    # trainer: its own components, prepared by Accelerate, driven by loop.train_one_epoch.
     model = build_model(cfg.model, num_classes, args.in_chans)
     bare_model = copy.deepcopy(model).to(device)
     optimizer = optim.build_optimizer(cfg.optim, model)

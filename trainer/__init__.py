@@ -1,12 +1,13 @@
 """trainer: image classification on Accelerate, timm, HF datasets and wandb.
 
-Imports run one way, cli -> engine -> components (tests/unit/test_imports.py fails on a circle):
+Imports run one way, cli -> engine -> loop -> components (tests/unit/test_imports.py fails on a circle):
 
     cli           argv/YAML -> Config; the subcommands
     config        the config dataclasses, checked on construction
     resume        --resume: find the run, rebuild and check its config
     launch        one Accelerator as launched, and the launches refused
-    engine        train(): the set-up steps; fit(), train_one_epoch(), evaluate()
+    engine        train(): the set-up steps of a run
+    loop          Loop; fit(), train_one_epoch(), evaluate()
     data          one pipeline: source -> splits -> samples -> decode -> backend -> loader -> rank shard
     model         the timm model, the SyncBN decision, FSDP blocks
     optim         optimizer, schedule, weight EMA

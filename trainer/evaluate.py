@@ -1,6 +1,6 @@
-"""`trainer val`: evaluate trained weights again, through the same `engine.evaluate` as training.
+"""`trainer val`: evaluate trained weights again, through the same `loop.evaluate` as training.
 
-Run plainly or under `accelerate launch` / `torchrun`: every rank evaluates its shard, `engine.evaluate` gathers
+Run plainly or under `accelerate launch` / `torchrun`: every rank evaluates its shard, `loop.evaluate` gathers
 the whole set once in dataset order, so any process count gives the numbers of one process.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 from trainer import data, report
 from trainer.config import Config, RunConfig, UserError
-from trainer.engine import evaluate
 from trainer.inference import check_classes, data_config_for, load_model, read_weights
 from trainer.launch import build_accelerator
+from trainer.loop import evaluate
 from trainer.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.rundirs import RunFolder, create_run_dir
 from trainer.tta import with_tta

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from trainer import data
 from trainer.config import Config, DataConfig, ModelConfig, build_config
-from trainer.engine import evaluate
 from trainer.launch import build_accelerator
+from trainer.loop import evaluate
 from trainer.model import build_model
 from trainer.weights import read_metadata
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, OptimConfig, TrainConfig, UserError
 from trainer.data import Batch
-from trainer.engine import Loop, evaluate, train_one_epoch
+from trainer.loop import Loop, evaluate, train_one_epoch
 from trainer.optim import build_ema, build_optimizer, build_scheduler
 from trainer.tracking import Reporter
 
