@@ -24,14 +24,13 @@ from pathlib import Path
 
 import timm
 import torch
+from overhead import configured
 from torch.utils.data import DataLoader
 
 from trainer import optim
 from trainer.checkpointer import Checkpointer, TrainState
-from trainer.config import build_config
 from trainer.data import Batch
 from trainer.distill import Teacher
-from trainer.launch import build_accelerator
 from trainer.loop import Loop, train_one_epoch
 from trainer.model import build_model
 from trainer.tracking import Reporter
@@ -57,16 +56,8 @@ def main() -> None:
         )  # fmt: skip
         args.mixed_precision, args.channels_last = "no", False
 
-    cfg = build_config(
-        {
-            "model": {"model": args.model, "channels_last": args.channels_last},
-            "train": {"batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "epochs": 1},
-            "run": {"tracker": "none"},
-        }
-    )
-    accelerator = build_accelerator(cfg)
+    cfg, accelerator = configured(args)  # as bench/overhead.py builds them
     device = accelerator.device
-    torch.manual_seed(0)
     num_classes = 10
     shape = (args.batch_size, args.in_chans, args.imgsz, args.imgsz)
     batches = [Batch(torch.randn(shape), torch.randint(0, num_classes, (args.batch_size,))) for _ in range(args.steps)]

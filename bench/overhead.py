@@ -33,6 +33,21 @@ from trainer.model import build_model
 from trainer.tracking import Reporter
 
 
+def configured(args) -> tuple:
+    """The run config and Accelerator of a loop benchmark: --model, --batch-size, --mixed-precision, --channels-last;
+    the torch seed set. Shared with bench/distill_step.py."""
+    cfg = build_config(
+        {
+            "model": {"model": args.model, "channels_last": args.channels_last},
+            "train": {"batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "epochs": 1},
+            "run": {"tracker": "none"},
+        }
+    )
+    accelerator = build_accelerator(cfg)
+    torch.manual_seed(0)
+    return cfg, accelerator
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet10t")
@@ -45,16 +60,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
 
-    cfg = build_config(
-        {
-            "model": {"model": args.model, "channels_last": args.channels_last},
-            "train": {"batch_size": args.batch_size, "mixed_precision": args.mixed_precision, "epochs": 1},
-            "run": {"tracker": "none"},
-        }
-    )
-    accelerator = build_accelerator(cfg)
+    cfg, accelerator = configured(args)
     device = accelerator.device
-    torch.manual_seed(0)
     num_classes = 10
     batches = [
         Batch(
