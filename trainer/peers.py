@@ -20,11 +20,14 @@ from trainer.files import checkpoint_dirs
 # The words of gloo, NCCL and the c10d store for a peer whose connection closed, and for one that stopped answering.
 _CLOSED = re.compile(
     r"Connection reset by peer|Connection closed by peer|Broken pipe|Connection refused|failed to recv, got 0 bytes"
-    r"|remote process exit|ncclRemoteError"
+    r"|remote process exit|ncclRemoteError|caused pair closure"
 )
-_TIMED_OUT = re.compile(r"Timed out waiting (\d+) ?ms|Timeout\(ms\)=(\d+)|Socket Timeout|timed out", re.IGNORECASE)
-# Plain RuntimeErrors count only when they come from a distributed backend, not from any library that says "timed out".
-_BACKEND = re.compile(r"gloo|nccl|NCCL|c10d|TCPStore|ProcessGroup")
+_TIMED_OUT = re.compile(
+    r"Timed out waiting (\d+) ?ms|timed out after (\d+) ?ms|Timeout\(ms\)=(\d+)|Socket Timeout|timed out", re.I
+)
+# Plain RuntimeErrors count only when they come from a distributed backend, not from any library that says "timed out"
+# (gloo's messages start with their source path: "[.../third_party/gloo/gloo/transport/tcp/pair.cc:561] ...").
+_BACKEND = re.compile(r"gloo|nccl|NCCL|c10d|TCPStore|ProcessGroup|caused pair closure")
 _ADDRESS = re.compile(r"\[([0-9A-Za-z.:-]+)\]:(\d+)")  # gloo: "Read error [127.0.0.1]:17794"
 # Words in the names of torch's Python frames that wait on peers (DDP's buffer broadcast in forward is
 # `_default_broadcast_coalesced`; its gradient all-reduce runs in C++ during backward, without a frame of its own).
@@ -59,7 +62,7 @@ def ignore_sigterm() -> None:
 
 def lost_peer_line(error: BaseException, run_dir: Path | None) -> str:
     """The one line for a lost peer on this rank; `run_dir`: the run folder every rank agreed on, if any yet."""
-    text = " ".join(str(error).split())
+    text = " ".join((str(error).strip().splitlines() or [""])[0].split())  # C++ frames follow on later lines
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     address = _ADDRESS.search(text)
     if world == "2" and rank in ("0", "1"):
@@ -67,12 +70,14 @@ def lost_peer_line(error: BaseException, run_dir: Path | None) -> str:
     else:
         peer = f"a peer at {address.group(1)}:{address.group(2)}" if address else "a peer"
     timed_out = _TIMED_OUT.search(text)
-    if timed_out and not _CLOSED.search(text):
+    if _CLOSED.search(text):
+        what = "its connection closed"
+    elif timed_out:
         waited_ms = next((int(g) for g in timed_out.groups() if g), None)
         waited = f" within {waited_ms / 1000:g} s" if waited_ms is not None else ""
         what = f"it stopped answering, no reply{waited} (--dist-timeout sets the wait)"
-    else:
-        what = "its connection closed"
+    else:  # a DistError in other words
+        what = "a collective failed"
     said = f"{type(error).__name__}: {_first_words(text)}"
     elastic = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, accelerate launch: it prints a summary
     launched = "; the launcher's summary names the rank that failed first" if elastic else ""
