@@ -20,10 +20,13 @@ from trainer.files import checkpoint_dirs
 # The words of gloo, NCCL and the c10d store for a peer whose connection closed, and for one that stopped answering.
 _CLOSED = re.compile(
     r"Connection reset by peer|Connection closed by peer|Broken pipe|Connection refused|failed to recv, got 0 bytes"
-    r"|remote process exit|ncclRemoteError|caused pair closure"
+    r"|remote process exit|ncclRemoteError"
 )
+# gloo closes a pair once one wait on it timed out: the next call on it says "Application timeout caused pair closure".
 _TIMED_OUT = re.compile(
-    r"Timed out waiting (\d+) ?ms|timed out after (\d+) ?ms|Timeout\(ms\)=(\d+)|Socket Timeout|timed out", re.I
+    r"Timed out waiting (\d+) ?ms|timed out after (\d+) ?ms|Timeout\(ms\)=(\d+)|Socket Timeout|timed out"
+    r"|timeout caused pair closure",
+    re.I,
 )
 # Plain RuntimeErrors count only when they come from a distributed backend, not from any library that says "timed out"
 # (gloo's messages start with their source path: "[.../third_party/gloo/gloo/transport/tcp/pair.cc:561] ...").
@@ -73,8 +76,8 @@ def lost_peer_line(error: BaseException, run_dir: Path | None) -> str:
     if _CLOSED.search(text):
         what = "its connection closed"
     elif timed_out:
-        waited_ms = next((int(g) for g in timed_out.groups() if g), None)
-        waited = f" within {waited_ms / 1000:g} s" if waited_ms is not None else ""
+        waited_s = next((int(g) / 1000 for g in timed_out.groups() if g), None) or _group_timeout_s()
+        waited = f" within {waited_s:g} s" if waited_s is not None else ""
         what = f"it stopped answering, no reply{waited} (--dist-timeout sets the wait)"
     else:  # a DistError in other words
         what = "a collective failed"
@@ -82,6 +85,18 @@ def lost_peer_line(error: BaseException, run_dir: Path | None) -> str:
     elastic = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, accelerate launch: it prints a summary
     launched = "; the launcher's summary names the rank that failed first" if elastic else ""
     return f"rank {rank} of {world} lost {peer}{_where(error)}: {what} ({said}){launched}; {_next_step(run_dir)}"
+
+
+def _group_timeout_s() -> float | None:
+    """The default process group's timeout (--dist-timeout, or PyTorch's default), for a message that does not say
+    how long it waited. Best effort: torch keeps it in its backends' options (not a public API)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        backend = group._get_backend(next(iter(group._device_types)))
+        return backend.options._timeout.total_seconds()
+    except Exception:  # no group, or torch keeps it elsewhere: the line goes without the figure
+        return None
 
 
 def _first_words(text: str) -> str:
@@ -92,9 +107,9 @@ def _first_words(text: str) -> str:
 
 
 def _where(error: BaseException) -> str:
-    """ " after step 12, in `accelerator.backward(loss)` (trainer/engine.py:396, waiting in the gradient
-    all-reduce)": the innermost trainer frame, the collective it waited in, and the last completed step (the loop's
-    `state`), as far as the traceback tells."""
+    """Where the rank was, as far as the traceback tells: the last completed step (the loop's `state`), the innermost
+    trainer frame and the collective it waited in; e.g. ` after step 12, in `accelerator.backward(loss)`
+    (trainer/engine.py:396, waiting in the gradient all-reduce)`."""
     frames = list(traceback.walk_tb(error.__traceback__))
     ours = [i for i, (f, _) in enumerate(frames) if Path(f.f_code.co_filename).resolve().is_relative_to(_PACKAGE)]
     if not ours:
@@ -111,7 +126,7 @@ def _where(error: BaseException) -> str:
 
 
 def _last_step(frames: list) -> str:
-    """ " after step 12": the optimizer steps the loop had completed (its `state.step`, innermost frame first)."""
+    """` after step 12`: the optimizer steps the loop had completed (its `state.step`, innermost frame first)."""
     for frame in reversed(frames):
         step = getattr(frame.f_locals.get("state"), "step", None)
         if isinstance(step, int):

@@ -95,7 +95,7 @@ def release_run_dir(run_dir: Path) -> None:
 
 
 def release_run_dirs() -> None:
-    """Drop every lock this process holds (a command ending, in-process callers included)."""
+    """Drop every lock this process holds and forget its run folders (a command ending, in-process callers too)."""
     for key in list(_held):
         os.close(_held.pop(key)[0])
     _joined.clear()

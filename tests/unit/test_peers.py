@@ -65,6 +65,12 @@ def test_a_stopped_peer_gloo_timeout(tmp_path, rank_0_of_2):
         "(RuntimeError: Timed out waiting 200ms for recv operation to complete); the newest checkpoint "
         f"{run_dir}/checkpoints/step-10 is kept; continue with: trainer train --resume {run_dir}"
     )
+    # The next call on the timed-out pair says less; still a stopped peer (no default group here to read the wait of).
+    error = raised(lambda: groups[0].allreduce([torch.ones(1)]).wait())
+    assert error_line(error, run_dir).startswith(
+        "rank 0 of 2 lost rank 1: it stopped answering, no reply (--dist-timeout sets the wait) "
+        "(RuntimeError: Application timeout caused pair closure); the newest checkpoint"
+    )
 
 
 def test_a_dead_peer_gloo_connection_closed_among_four(monkeypatch):
