@@ -90,6 +90,8 @@ def test_a_stopped_then_a_killed_peer_get_one_line_each_and_resume_finishes(work
     out = proc.communicate(timeout=120)[0]
     assert time.time() - killed < 30, out[-3000:]  # not a timeout: the connection closed
     assert "exitcode  : 2 (pid" in out and "exitcode  : -9 (pid" in out, out[-3000:]
+    resumed = next(logs.glob("*/attempt_0/0/stdout.log")).read_text()
+    assert f"resuming {relative} at epoch 1, step {newest}" in resumed, resumed[-2000:]  # the kept checkpoint loads
     line = said(rank_stderr(logs, 0))
     # Where it waited: the step, the call in trainer's code, its place (and the collective, when torch names it).
     where = r"trainer: error: rank 0 of 2 lost rank 1 after step \d+, in `.+` \(trainer/\w+\.py:\d+"
@@ -100,7 +102,7 @@ def test_a_stopped_then_a_killed_peer_get_one_line_each_and_resume_finishes(work
 
     # 3. Nothing lost: the newest checkpoint resumes, and the run finishes on 2 ranks.
     proc = check(run(torchrun(2, "train", "--resume", str(relative)), workdir))
-    assert f"resuming {relative} at epoch" in proc.stdout and f"step {newest}" in proc.stdout, proc.stdout[-2000:]
+    assert f"resuming {relative} at epoch 1, step {newest}" in proc.stdout, proc.stdout[-2000:]
     assert config_of(run_dir)["launch"]["num_processes"] == 2
     assert [row["epoch"] for row in results(run_dir)] == ["1"]
     assert load_file(str(run_dir / "weights" / "last.safetensors"))
