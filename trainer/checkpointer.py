@@ -31,6 +31,7 @@ from trainer.integrity import (
     state_problem,
     write_manifest,
 )
+from trainer.peers import ignore_sigterm, lost_peer
 from trainer.safeload import check_safe, custom_states_weights_only
 from trainer.weights import match_umask
 
@@ -102,6 +103,8 @@ class Checkpointer:
     def __exit__(self, exc_type, exc, traceback) -> None:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+        if exc is not None and lost_peer(exc):
+            ignore_sigterm()  # the launcher's SIGTERM follows at once: this rank says why it fails first
         if exc_type is Stopped:
             self.accelerator.end_training()  # close the trackers cleanly; --resume continues the run
 

@@ -28,6 +28,7 @@ from trainer.config import (
     load_yaml,
 )
 from trainer.faults import error_line, leave_process_group, plain
+from trainer.peers import lost_peer
 from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
 from trainer.rundirs import RunFolder, release_run_dirs
 
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         line = None if debug else error_line(e, resume_dir)
         if line is None:
             raise
-        _say(f"trainer: error: {line}")
+        _say(f"trainer: error: {line}", every_rank=lost_peer(e))  # a lost peer: each survivor says what it saw
         return 2
     except KeyboardInterrupt:
         print("trainer: interrupted", file=sys.stderr, flush=True)
@@ -448,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _say(line: str) -> None:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # every rank fails or stops alike; one line per machine is enough
+def _say(line: str, every_rank: bool = False) -> None:
+    # Every rank fails or stops alike: one line per machine is enough (`every_rank`: when what each saw differs).
+    if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
         print(line, file=sys.stderr, flush=True)

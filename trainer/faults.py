@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from trainer.files import checkpoint_dirs
-from trainer.rundirs import held_run_dir
+from trainer.peers import lost_peer, lost_peer_line
+from trainer.rundirs import held_run_dir, joined_run_dir
 from trainer.writes import write_error_line
 
 # torch's zip writer on a short write (a full disk): "[enforce fail at inline_container.cc:672] . unexpected pos 64
@@ -39,6 +40,8 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
                 f"{found[-1].parent} to resume from the one before"
             )
         return f"a safetensors file is damaged or truncated ({first}); write it again or use an intact copy"
+    if lost_peer(error):  # a rank died or stopped answering: the survivors say so (trainer.peers)
+        return lost_peer_line(error, resume_dir or joined_run_dir())
     return None
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 LOCK_FILE = ".trainer.lock"  # holds "host PID" of the process that writes the folder; kept after the run
 _held: dict[str, tuple[int, Path]] = {}  # run folder (resolved) -> (descriptor of its locked file, the folder)
+_joined: list[Path] = []  # the run folders every rank of this process's command agreed on (create_run_dir)
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,21 @@ def release_run_dir(run_dir: Path) -> None:
 
 
 def release_run_dirs() -> None:
-    """Drop every lock this process holds (a command ending, in-process callers included)."""
+    """Drop every lock this process holds and forget its run folders (a command ending, in-process callers too)."""
     for key in list(_held):
         os.close(_held.pop(key)[0])
+    _joined.clear()
 
 
 def held_run_dir() -> Path | None:
     """The run folder this process writes (the latest it locked), to name it in an error that does not."""
     return next(reversed(_held.values()))[1] if _held else None
+
+
+def joined_run_dir() -> Path | None:
+    """The run folder of this command on any rank (the main process holds it; the others were told it), to name it
+    in an error on a rank that does not hold it: a lost peer."""
+    return next(reversed(_joined), None) or held_run_dir()
 
 
 def make_run_dir(folder: RunFolder, weights_dir: bool = False, existing: Path | None = None) -> Path:
@@ -138,4 +146,5 @@ def create_run_dir(
         chosen = broadcast_object_list(chosen, from_process=0)
     if chosen[0].startswith("error: "):
         raise UserError(chosen[0].removeprefix("error: "))
+    _joined.append(Path(chosen[0]))
     return Path(chosen[0])
