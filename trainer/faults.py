@@ -40,9 +40,30 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
                 f"{found[-1].parent} to resume from the one before"
             )
         return f"a safetensors file is damaged or truncated ({first}); write it again or use an intact copy"
+    if _damaged_shard(error):  # passed the up-front check (trainer.data.integrity), broken since
+        first = (str(error).strip().splitlines() or ["damaged"])[0]
+        run_dir = held_run_dir() or joined_run_dir()
+        resume = f"trainer train --resume {run_dir}" if run_dir else "the command again"
+        return (
+            f"a data shard could not be read mid-run ({type(error).__name__}: {first}); it passed the check at the "
+            f"start, so it changed or its disk failed since: restore it, then run {resume}"
+        )
     if lost_peer(error):  # a rank died or stopped answering: the survivors say so (trainer.peers)
         return lost_peer_line(error, resume_dir or joined_run_dir())
     return None
+
+
+def _damaged_shard(error: BaseException) -> bool:
+    """A WebDataset tar or a Parquet/Arrow file that fails while it is read: tarfile's ReadError, pyarrow's
+    ArrowInvalid (by name: pyarrow is not imported here), and the errno-less OSError pyarrow raises for a Parquet
+    file it cannot parse."""
+    import tarfile
+
+    if isinstance(error, tarfile.ReadError):
+        return True
+    if type(error).__name__ == "ArrowInvalid" and type(error).__module__.startswith("pyarrow"):
+        return True
+    return type(error) is OSError and error.errno is None and "Parquet" in str(error)
 
 
 def leave_process_group() -> None:

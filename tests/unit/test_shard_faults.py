@@ -50,3 +50,38 @@ def test_whole_tars_count_their_samples(tmp_path):
     root = write_folder(tmp_path / "pets", {"train": {"cat": 3, "dog": 2}, "val": {"cat": 1, "dog": 1}})
     convert(str(root), str(tmp_path / "shards"), "webdataset", "100")
     assert tar_samples(str(tmp_path / "shards" / "train-000000.tar")) == 5
+
+
+def test_a_shard_that_breaks_mid_run_is_one_line(tmp_path):
+    """What the readers raise on a shard damaged after the up-front check (tarfile's ReadError, pyarrow's
+    ArrowInvalid and its OSError for Parquet), produced by really reading broken files, becomes one line; other
+    errors stay bugs (their traceback is shown)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.faults import error_line
+
+    (tmp_path / "bad.tar").write_bytes(b"\x01" * 700)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
+    (tmp_path / "bad.arrow").write_bytes(b"ARROW1" + b"\x00" * 64)
+
+    def read_tar():
+        with tarfile.open(tmp_path / "bad.tar") as tar:
+            tar.getmembers()
+
+    errors = []
+    for read in (
+        read_tar,
+        lambda: pq.read_table(tmp_path / "bad.parquet"),
+        lambda: pa.ipc.open_file(tmp_path / "bad.arrow"),
+    ):
+        with pytest.raises(Exception) as e:
+            read()
+        errors.append(e.value)
+    assert [type(e).__name__ for e in errors] == ["ReadError", "OSError", "ArrowInvalid"]
+    for e in errors:
+        line = error_line(e)
+        assert line.startswith(f"a data shard could not be read mid-run ({type(e).__name__}: "), line
+        assert line.endswith("so it changed or its disk failed since: restore it, then run the command again"), line
+    assert error_line(ValueError("a bug")) is None
+    assert error_line(OSError("an errno-less OSError of something else")) is None
