@@ -32,7 +32,7 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
     if line is not None:
         return plain(line)
     if type(error).__name__ == "SafetensorError":  # safetensors' Rust error type, not importable by a stable name
-        first = (str(error).strip().splitlines() or ["damaged"])[0]
+        first = _first_line(error)
         found = checkpoint_dirs(resume_dir) if resume_dir is not None else []
         if found:
             return (
@@ -41,8 +41,8 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
             )
         return f"a safetensors file is damaged or truncated ({first}); write it again or use an intact copy"
     if _damaged_shard(error):  # passed the up-front check (trainer.data.integrity), broken since
-        first = (str(error).strip().splitlines() or ["damaged"])[0]
-        run_dir = held_run_dir() or joined_run_dir()
+        first = _first_line(error)
+        run_dir = resume_dir or joined_run_dir()
         resume = f"trainer train --resume {run_dir}" if run_dir else "the command again"
         return (
             f"a data shard could not be read mid-run ({type(error).__name__}: {first}); it passed the check at the "
@@ -51,6 +51,10 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
     if lost_peer(error):  # a rank died or stopped answering: the survivors say so (trainer.peers)
         return lost_peer_line(error, resume_dir or joined_run_dir())
     return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or ["damaged"])[0]
 
 
 def _damaged_shard(error: BaseException) -> bool:

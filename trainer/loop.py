@@ -78,7 +78,7 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
         finetune.set_epoch(accelerator.unwrap_model(model), loop.freeze, epoch)  # after prepare: see finetune
         reporter.epoch_start(epoch, cfg.epochs, len(train_loader) - state.batches_in_epoch)
         stats = train_one_epoch(loop, cfg)
-        if loop.coverage is not None and stats.classes is not None:  # the same sums and reads on every rank
+        if stats.classes is not None:  # loop.coverage counted a whole epoch: the same sums and reads on every rank
             loop.coverage.check(stats.classes, epoch, loop.run_dir)
         if average_bn:
             sync_bn_stats(accelerator, model)

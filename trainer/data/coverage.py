@@ -10,6 +10,8 @@ checks the same summed counts and reads the same files, so all stop together."""
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import torch
 
@@ -29,35 +31,45 @@ def present(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class ClassCoverage:
-    """The train split's images per class, and the check of classes a whole epoch did not see."""
+    """The check of classes a whole epoch did not see. Reads nothing until one is unseen (start-up costs nothing)."""
 
     def __init__(self, split, class_names: list[str]):
         self.split, self.class_names = split, list(class_names)
-        self.labels = labels_of(split)
-        self.counts = np.bincount(self.labels, minlength=len(self.class_names))
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return labels_of(self.split)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Images per class of the train split."""
+        return np.bincount(self.labels, minlength=len(self.class_names))
 
     def check(self, seen, epoch: int, run_dir) -> None:
         """Raise UserError when a class that has images was absent from every batch of `epoch` and none of its first
         TRIES files decodes. `seen`: samples per class over all ranks."""
-        for c in np.flatnonzero((np.asarray(seen) == 0) & (self.counts > 0)):
-            reasons = self._unreadable(int(c))
+        unseen = np.flatnonzero(np.asarray(seen) == 0)
+        if not len(unseen):
+            return
+        counts = self.counts
+        for c in unseen[counts[unseen] > 0]:
+            reasons = self._unreadable(np.flatnonzero(self.labels == c)[:TRIES])
             if reasons is not None:
                 path, why = reasons[0]
                 raise UserError(
                     f"every image of class {self.class_names[c]} is unreadable now: epoch {epoch} trained on none of "
-                    f"its {self.counts[c]} images, and the first {len(reasons)} fail to read (e.g. {path}: {why}); "
+                    f"its {counts[c]} images, and the first {len(reasons)} fail to read (e.g. {path}: {why}); "
                     "the epoch's weights are not saved: make the files readable again, then continue with "
                     f"trainer train --resume {run_dir}"
                 )
 
-    def _unreadable(self, c: int) -> list[tuple[str, str]] | None:
-        """(path, reason) of the first TRIES images of class `c`, or None as soon as one of them decodes."""
+    def _unreadable(self, indices) -> list[tuple[str, str]] | None:
+        """(path, reason) of the images at `indices`, or None as soon as one of them decodes."""
         reasons = []
         raw = self.split.with_format(None)
-        for i in np.flatnonzero(self.labels == c)[:TRIES]:
-            value = raw[int(i)]["image"]
+        for i in indices:
             try:
-                decode_image(value)
+                decode_image(raw[int(i)]["image"])
                 return None
             except UnreadableImage as e:
                 reasons.append((e.path, e.reason))

@@ -27,7 +27,8 @@ class UnreadableImage(Exception):
         self.path, self.reason = path, reason
 
 
-def _reason(e: Exception) -> str:
+def unreadable_reason(e: Exception) -> str:
+    """Why an image could not be read, in a few words (the scan's and the loaders' warnings alike)."""
     from PIL import Image
 
     if isinstance(e, Image.UnidentifiedImageError):  # its text names a BytesIO object and its address
@@ -53,7 +54,7 @@ def read_encoded(value) -> tuple[bytes | None, str]:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise UnreadableImage(path, _reason(e)) from e
+            raise UnreadableImage(path, unreadable_reason(e)) from e
     return data, path
 
 
@@ -64,7 +65,7 @@ def open_header(data: bytes, path: str):
     try:
         return Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many types for a broken header
-        raise UnreadableImage(path, _reason(e)) from e
+        raise UnreadableImage(path, unreadable_reason(e)) from e
 
 
 def jpeg_markers(data: bytes):
@@ -106,7 +107,7 @@ def decode_image(value):
         img = Image.open(io.BytesIO(data))
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(path, _reason(e)) from e
+        raise UnreadableImage(path, unreadable_reason(e)) from e
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # what PIL asks for before dropping a palette's transparency
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
+
 from trainer.config import DataConfig
 from trainer.data.folders import stored_listing
 from trainer.data.multilabel import label_matrix
@@ -39,22 +41,12 @@ def data_fingerprint(cfg: DataConfig, data) -> dict:
             rows = label_matrix(dataset)
             per_class[split] = [int(n) for n in rows.sum(axis=0)]
             if paths is not None:
-                digest = hashlib.sha1()
-                for row, path in zip(rows, paths, strict=True):
-                    digest.update(
-                        f"{os.path.basename(path)} {row.tobytes().hex()}\n".encode("utf-8", "surrogateescape")
-                    )
-                class_files[split] = {"*": digest.hexdigest()[:16]}
-            paths = None
+                class_files[split] = {"*": _rows_digest(paths, rows)}
         else:
             labels = labels_of(dataset)
-            per_class[split] = [int(n) for n in _bincount(labels, len(info.class_names))]
-        if paths is not None:
-            digests: dict[str, hashlib._Hash] = {}
-            for label, path in zip(labels.tolist(), paths, strict=True):
-                name = f"{os.path.basename(path)}\n".encode("utf-8", "surrogateescape")
-                digests.setdefault(info.class_names[label], hashlib.sha1()).update(name)
-            class_files[split] = {name: digest.hexdigest()[:16] for name, digest in sorted(digests.items())}
+            per_class[split] = [int(n) for n in np.bincount(labels, minlength=len(info.class_names))]
+            if paths is not None:
+                class_files[split] = _class_digests(paths, labels, info.class_names)
         listing = stored_listing(dataset)
         if listing:
             found["listing"] = listing
@@ -66,10 +58,21 @@ def data_fingerprint(cfg: DataConfig, data) -> dict:
     return found
 
 
-def _bincount(labels, n: int):
-    import numpy as np
+def _class_digests(paths: list[str], labels, class_names: list[str]) -> dict[str, str]:
+    """Class -> digest of its file names, in the split's order."""
+    digests: dict[str, hashlib._Hash] = {}
+    for label, path in zip(labels.tolist(), paths, strict=True):
+        name = f"{os.path.basename(path)}\n".encode("utf-8", "surrogateescape")
+        digests.setdefault(class_names[label], hashlib.sha1()).update(name)
+    return {name: digest.hexdigest()[:16] for name, digest in sorted(digests.items())}
 
-    return np.bincount(labels, minlength=n) if len(labels) else np.zeros(n, np.int64)
+
+def _rows_digest(paths: list[str], rows) -> str:
+    """One digest of every file name with its multi-hot label row, in the split's order."""
+    digest = hashlib.sha1()
+    for row, path in zip(rows, paths, strict=True):
+        digest.update(f"{os.path.basename(path)} {row.tobytes().hex()}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
 
 
 def _paths(dataset) -> list[str] | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import UserError
-from trainer.data.decode import GRAY_MODES, IMAGE_EXTENSIONS, jpeg_markers
+from trainer.data.decode import GRAY_MODES, IMAGE_EXTENSIONS, jpeg_markers, unreadable_reason
 
 SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "valid", "validation": "validation"}
 SPLIT_FOLDERS["test"] = "test"
@@ -62,8 +62,9 @@ def check_image(path: str) -> tuple[str | None, str]:
         with open(path, "rb") as f:
             img = Image.open(f)  # parses the header only (and raises DecompressionBombError above twice the limit)
             mode, fmt = img.mode, img.format
-            if too_many_pixels(*img.size):
-                return None, too_many_pixels(*img.size)
+            oversized = too_many_pixels(*img.size)
+            if oversized:
+                return None, oversized
             size = os.fstat(f.fileno()).st_size
             f.seek(max(0, size - 32))
             tail = f.read()
@@ -79,9 +80,7 @@ def check_image(path: str) -> tuple[str | None, str]:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
         if os.path.exists(path) and os.path.getsize(path) == 0:
             return None, "empty file"
-        if isinstance(e, Image.UnidentifiedImageError):
-            return None, "not an image"
-        return None, f"{type(e).__name__}: {e}".split("\n")[0]
+        return None, unreadable_reason(e)
 
 
 def too_many_pixels(width: int, height: int) -> str:
@@ -113,23 +112,22 @@ def _quick_mode(path: str, size: int) -> str | None:
     except OSError:
         return None
     if head.startswith(PNG_SIGNATURE):
-        if head[12:16] != b"IHDR" or b"IEND" not in tail or _large(head, 16, 20):
+        if head[12:16] != b"IHDR" or b"IEND" not in tail or _large(head, 16, 20, 4):
             return None
         return PNG_MODES.get(head[25])
     if not head.startswith(b"\xff\xd8\xff") or b"\xff\xd9" not in tail:
         return None
     for marker, i in jpeg_markers(head):  # up to the frame header, which holds the component count
         if marker in JPEG_SOF:  # FF Cn, length, precision, height, width, components
-            return JPEG_MODES.get(head[i + 9]) if i + 10 <= len(head) and not _large(head, i + 7, i + 5) else None
+            return JPEG_MODES.get(head[i + 9]) if i + 10 <= len(head) and not _large(head, i + 7, i + 5, 2) else None
         if marker == 0xDA:  # start of scan before any frame header: not a JPEG PIL opens
             return None
     return None
 
 
-def _large(head: bytes, w: int, h: int) -> bool:
-    """Whether the big-endian width at `w` and height at `h` of a header (4 bytes in PNG, 2 in JPEG) are over the
-    pixel limit: `check_image` then gives the reason."""
-    n = 4 if head.startswith(PNG_SIGNATURE) else 2
+def _large(head: bytes, w: int, h: int, n: int) -> bool:
+    """Whether the big-endian width at `w` and height at `h` of a header (`n` bytes each: 4 in PNG, 2 in JPEG) are
+    over the pixel limit: `check_image` then gives the reason."""
     return bool(too_many_pixels(int.from_bytes(head[w : w + n], "big"), int.from_bytes(head[h : h + n], "big")))
 
 
