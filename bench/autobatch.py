@@ -1,6 +1,6 @@
 """--batch-size auto on a GPU: what the probe finds, how long it takes, and whether a real step fits at that size.
 
-For each model: trainer.autobatch's probe (forward + backward at bf16 autocast, channels_last for CNNs) finds the
+For each model: trainer.train.autobatch's probe (forward + backward at bf16 autocast, channels_last for CNNs) finds the
 largest per-device batch; then one real training step (AdamW, whose state the probe leaves out) runs at the batch
 used (90 %) and its peak memory is recorded as a fraction of the GPU's. Writes a JSON list.
 Usage: python bench/autobatch.py [--cpu-smoke] --out autobatch.json
@@ -16,7 +16,7 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from trainer.autobatch import largest_batch, training_probe, with_margin
+from trainer.train.autobatch import largest_batch, training_probe, with_margin
 
 CASES = [("resnet50", 224, True), ("vit_base_patch16_224", 224, False)]
 

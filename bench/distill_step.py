@@ -27,13 +27,13 @@ import torch
 from overhead import configured
 from torch.utils.data import DataLoader
 
-from trainer import optim
-from trainer.checkpointer import Checkpointer, TrainState
 from trainer.data import Batch
-from trainer.distill import Teacher
-from trainer.loop import Loop, train_one_epoch
-from trainer.model import build_model
-from trainer.tracking import Reporter
+from trainer.report.reporter import Reporter
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.train import optim
+from trainer.train.distill import Teacher
+from trainer.train.loop import Loop, train_one_epoch
+from trainer.train.model import build_model
 
 
 def main() -> None:

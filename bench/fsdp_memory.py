@@ -76,10 +76,10 @@ def run_case(case: str, args: argparse.Namespace) -> None:
         from fsdp_on_cpu import force_fsdp_on_cpu  # Accelerate takes FSDP only on GPUs; the tests' harness
 
         force_fsdp_on_cpu()
-    from trainer import optim
     from trainer.config import build_config
-    from trainer.launch import build_accelerator
-    from trainer.model import build_model, mark_fsdp_blocks
+    from trainer.train import optim
+    from trainer.train.launch import build_accelerator
+    from trainer.train.model import build_model, mark_fsdp_blocks
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     precision = "bf16" if cuda else "no"

@@ -100,12 +100,13 @@ class Setup:
     """The engine's pieces, built as engine.train builds them (config -> accelerator -> model -> prepare)."""
 
     def __init__(self, args, root: Path, run_dir: Path):
-        from trainer import data, launch, optim
-        from trainer import loop as engine_loop
-        from trainer.checkpointer import Checkpointer
+        from trainer import data
         from trainer.config import CheckpointConfig, Config, DataConfig, ModelConfig, RunConfig, TrainConfig
-        from trainer.model import build_model
-        from trainer.tracking import Reporter
+        from trainer.report.reporter import Reporter
+        from trainer.run.checkpointer import Checkpointer
+        from trainer.train import launch, optim
+        from trainer.train import loop as engine_loop
+        from trainer.train.model import build_model
 
         self.args, self.data = args, data
         self.cfg = Config(
@@ -140,7 +141,7 @@ class Setup:
 
     def epoch_imgs_per_sec(self, loader, epochs: int) -> list[float]:
         """train_one_epoch over `loader`: img/s of each epoch after a warm-up epoch."""
-        from trainer.checkpointer import TrainState
+        from trainer.run.checkpointer import TrainState
 
         state, rates = TrainState(), []
         for epoch in range(epochs + 1):

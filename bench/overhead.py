@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from trainer import optim
-from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import build_config
 from trainer.data import Batch
-from trainer.launch import build_accelerator
-from trainer.loop import Loop, train_one_epoch
-from trainer.model import build_model
-from trainer.tracking import Reporter
+from trainer.report.reporter import Reporter
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.train import optim
+from trainer.train.launch import build_accelerator
+from trainer.train.loop import Loop, train_one_epoch
+from trainer.train.model import build_model
 
 
 def configured(args) -> tuple:

@@ -54,7 +54,9 @@ def timed(owner, name, label):
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from trainer import cli, engine, tracking
+from trainer import cli
+from trainer.report import reporter
+from trainer.train import engine
 marks[0] = (marks[0][0], time.perf_counter() - t0)
 timed(engine, "build_accelerator", "Accelerator")
 timed(engine, "size_kwargs", "model name and size check (imports timm)")
@@ -64,7 +66,7 @@ timed(engine, "build_model", "model")
 timed(engine.data, "build_dataloaders", "transforms and DataLoaders")  # trees before the one pipeline
 timed(engine.data, "build_loaders", "transforms and DataLoaders")
 timed(engine.optim, "build_scheduler", "prepare loaders, optimizer, schedule")
-timed(tracking.Reporter, "start", "prepare model, run folder, config.yaml, trackers")
+timed(reporter.Reporter, "start", "prepare model, run folder, config.yaml, trackers")
 def first_step(*args):
     mark("first batch + forward/backward + optimizer step")
     raise FirstStep

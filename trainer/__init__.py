@@ -1,27 +1,17 @@
 """trainer: image classification on Accelerate, timm, HF datasets and wandb.
 
-Imports run one way, cli -> engine -> loop -> components (tests/unit/test_imports.py fails on a circle):
+One sub-package per job; imports run one way, entry -> train/use -> run/report -> data -> config
+(tests/unit/test_imports.py fails on a circle):
 
-    cli           argv/YAML -> Config; the subcommands
-    config        the config dataclasses, checked on construction
-    resume        --resume: find the run, rebuild and check its config
-    launch        one Accelerator as launched, and the launches refused
-    engine        train(): the set-up steps of a run
-    loop          Loop; fit(), train_one_epoch(), evaluate()
-    data          one pipeline: source -> splits -> samples -> decode -> backend -> loader -> rank shard
-    model         the timm model, the SyncBN decision, FSDP blocks
-    optim         optimizer, schedule, weight EMA
-    tracking      Reporter: every main-process-only output (console, config.yaml, results.csv, trackers)
-    report        per-class tables, confusion matrix, plots
-    checkpointer  TrainState, Checkpointer (save, rotate, restore), Stopped
-    safeload      checkpoint files read as plain data before they are loaded
-    weights       weight files, their metadata and file mode
-    rundirs       run folders: exp, exp2, ...
-    files         the names of a run's files and folders
-    inference     a weights file -> its model and preprocessing (val, predict, export)
-    evaluate, predict, export   the `val`, `predict` and `export` commands
+    __main__, cli   argv/YAML -> Config -> a command (the only module that knows argparse)
+    config          the config dataclasses, one per component, checked on construction
+    train/          a run's set-up steps and the loop; what shapes a step (model, optimizer, task, teacher, freeze)
+    use/            what runs a trained model: inference, val, predict, export, TTA
+    run/            what keeps a run safe: run folders + lock, checkpoints, resume, manifests, weights, faults
+    report/         what people look at: terminal, run-folder reports and plots, metrics, trackers
+    data/           one pipeline: source -> splits -> samples -> decode -> backend -> loader -> rank shard
 
-files, rundirs, resume and config load without torch or the data package: the CLI reads them first.
+config, run.layout, run.rundirs and run.resume load without torch or the data package: the CLI reads them first.
 """
 
 __version__ = "0.1.0"

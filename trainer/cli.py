@@ -27,10 +27,10 @@ from trainer.config import (
     field_docs,
     load_yaml,
 )
-from trainer.faults import error_line, leave_process_group, plain
-from trainer.peers import lost_peer
-from trainer.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
-from trainer.rundirs import RunFolder, release_run_dirs
+from trainer.run.faults import error_line, leave_process_group, plain
+from trainer.run.peers import lost_peer
+from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
+from trainer.run.rundirs import RunFolder, release_run_dirs
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
@@ -188,7 +188,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def _add_lr_find(commands) -> None:
-    """`trainer lr-find`: train's flags plus the sweep's own (trainer.lr_find)."""
+    """`trainer lr-find`: train's flags plus the sweep's own (trainer.train.lr_find)."""
     lr_find = commands.add_parser(
         "lr-find",
         help="sweep the learning rate exponentially and suggest one (advisory)",
@@ -213,7 +213,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-TTA_MODES = ("flip", "crops")  # trainer.tta's, without importing torch for --help
+TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
 TTA_HELP = "test-time augmentation: average the logits over the image and its flip, or over ten crops (crops)"
 
 
@@ -356,7 +356,7 @@ def run_use_command(args: argparse.Namespace) -> None:
     """val, predict or export; heavy imports only now, so `trainer train` never loads onnx or onnxruntime."""
     _stay_offline(not getattr(args, "push_to_hub", None), wandb=False)
     if args.command == "val":
-        from trainer.evaluate import validate
+        from trainer.use.val import validate
 
         validate(
             args.weights,
@@ -369,7 +369,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             tta=args.tta,
         )
     elif args.command == "predict":
-        from trainer.predict import predict
+        from trainer.use.predict import predict
 
         predict(
             args.weights,
@@ -384,7 +384,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             tta=args.tta,
         )
     else:
-        from trainer.export import export
+        from trainer.use.export import export
 
         export(
             args.weights,
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lr-find":
             cfg = resolve_config(args, dests)
             _stay_offline(not cfg.run.allow_download, wandb=False)
-            from trainer.lr_find import lr_find
+            from trainer.train.lr_find import lr_find
 
             lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
             return 0
@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"trainer: {resume_dir} already finished its {cfg.train.epochs} epochs; nothing to do")
             return 0
         _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
-        from trainer.checkpointer import Stopped
-        from trainer.engine import train
+        from trainer.run.checkpointer import Stopped
+        from trainer.train.engine import train
 
         try:
             train(cfg, resume_dir)

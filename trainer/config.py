@@ -34,7 +34,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 DEFAULT_BATCH_SIZE = 128  # TrainConfig.batch_size's default, and --batch-size auto's without a GPU
-BATCH_AUTO = 0  # TrainConfig.batch_size of --batch-size auto until trainer.autobatch resolves it
+BATCH_AUTO = 0  # TrainConfig.batch_size of --batch-size auto until trainer.train.autobatch resolves it
 
 
 def _check(ok: bool, message: str) -> None:
@@ -320,7 +320,7 @@ class TrainConfig:
 
     @property
     def auto_batch(self) -> bool:
-        """--batch-size auto, not yet resolved to a number (trainer.autobatch)."""
+        """--batch-size auto, not yet resolved to a number (trainer.train.autobatch)."""
         return self.batch_size == BATCH_AUTO
 
     def per_device_batch_size(self, num_processes: int) -> int:

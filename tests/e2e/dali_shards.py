@@ -10,7 +10,7 @@ import torch
 from trainer import data
 from trainer.config import Config, DataConfig
 from trainer.data.transforms import Preprocess
-from trainer.launch import build_accelerator
+from trainer.train.launch import build_accelerator
 
 cfg = DataConfig(data="digits", imgsz=16, workers=0, loader="dali")
 accelerator = build_accelerator(Config(data=cfg))

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from trainer import data
 from trainer.config import Config, DataConfig, ModelConfig, build_config
-from trainer.launch import build_accelerator
-from trainer.loop import evaluate
-from trainer.model import build_model
-from trainer.weights import read_metadata
+from trainer.run.weights import read_metadata
+from trainer.train.launch import build_accelerator
+from trainer.train.loop import evaluate
+from trainer.train.model import build_model
 
 
 def main(weights: str, out: str) -> None:

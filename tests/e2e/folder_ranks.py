@@ -12,7 +12,7 @@ from pathlib import Path
 from trainer import data
 from trainer.config import build_config
 from trainer.data import folders
-from trainer.launch import build_accelerator
+from trainer.train.launch import build_accelerator
 
 
 def main(folder: str, out_dir: str) -> None:

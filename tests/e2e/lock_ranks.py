@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from trainer.config import UserError, build_config
-from trainer.launch import build_accelerator
-from trainer.rundirs import RunFolder, create_run_dir
+from trainer.run.rundirs import RunFolder, create_run_dir
+from trainer.train.launch import build_accelerator
 
 
 def main(project: str, name: str, out_dir: str) -> None:

@@ -19,10 +19,8 @@ from conftest import check, clean_env, config_of, results, run, torchrun_script,
 from safetensors.torch import load_file
 
 ARGS = ("--data", "digits", "--model", "test_resnet", "--imgsz", "16", "--tracker", "none", "--workers", "0")
-HOLD = (
-    "import sys, time; from trainer.rundirs import lock_run_dir; lock_run_dir(sys.argv[1]); print('held', flush=True); "
-)
-HOLD += "time.sleep(120)"
+HOLD = "import sys, time; from trainer.run.rundirs import lock_run_dir; lock_run_dir(sys.argv[1]); "
+HOLD += "print('held', flush=True); time.sleep(120)"
 
 
 def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -95,7 +93,7 @@ def test_a_locked_run_folder_is_refused_to_resume_and_on_every_rank(two_epochs: 
 def test_runs_started_at_once_get_a_folder_each(workdir: Path):
     """Six processes picking the next free `same{N}` at the same instant: each claims its own (mkdir is atomic)."""
     at = time.time() + 3  # after every interpreter has started
-    code = "import sys, time; from trainer.rundirs import RunFolder, make_run_dir; time.sleep(float(sys.argv[1]) - "
+    code = "import sys, time; from trainer.run.rundirs import RunFolder, make_run_dir; time.sleep(float(sys.argv[1]) - "
     code += "time.time()); print(make_run_dir(RunFolder('runs/x', 'same')))"
     cmd = [sys.executable, "-c", code, str(at)]
     procs = [

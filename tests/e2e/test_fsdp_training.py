@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, check, config_of, results, run
 from safetensors.torch import load_file
 
-from trainer.safeload import _DistcpMetadataUnpickler
+from trainer.run.safeload import _DistcpMetadataUnpickler
 
 FSDP_YAML = ROOT / "accelerate_configs" / "fsdp.yaml"
 ARGS = ("train", "--data", "digits", "--model", "test_vit", "--imgsz", "32", "--epochs", "2", "--batch-size", "128")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import check, results, run, trainer
 
-from trainer.inference import load_model, read_weights
+from trainer.use.inference import load_model, read_weights
 
 
 def test_vit_trains_at_32_px_and_its_weights_load_back_at_32_px(workdir):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import ROOT, check, config_of, results, run, trainer
 
-from trainer.weights import read_metadata
+from trainer.run.weights import read_metadata
 
 FAST = ("--data", "digits", "--imgsz", "16", "--batch-size", "64", "--tracker", "none")
 PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml")  # test_sweep.py runs that

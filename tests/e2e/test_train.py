@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from wandb_file import read_run
 
-from trainer.tracking import RESULTS_COLUMNS
+from trainer.report.reporter import RESULTS_COLUMNS
 
 FAST = ("--data", "digits", "--imgsz", "16", "--epochs", "1", "--batch-size", "64")
 

@@ -15,7 +15,7 @@ from conftest import CPU_2PROC, accelerate_launch, check, config_of, results, ru
 from safetensors.torch import load_file, save_file
 from test_resume import assert_same_weights, kill_when, start, steps
 
-from trainer.files import STATE_FILE, checkpoint_dirs
+from trainer.run.layout import STATE_FILE, checkpoint_dirs
 
 # An lr so small the weights never change what they predict: val top-1 is the same every epoch, so epoch 1 is the
 # best and no later one improves on it (the best is a strict improvement). A ViT has no BatchNorm statistics
@@ -108,7 +108,7 @@ def _eval_batches(weights: Path):
 
     from trainer import data
     from trainer.config import DataConfig
-    from trainer.inference import load_model, read_weights
+    from trainer.use.inference import load_model, read_weights
 
     trained = read_weights(weights)
     cfg = DataConfig(data="digits", imgsz=trained.pre.imgsz, workers=0)
@@ -139,7 +139,7 @@ def test_val_and_predict_tta_equal_the_mean_of_the_forward_passes(workdir: Path)
     from PIL import Image
 
     from trainer import data
-    from trainer.inference import read_weights
+    from trainer.use.inference import read_weights
 
     for i, batch in enumerate(batches[0].images[:3]):
         pixels = (batch * 0.5 + 0.5).clamp(0, 1)  # any image will do: a PNG of a validation tensor

@@ -130,7 +130,7 @@ def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys
 
     from trainer import data
     from trainer.config import DataConfig
-    from trainer.inference import load_model, read_weights
+    from trainer.use.inference import load_model, read_weights
 
     weights = run_dir / "weights" / "best.safetensors"
     assert main(["export", "--weights", str(weights), "--check-images", "32"]) == 0
@@ -155,7 +155,7 @@ def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys
 def test_export_hf_folder_loads_in_timm(in_process: Path, run_dir: Path, capsys):
     import timm
 
-    from trainer.inference import load_model, read_weights
+    from trainer.use.inference import load_model, read_weights
 
     weights = run_dir / "weights" / "best.safetensors"
     folder = in_process / "exported"

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.data import Preprocess
-from trainer.rundirs import increment_path
-from trainer.weights import read_metadata, save_weights, weights_metadata
+from trainer.run.rundirs import increment_path
+from trainer.run.weights import read_metadata, save_weights, weights_metadata
 
 
 def test_increment_path(tmp_path):

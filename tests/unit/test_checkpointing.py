@@ -16,12 +16,12 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from trainer import checkpointer, weights
-from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, Config, UserError
 from trainer.data.samples import SeededBatches
-from trainer.integrity import write_manifest
-from trainer.resume import LATEST, checkpoint_dirs, find_run_dir, resume_config
+from trainer.run import checkpointer, weights
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.run.manifest import write_manifest
+from trainer.run.resume import LATEST, checkpoint_dirs, find_run_dir, resume_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -272,7 +272,7 @@ def test_second_signal_exits_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
         "from accelerate import Accelerator\n"
-        "from trainer.checkpointer import Checkpointer\n"
+        "from trainer.run.checkpointer import Checkpointer\n"
         "from trainer.config import CheckpointConfig\n"
         f"with Checkpointer(Accelerator(cpu=True), {str(tmp_path)!r}, CheckpointConfig()) as c:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
@@ -290,7 +290,7 @@ def test_repeated_sigterm_still_saves(tmp_path):
     code = (
         "import os, signal\n"
         "from accelerate import Accelerator\n"
-        "from trainer.checkpointer import Checkpointer\n"
+        "from trainer.run.checkpointer import Checkpointer\n"
         "from trainer.config import CheckpointConfig\n"
         f"with Checkpointer(Accelerator(cpu=True), {str(tmp_path)!r}, CheckpointConfig()) as c:\n"
         "    for _ in range(2):\n"

@@ -1,4 +1,4 @@
-"""Logit distillation (trainer.distill): the loss against a hand computation and against timm's LogitDistillationTask,
+"""Logit distillation (train.distill): the loss against a hand computation and against timm's LogitDistillationTask,
 the frozen teacher built from a trainer weights file, its renormalised inputs, and its refusals."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import yaml
 
 from trainer.config import DataConfig, DistillConfig, UserError, build_config
 from trainer.data import Preprocess
-from trainer.distill import Teacher, build_teacher, distill_loss
-from trainer.launch import check_fsdp_options
-from trainer.weights import save_weights
+from trainer.run.weights import save_weights
+from trainer.train.distill import Teacher, build_teacher, distill_loss
+from trainer.train.launch import check_fsdp_options
 
 CLASSES = [str(i) for i in range(10)]
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, OptimConfig, TrainConfig, UserError
 from trainer.data import Batch
-from trainer.loop import Loop, evaluate, train_one_epoch
-from trainer.optim import build_ema, build_optimizer, build_scheduler
-from trainer.tracking import Reporter
+from trainer.report.reporter import Reporter
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.train.loop import Loop, evaluate, train_one_epoch
+from trainer.train.optim import build_ema, build_optimizer, build_scheduler
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -10,10 +10,10 @@ import pytest
 import timm
 import torch
 
-from trainer import finetune, stopping
-from trainer.checkpointer import TrainState
 from trainer.config import OptimConfig, TrainConfig, UserError
-from trainer.optim import build_optimizer
+from trainer.run.checkpointer import TrainState
+from trainer.train import finetune, stopping
+from trainer.train.optim import build_optimizer
 
 
 def _resnet() -> torch.nn.Module:
@@ -77,7 +77,7 @@ def test_patience_counts_on_across_a_resume():
 
 
 def test_lr_find_suggests_the_steepest_descent_of_the_smoothed_loss():
-    from trainer.lr_find import smooth, suggest
+    from trainer.train.lr_find import smooth, suggest
 
     lrs = list(np.geomspace(1e-6, 1, 300))
     # a loss falling fastest per decade at 1e-3, then rising (divergence)
@@ -89,7 +89,7 @@ def test_lr_find_suggests_the_steepest_descent_of_the_smoothed_loss():
 
 def test_auto_batch_finds_the_largest_size_under_a_simulated_memory_limit():
     """A probe that runs out of memory above 300 images: 296 fit, 264 (90 %, a multiple of 8) is used."""
-    from trainer.autobatch import largest_batch, with_margin
+    from trainer.train.autobatch import largest_batch, with_margin
 
     tried = []
 
@@ -107,8 +107,8 @@ def test_auto_batch_finds_the_largest_size_under_a_simulated_memory_limit():
 def test_auto_batch_resolves_the_global_batch_or_keeps_the_default_on_cpu():
     from accelerate import Accelerator
 
-    from trainer.autobatch import resolve
     from trainer.config import BATCH_AUTO, DEFAULT_BATCH_SIZE
+    from trainer.train.autobatch import resolve
 
     accelerator = Accelerator(cpu=True)
     cfg = TrainConfig(batch_size=BATCH_AUTO, grad_accum=2)

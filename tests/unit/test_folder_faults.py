@@ -95,8 +95,8 @@ def test_val_on_a_deleted_data_folder_says_so_not_allow_download(tmp_path):
     import yaml
 
     from trainer.data import Preprocess
-    from trainer.inference import data_config_for, read_weights
-    from trainer.weights import save_weights, weights_metadata
+    from trainer.run.weights import save_weights, weights_metadata
+    from trainer.use.inference import data_config_for, read_weights
 
     run_dir = tmp_path / "runs" / "train" / "exp"
     (run_dir / "weights").mkdir(parents=True)

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from trainer.config import UserError, build_config
-from trainer.launch import build_accelerator, check_fsdp_options
-from trainer.model import block_classes, build_model, mark_fsdp_blocks
+from trainer.train.launch import build_accelerator, check_fsdp_options
+from trainer.train.model import block_classes, build_model, mark_fsdp_blocks
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_sharded_checkpoint_is_checked_as_plain_data(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from trainer.safeload import check_distcp
+    from trainer.run.safeload import check_distcp
 
     good = tmp_path / "good"
     dcp.save(

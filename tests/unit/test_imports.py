@@ -127,15 +127,15 @@ def _show(found: list[tuple[list[str], list[str]]]) -> str:
 
 def test_the_graph_sees_every_kind_of_import():
     graph = import_graph()
-    assert "trainer.data" in graph["trainer.engine"]  # from trainer import data
-    assert "trainer" not in graph["trainer.engine"]  # ... is the module trainer.data, not the package trainer
+    assert "trainer.data" in graph["trainer.train.engine"]  # from trainer import data
+    assert "trainer" not in graph["trainer.train.engine"]  # ... is the module trainer.data, not the package trainer
     assert "trainer" in graph["trainer.cli"]  # from trainer import __version__: a name in the package
     assert "trainer.data.dali" in graph["trainer.data.backends"]  # from trainer.data import dali
     assert "trainer.data" not in graph["trainer.data.backends"]
-    assert "trainer.checkpointer" in graph["trainer.engine"]  # from trainer.checkpointer import ...
-    assert "trainer.engine" in graph["trainer.cli"]  # a function-local import
+    assert "trainer.run.checkpointer" in graph["trainer.train.engine"]  # from trainer.run.checkpointer import ...
+    assert "trainer.train.engine" in graph["trainer.cli"]  # a function-local import
     assert "trainer.data.convert" in graph["trainer.cli"]  # from trainer.data.convert import ... (local)
-    assert "trainer.data" not in graph["trainer.weights"]  # only under `if TYPE_CHECKING:`
+    assert "trainer.data" not in graph["trainer.run.weights"]  # only under `if TYPE_CHECKING:`
     assert {"trainer.data.loaders", "trainer.data.splits"} <= graph["trainer.data"]  # a package's __init__
 
 
@@ -144,15 +144,16 @@ def test_relative_and_type_checking_imports():
         "from typing import TYPE_CHECKING\n"
         "from . import dali\n"
         "from .decode import x\n"
-        "from .. import model\n"
+        "from ..train import model\n"
         "if TYPE_CHECKING:\n"
-        "    from trainer import engine\n"
+        "    from trainer.train import engine\n"
         "def f():\n"
-        "    import trainer.optim\n"
+        "    import trainer.train.optim\n"
     )
-    known = {"trainer", "trainer.data", "trainer.data.dali", "trainer.data.decode", "trainer.model", "trainer.optim"}
-    found = imported_modules(ast.parse(source), "trainer.data.loaders", False, known | {"trainer.engine"})
-    assert found == {"trainer.data.dali", "trainer.data.decode", "trainer.model", "trainer.optim"}
+    known = {"trainer", "trainer.data", "trainer.data.dali", "trainer.data.decode", "trainer.train"}
+    known |= {"trainer.train.model", "trainer.train.optim"}
+    found = imported_modules(ast.parse(source), "trainer.data.loaders", False, known | {"trainer.train.engine"})
+    assert found == {"trainer.data.dali", "trainer.data.decode", "trainer.train.model", "trainer.train.optim"}
 
 
 def test_cycles_are_found_and_shown():
@@ -171,7 +172,7 @@ def test_light_modules_load_without_torch_or_the_data_package():
     """The CLI resolves and checks a run's config (and its resume) before torch loads: seconds saved per launch."""
     code = (
         "import sys\n"
-        "import trainer.config, trainer.files, trainer.resume, trainer.rundirs\n"
+        "import trainer.config, trainer.run.layout, trainer.run.resume, trainer.run.rundirs\n"
         "heavy = [m for m in ('torch', 'trainer.data') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -15,13 +15,13 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from test_sources import picture
 
-from trainer.checkpointer import Checkpointer, TrainState
 from trainer.config import CheckpointConfig, DataConfig, UserError
 from trainer.data import Data, folders, load_splits
 from trainer.data.fingerprint import data_fingerprint
-from trainer.finite import BufferSnapshot
-from trainer.integrity import RunShape, fingerprint_changes, write_manifest
-from trainer.weights import save_epoch_weights, save_weights
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.run.finite import BufferSnapshot
+from trainer.run.manifest import RunShape, fingerprint_changes, write_manifest
+from trainer.run.weights import save_epoch_weights, save_weights
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

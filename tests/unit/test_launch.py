@@ -10,8 +10,8 @@ import yaml
 
 from trainer.cli import build_parser, main, resolve_resume
 from trainer.config import Config, RunConfig, UserError
-from trainer.launch import build_accelerator, launch_problem
-from trainer.resume import auto_resume, finished
+from trainer.run.resume import auto_resume, finished
+from trainer.train.launch import build_accelerator, launch_problem
 
 
 def _run_folder(root: Path, name: str = "big", epoch: int = 1, **train) -> Path:

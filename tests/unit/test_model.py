@@ -10,7 +10,7 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
 
 from trainer.config import ModelConfig, UserError
-from trainer.model import apply_sync_bn, build_model, decide_sync_bn, has_batchnorm, load_weights, size_kwargs
+from trainer.train.model import apply_sync_bn, build_model, decide_sync_bn, has_batchnorm, load_weights, size_kwargs
 
 # Small timm model (~0.4 M parameters) whose norm layers are timm's BatchNormAct2d (with Hardswish).
 BN_ACT_MODEL = "lcnet_035"

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score
 
-from trainer.checkpointer import TrainState
 from trainer.config import DataConfig, TrainConfig, UserError
 from trainer.data.splits import label_counts, load_splits
 from trainer.data.transforms import ImageTransform, Preprocess, train_mixup
-from trainer.metrics import (
+from trainer.report.metrics import (
     MultiLabelPredictions,
     calibration,
     multilabel_metrics,
     multilabel_rows,
     single_label_metrics,
 )
-from trainer.tasks import Best, build_task, restore_best
+from trainer.run.checkpointer import TrainState
+from trainer.train.tasks import Best, build_task, restore_best
 
 NAMES = ["cat", "dog", "ball", "tree"]
 PRE = Preprocess(8, 1, (0.5,), (0.5,), "bilinear", 1.0)
@@ -202,7 +202,7 @@ def test_webdataset_labels_in_json_are_multi_label(tmp_path):
 def test_multilabel_fingerprint_counts_positives_and_sees_relabelled_rows(tmp_path):
     from trainer.data import Data
     from trainer.data.fingerprint import data_fingerprint
-    from trainer.integrity import fingerprint_changes
+    from trainer.run.manifest import fingerprint_changes
 
     rows = [[0, 1], [2], [1, 2, 3], [0], [3], [0, 2], [1], [2, 3], [0, 1, 2, 3], [1, 3]]
     cfg = DataConfig(data=_saved(tmp_path / "a", rows), val_fraction=0.2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, UserError
-from trainer.optim import build_ema, build_optimizer, build_scheduler
+from trainer.train.optim import build_ema, build_optimizer, build_scheduler
 
 
 def _run_schedule(cfg: OptimConfig, steps_per_epoch: int, epochs: int, val_top1=None) -> list[float]:

@@ -1,4 +1,4 @@
-"""A lost peer's one line (trainer.peers through faults.error_line), on the errors torch really raises: gloo's, from
+"""A lost peer's one line (trainer.run.peers through faults.error_line), on the errors torch really raises: gloo's, from
 two real gloo process groups in this process (one per thread), and torch.distributed's own types with NCCL's and the
 c10d store's words. tests/e2e/test_dead_peer.py kills and stops real ranks."""
 
@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from trainer.checkpointer import Checkpointer
 from trainer.config import CheckpointConfig
-from trainer.faults import error_line
-from trainer.peers import lost_peer
+from trainer.run.checkpointer import Checkpointer
+from trainer.run.faults import error_line
+from trainer.run.peers import lost_peer
 
 
 def gloo_pair(timeout_ms: int) -> list:

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from trainer.report import (
+from trainer.report.evaluation import (
     Predictions,
     confusion_matrix,
     format_per_class,

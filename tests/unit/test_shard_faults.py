@@ -59,7 +59,7 @@ def test_a_shard_that_breaks_mid_run_is_one_line(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from trainer.faults import error_line
+    from trainer.run.faults import error_line
 
     (tmp_path / "bad.tar").write_bytes(b"\x01" * 700)
     (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")

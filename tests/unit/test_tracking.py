@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from accelerate import Accelerator
 
-from trainer import progress as progress_module
-from trainer import tracking
 from trainer.config import RunConfig
-from trainer.report import Predictions
-from trainer.tracking import WANDB_ID_FILE, Reporter
+from trainer.report import progress as progress_module
+from trainer.report.evaluation import Predictions
+from trainer.report.reporter import RESULTS_COLUMNS, WANDB_ID_FILE, Reporter
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -82,7 +81,7 @@ def test_resume_continues_the_stored_wandb_run_and_keeps_results(tmp_path, wandb
     assert len(runs) == 2 and all(_of_run(p, run_id) for p in runs)
     with open(run_dir / "results.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == list(tracking.RESULTS_COLUMNS) and [r[0] for r in rows[1:]] == ["1", "2"]
+    assert rows[0] == list(RESULTS_COLUMNS) and [r[0] for r in rows[1:]] == ["1", "2"]
 
     # Without resume the folder gets a new run id (a fresh run in a reused --exist-ok folder).
     fresh = Reporter(Accelerator(cpu=True))

@@ -11,9 +11,9 @@ import yaml
 from trainer.cli import main
 from trainer.config import UserError
 from trainer.data import Preprocess
-from trainer.inference import data_config_for, load_model, read_weights
-from trainer.predict import find_images
-from trainer.weights import save_weights, weights_metadata
+from trainer.run.weights import save_weights, weights_metadata
+from trainer.use.inference import data_config_for, load_model, read_weights
+from trainer.use.predict import find_images
 
 PRE = Preprocess(imgsz=24, in_chans=1, mean=(0.449,), std=(0.226,), interpolation="bicubic", crop_pct=0.875)
 CLASSES = ["cat", "dog", "ému"]

@@ -16,13 +16,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from trainer import report
 from trainer.config import RunConfig, UserError
-from trainer.faults import error_line, plain
-from trainer.rundirs import LOCK_FILE, RunFolder, lock_run_dir, make_run_dir, release_run_dir
-from trainer.tracking import Reporter
-from trainer.weights import save_weights
-from trainer.writes import atomic_dir, disk_errors, write_error_line
+from trainer.report import evaluation
+from trainer.report.reporter import Reporter
+from trainer.run.faults import error_line, plain
+from trainer.run.rundirs import LOCK_FILE, RunFolder, lock_run_dir, make_run_dir, release_run_dir
+from trainer.run.weights import save_weights
+from trainer.run.writes import atomic_dir, disk_errors, write_error_line
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 METRICS = {"train/loss": 1.0, "val/loss": 0.9, "val/top1": 0.5, "val/top5": 1.0, "lr": 0.01}
@@ -34,13 +34,13 @@ def _no_space(*args, **kwargs):
 
 def test_a_full_disk_keeps_the_previous_plot_and_says_where(tmp_path, monkeypatch):
     path = tmp_path / "confusion_matrix.png"
-    report.save_confusion_matrix_png(np.eye(3, dtype=np.int64), ["a", "b", "c"], path)
+    evaluation.save_confusion_matrix_png(np.eye(3, dtype=np.int64), ["a", "b", "c"], path)
     before = path.read_bytes()
     import matplotlib.figure
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _no_space)
     with pytest.raises(UserError) as e, disk_errors(tmp_path):
-        report.save_confusion_matrix_png(np.eye(3, dtype=np.int64), ["a", "b", "c"], path)
+        evaluation.save_confusion_matrix_png(np.eye(3, dtype=np.int64), ["a", "b", "c"], path)
     assert str(e.value) == f"no space left on {tmp_path}; free some space there and run the command again"
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png"]  # no temporary file left
@@ -117,7 +117,7 @@ def test_library_wording_for_a_full_disk_is_plain():
 def test_a_locked_run_folder_names_its_holder_and_is_free_after_kill(tmp_path):
     run_dir = tmp_path / "exp"
     run_dir.mkdir()
-    code = "import sys, time; from trainer.rundirs import lock_run_dir; lock_run_dir(sys.argv[1]); "
+    code = "import sys, time; from trainer.run.rundirs import lock_run_dir; lock_run_dir(sys.argv[1]); "
     code += "print('held', flush=True)"
     holder = subprocess.Popen([sys.executable, "-c", code + "; time.sleep(60)", str(run_dir)], stdout=subprocess.PIPE)
     try:
@@ -136,7 +136,7 @@ def test_a_locked_run_folder_names_its_holder_and_is_free_after_kill(tmp_path):
 def test_a_val_image_lost_after_the_scan_is_reported_not_fatal_at_the_end(tmp_path, capsys):
     from PIL import Image
 
-    from trainer.report import Predictions
+    from trainer.report.evaluation import Predictions
 
     paths = []
     for i in range(4):

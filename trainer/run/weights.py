@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.files import BEST_WEIGHTS, LAST_WEIGHTS
-from trainer.finite import nonfinite_names, refuse_nonfinite
+from trainer.run.finite import nonfinite_names, refuse_nonfinite
+from trainer.run.layout import BEST_WEIGHTS, LAST_WEIGHTS
 
 if TYPE_CHECKING:
     import torch

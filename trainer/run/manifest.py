@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.files import CONFIG_FILE, STATE_FILE
+from trainer.run.layout import CONFIG_FILE, STATE_FILE
 
 MANIFEST_FILE = "manifest.json"  # written last: every file of the checkpoint and its size
 FINGERPRINT_FILE = "data_fingerprint.json"  # what the run trained on (trainer.data.fingerprint)

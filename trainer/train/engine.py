@@ -1,7 +1,7 @@
-"""Training: set up the components of a run, then hand them to the loop (trainer.loop.fit). No rank checks here.
+"""Training: set up the components of a run, then hand them to the loop (trainer.train.loop.fit). No rank checks here.
 
 train() reads as the steps of a run's set-up, one function each below it (launch, data, model, loaders, optimisation,
-run folder and checkpointer, run record). Launch checks live in trainer.launch, the loop in trainer.loop."""
+run folder and checkpointer, run record). Launch checks live in trainer.train.launch, the loop in trainer.train.loop."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from trainer import autobatch, data, distill, finetune, optim, stopping
-from trainer.checkpointer import Checkpointer, TrainState
+from trainer import data
 from trainer.config import Config, UserError
 from trainer.data.fingerprint import data_fingerprint
-from trainer.integrity import RunShape
-from trainer.launch import build_accelerator, check_fsdp_options, emulated_precision_warning
-from trainer.loop import Loop, fit
-from trainer.model import apply_sync_bn, build_model, mark_fsdp_blocks, size_kwargs
-from trainer.rundirs import RunFolder, create_run_dir, release_run_dir
-from trainer.tasks import build_task, describe_task
-from trainer.tracking import Reporter
-from trainer.weights import weights_metadata
+from trainer.report.reporter import Reporter
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.run.manifest import RunShape
+from trainer.run.rundirs import RunFolder, create_run_dir, release_run_dir
+from trainer.run.weights import weights_metadata
+from trainer.train import autobatch, distill, finetune, optim, stopping
+from trainer.train.launch import build_accelerator, check_fsdp_options, emulated_precision_warning
+from trainer.train.loop import Loop, fit
+from trainer.train.model import apply_sync_bn, build_model, mark_fsdp_blocks, size_kwargs
+from trainer.train.tasks import build_task, describe_task
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:

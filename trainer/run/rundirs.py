@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.config import UserError
-from trainer.files import WEIGHTS
+from trainer.run.layout import WEIGHTS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -6,7 +6,7 @@ keeps counting where it was. The engine decides "this epoch was best" (fit()'s i
 
 from __future__ import annotations
 
-from trainer.checkpointer import TrainState
+from trainer.run.checkpointer import TrainState
 
 
 def count_epoch(state: TrainState, epoch: int, is_best: bool, patience: int | None) -> bool:

@@ -1,7 +1,8 @@
 """The training loop: fit() = train_one_epoch() + evaluate() per epoch, on the prepared components of one `Loop`.
 
 No rank checks here: every rank runs every line, and each collective is marked where it is called. The set-up that
-builds a `Loop` is trainer.engine.train; checkpoints live in trainer.checkpointer, weight files in trainer.weights."""
+builds a `Loop` is trainer.train.engine.train; checkpoints live in trainer.run.checkpointer, weight files in
+trainer.run.weights."""
 
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from trainer import data, distill, finetune, optim, stopping
-from trainer.checkpointer import Checkpointer, TrainState
+from trainer import data
 from trainer.config import TrainConfig
-from trainer.files import WEIGHTS
-from trainer.finite import BufferSnapshot
-from trainer.metrics import MultiLabelPredictions, multilabel_metrics, single_label_metrics
-from trainer.model import has_batchnorm
-from trainer.report import Predictions
-from trainer.tasks import Task, restore_best
-from trainer.tracking import KEPT, Reporter
-from trainer.weights import save_epoch_weights
-from trainer.writes import disk_errors
+from trainer.report.evaluation import Predictions
+from trainer.report.metrics import MultiLabelPredictions, multilabel_metrics, single_label_metrics
+from trainer.report.reporter import KEPT, Reporter
+from trainer.run.checkpointer import Checkpointer, TrainState
+from trainer.run.finite import BufferSnapshot
+from trainer.run.layout import WEIGHTS
+from trainer.run.weights import save_epoch_weights
+from trainer.run.writes import disk_errors
+from trainer.train import distill, finetune, optim, stopping
+from trainer.train.model import has_batchnorm
+from trainer.train.tasks import Task, restore_best
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Loop:
     metadata: dict[str, str] = field(default_factory=dict)  # of the weight files (weights_metadata)
     num_classes: int = 0
     teacher: distill.Teacher | None = None  # --teacher: frozen, on the device, never prepared nor saved
-    task: Task | None = None  # the loss and the best metric (trainer.tasks); None: single-label defaults
+    task: Task | None = None  # the loss and the best metric (trainer.train.tasks); None: single-label defaults
     freeze: finetune.Freeze | None = None  # --freeze: what is frozen until which epoch
     coverage: data.ClassCoverage | None = None  # single-label map-style data: stop when a class lost every image
 

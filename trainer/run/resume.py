@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import BATCH_AUTO, SECTIONS, Config, RunConfig, UserError, build_config, load_yaml
-from trainer.files import CONFIG_FILE, STATE_FILE, checkpoint_dirs
+from trainer.run.layout import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 
 LATEST = "latest"  # `--resume` with no folder
 AUTO = "auto"  # `--resume auto`: continue {project}/{name} if it holds a checkpoint, else start the run there

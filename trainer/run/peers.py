@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from trainer.files import checkpoint_dirs
+from trainer.run.layout import checkpoint_dirs
 
 # The words of gloo, NCCL and the c10d store for a peer whose connection closed, and for one that stopped answering.
 _CLOSED = re.compile(
@@ -109,7 +109,7 @@ def _first_words(text: str) -> str:
 def _where(error: BaseException) -> str:
     """Where the rank was, as far as the traceback tells: the last completed step (the loop's `state`), the innermost
     trainer frame and the collective it waited in; e.g. ` after step 12, in `accelerator.backward(loss)`
-    (trainer/loop.py:160, waiting in the gradient all-reduce)`."""
+    (trainer/train/loop.py:160, waiting in the gradient all-reduce)`."""
     frames = list(traceback.walk_tb(error.__traceback__))
     ours = [i for i, (f, _) in enumerate(frames) if Path(f.f_code.co_filename).resolve().is_relative_to(_PACKAGE)]
     if not ours:

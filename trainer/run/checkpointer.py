@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from trainer.config import CheckpointConfig, UserError
-from trainer.files import BUFFERS_FILE, CHECKPOINTS, STATE_FILE, STEP_PREFIX, checkpoint_dirs
-from trainer.finite import nonfinite_names, refuse_nonfinite
-from trainer.integrity import (
+from trainer.run.finite import nonfinite_names, refuse_nonfinite
+from trainer.run.layout import BUFFERS_FILE, CHECKPOINTS, STATE_FILE, STEP_PREFIX, checkpoint_dirs
+from trainer.run.manifest import (
     FINGERPRINT_FILE,
     RunShape,
     fingerprint_changes,
@@ -31,9 +31,9 @@ from trainer.integrity import (
     state_problem,
     write_manifest,
 )
-from trainer.peers import ignore_sigterm, lost_peer
-from trainer.safeload import check_safe, custom_states_weights_only
-from trainer.weights import match_umask
+from trainer.run.peers import ignore_sigterm, lost_peer
+from trainer.run.safeload import check_safe, custom_states_weights_only
+from trainer.run.weights import match_umask
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TrainState:
     best_metric: str = ""  # the results.csv column `best_value` is of, e.g. val/top1, val/map
     skipped_steps: int = 0  # non-finite steps skipped with --skip-nonfinite
     num_processes: int = 1
-    epochs_since_best: int = 0  # --patience: epochs ended since the best one (trainer.stopping)
+    epochs_since_best: int = 0  # --patience: epochs ended since the best one (trainer.train.stopping)
     stopped_epoch: int = 0  # --patience: the epoch the run stopped early at; 0: it did not
 
 

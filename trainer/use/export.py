@@ -15,9 +15,9 @@ import torch
 
 from trainer import data
 from trainer.config import UserError
-from trainer.inference import TrainedWeights, check_classes, data_config_for, load_model, read_weights
-from trainer.weights import match_umask
-from trainer.writes import atomic_dir, disk_errors, scratch_dir
+from trainer.run.weights import match_umask
+from trainer.run.writes import atomic_dir, disk_errors, scratch_dir
+from trainer.use.inference import TrainedWeights, check_classes, data_config_for, load_model, read_weights
 
 FORMATS = ("onnx", "hf")
 ONNX_GOAL = 1e-4  # max |logit difference| to PyTorch in fp32

@@ -13,7 +13,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.utils import DistributedType, TorchDynamoPlugin, gather_object
 
 from trainer.config import Config, UserError
-from trainer.files import checkpoint_dirs
+from trainer.run.layout import checkpoint_dirs
 
 WORKING_CPU_LAUNCH = (
     "accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m trainer train ..., "
@@ -37,7 +37,7 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
         seconds = cfg.run.dist_timeout * 60
         group["timeout"] = timedelta(seconds=seconds + (seconds == 600))
     handlers = [InitProcessGroupKwargs(**group)] if group else []
-    if cfg.train.freeze:  # frozen parameters get no gradient until --unfreeze-epoch (trainer.finetune)
+    if cfg.train.freeze:  # frozen parameters get no gradient until --unfreeze-epoch (trainer.train.finetune)
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     # prepare() compiles the model after wrapping it; without --compile a launcher's dynamo config still applies.
     dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode) if cfg.train.compile else None

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch.nn.functional as F
 
-from trainer import autobatch, data, optim
+from trainer import data
 from trainer.config import Config, RunConfig, UserError
-from trainer.engine import build_model_side, load_data, prepare_launch
-from trainer.report import pyplot
-from trainer.rundirs import RunFolder, create_run_dir
-from trainer.writes import atomic_file
+from trainer.report.evaluation import pyplot
+from trainer.run.rundirs import RunFolder, create_run_dir
+from trainer.run.writes import atomic_file
+from trainer.train import autobatch, optim
+from trainer.train.engine import build_model_side, load_data, prepare_launch
 
 LR_FIND_PROJECT = "runs/lr_find"
 SMOOTHING = 0.98  # of the loss's exponential moving average (fastai's)

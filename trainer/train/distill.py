@@ -19,8 +19,8 @@ import yaml
 
 from trainer.config import DataConfig, DistillConfig, UserError
 from trainer.data import Preprocess, resolve_preprocess
-from trainer.files import CONFIG_FILE
-from trainer.model import check_model_name, load_weights, size_kwargs
+from trainer.run.layout import CONFIG_FILE
+from trainer.train.model import check_model_name, load_weights, size_kwargs
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -134,7 +134,7 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UserError(str(e).replace("--pretrained", "--teacher-weights", 1)) from None
     meta: dict[str, str] = {}
     if path.endswith(".safetensors"):
-        from trainer.weights import read_metadata
+        from trainer.run.weights import read_metadata
 
         meta = read_metadata(path)
     return state_dict, meta

@@ -21,14 +21,14 @@ import numpy as np
 import yaml
 from accelerate import Accelerator
 
-from trainer import report
 from trainer.config import RunConfig, UserError
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.samples import Replacement
-from trainer.files import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
-from trainer.metrics import MultiLabelPredictions, multilabel_rows
-from trainer.progress import Progress
-from trainer.writes import append_text, atomic_file, disk_errors
+from trainer.report import evaluation
+from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
+from trainer.report.progress import Progress
+from trainer.run.layout import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
+from trainer.run.writes import append_text, atomic_file, disk_errors
 
 RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "val/macro_f1", "val/balanced_acc", "lr")
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
@@ -115,7 +115,7 @@ class Reporter:
         self.columns = RESULTS_COLUMNS
         self.progress: Progress | None = None
         self.epoch = 0
-        self.best: tuple[int, report.Predictions] | None = None
+        self.best: tuple[int, evaluation.Predictions] | None = None
         self.best_is_best = False  # False: self.best holds the latest epoch (resumed after the best one)
         self.ece: float | None = None  # of the best epoch's predictions, once the final reports are written
         self.train_images = 0
@@ -283,7 +283,7 @@ class Reporter:
         seconds: float,
         imgs_per_sec: float,
         best: bool,
-        preds: report.Predictions | None = None,
+        preds: evaluation.Predictions | None = None,
     ) -> None:
         """results.csv row and the epoch line; keeps the best epoch's predictions for the final reports."""
         self.train_images += round(imgs_per_sec * seconds)
@@ -343,15 +343,15 @@ class Reporter:
     def _write_reports(self, val_split) -> list[str]:
         """results.png, and from the best epoch's predictions: per-class table, confusion matrix, image grid."""
         written = []
-        report.save_results_png(self.run_dir / RESULTS_FILE, self.run_dir / "results.png")
+        evaluation.save_results_png(self.run_dir / RESULTS_FILE, self.run_dir / "results.png")
         written.append("results.png")
         if self.best is None:
             return written
         epoch, preds = self.best
         names = self.record["dataset"]["class_names"]
         multilabel = isinstance(preds, MultiLabelPredictions)
-        rows = multilabel_rows(preds, names) if multilabel else report.per_class_rows(preds, names)
-        report.save_per_class_csv(rows, self.run_dir / "per_class.csv")
+        rows = multilabel_rows(preds, names) if multilabel else evaluation.per_class_rows(preds, names)
+        evaluation.save_per_class_csv(rows, self.run_dir / "per_class.csv")
         shown = rows
         worst = "ap" if multilabel else "top1"
         if len(rows) > PRINTED_CLASSES + 1:
@@ -359,21 +359,21 @@ class Reporter:
         more = "" if shown is rows else f", the 20 worst of {len(rows) - 1} classes (all in per_class.csv)"
         which = f"the best epoch ({epoch})" if self.best_is_best else f"epoch {epoch} (the best ran before the resume)"
         what = f"AP and scores at threshold {preds.threshold:g}" if multilabel else "accuracy"
-        print(f"per-class {what} at {which}{more}:\n{report.format_per_class(shown)}", flush=True)
+        print(f"per-class {what} at {which}{more}:\n{evaluation.format_per_class(shown)}", flush=True)
         written.append("per_class.csv")
         if multilabel:
-            report.save_pr_curves_png(preds, names, self.run_dir / "pr_curve.png")
+            evaluation.save_pr_curves_png(preds, names, self.run_dir / "pr_curve.png")
             return [*written, "pr_curve.png"]
-        cm = report.confusion_matrix(preds, len(names))
-        report.save_confusion_matrix_png(cm, names, self.run_dir / "confusion_matrix.png")
+        cm = evaluation.confusion_matrix(preds, len(names))
+        evaluation.save_confusion_matrix_png(cm, names, self.run_dir / "confusion_matrix.png")
         written.append("confusion_matrix.png")
         if preds.probs is not None:
-            self.ece = report.save_reliability_png(preds, self.run_dir / "reliability.png")
+            self.ece = evaluation.save_reliability_png(preds, self.run_dir / "reliability.png")
             print(f"calibration: expected calibration error (ECE, 15 bins) {self.ece:.4f}; see reliability.png")
             written.append("reliability.png")
         if val_split is not None:
-            index, images = _readable_images(val_split, report.sample_indices(preds, GRID_IMAGES))
-            report.save_prediction_grid(
+            index, images = _readable_images(val_split, evaluation.sample_indices(preds, GRID_IMAGES))
+            evaluation.save_prediction_grid(
                 images, preds.labels[index], preds.predicted[index], names, self.run_dir / "val_predictions.png"
             )
             written.append("val_predictions.png")
@@ -398,7 +398,7 @@ class Reporter:
             )
             if val_split is not None:
                 table = wandb.Table(columns=["index", "image", "true", "predicted", "confidence", "correct"])
-                index, images = _readable_images(val_split, report.sample_indices(preds, 96))
+                index, images = _readable_images(val_split, evaluation.sample_indices(preds, 96))
                 for i, decoded in zip(index, images, strict=True):
                     true, pred = int(preds.labels[i]), int(preds.predicted[i])
                     confidence = float(preds.probs[i, 0]) if preds.probs is not None else float("nan")

@@ -15,8 +15,8 @@ import torch
 
 from trainer.config import DataConfig, UserError, build_config, load_yaml
 from trainer.data import Preprocess
-from trainer.files import CONFIG_FILE, WEIGHTS
-from trainer.tasks import Task
+from trainer.run.layout import CONFIG_FILE, WEIGHTS
+from trainer.train.tasks import Task
 
 REQUIRED_KEYS = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct")
 
@@ -46,7 +46,7 @@ class TrainedWeights:
         return float(self.metadata.get("threshold", 0.5))
 
     def task(self):
-        """The `trainer.tasks.Task` these weights were trained for (its validation loss, metrics and threshold)."""
+        """The `train.tasks.Task` these weights were trained for (its validation loss, metrics and threshold)."""
         return Task(multilabel=self.multilabel, num_classes=self.num_classes, threshold=self.threshold)
 
     def describe(self) -> str:
@@ -99,7 +99,7 @@ def load_model(weights: TrainedWeights) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     from trainer.config import ModelConfig
-    from trainer.model import build_model
+    from trainer.train.model import build_model
 
     model = build_model(
         ModelConfig(model=weights.model_name), weights.num_classes, weights.pre.in_chans, imgsz=weights.pre.imgsz

@@ -1,6 +1,6 @@
 """Environment errors -> one line for the user: what failed, where, what to do (cli.main prints it, exit 2).
 
-The errors of a full, read-only or unwritable disk (trainer.writes), a damaged safetensors file, and the messages of
+The errors of a full, read-only or unwritable disk (trainer.run.writes), a damaged safetensors file, and the messages of
 libraries that name the cause in their own words (torch's "unexpected pos" of a short write). Light: no torch."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import re
 import sys
 from pathlib import Path
 
-from trainer.files import checkpoint_dirs
-from trainer.peers import lost_peer, lost_peer_line
-from trainer.rundirs import held_run_dir, joined_run_dir
-from trainer.writes import write_error_line
+from trainer.run.layout import checkpoint_dirs
+from trainer.run.peers import lost_peer, lost_peer_line
+from trainer.run.rundirs import held_run_dir, joined_run_dir
+from trainer.run.writes import write_error_line
 
 # torch's zip writer on a short write (a full disk): "[enforce fail at inline_container.cc:672] . unexpected pos 64
 # vs 0" -> what happened.
@@ -48,7 +48,7 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
             f"a data shard could not be read mid-run ({type(error).__name__}: {first}); it passed the check at the "
             f"start, so it changed or its disk failed since: restore it, then run {resume}"
         )
-    if lost_peer(error):  # a rank died or stopped answering: the survivors say so (trainer.peers)
+    if lost_peer(error):  # a rank died or stopped answering: the survivors say so (trainer.run.peers)
         return lost_peer_line(error, resume_dir or joined_run_dir())
     return None
 

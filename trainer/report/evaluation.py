@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.metrics import calibration, precision_recall_curves, single_label_scores
-from trainer.writes import atomic_file
+from trainer.report.metrics import calibration, precision_recall_curves, single_label_scores
+from trainer.run.writes import atomic_file
 
 TABLE_COLUMNS = ("class", "images", "top1", "top5")
 

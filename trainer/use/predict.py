@@ -19,10 +19,10 @@ import torch
 from trainer import data
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import IMAGE_EXTENSIONS
-from trainer.inference import load_model, read_weights
-from trainer.rundirs import RunFolder, make_run_dir
-from trainer.tta import with_tta
-from trainer.writes import atomic_file
+from trainer.run.rundirs import RunFolder, make_run_dir
+from trainer.run.writes import atomic_file
+from trainer.use.inference import load_model, read_weights
+from trainer.use.tta import with_tta
 
 PRINTED_ROWS = 30  # the table on screen; the files hold every image
 
@@ -100,7 +100,7 @@ def predict(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes > 1:
         raise UserError("trainer predict runs in one process; start it without accelerate launch or torchrun")
-    # device + launcher's precision; --tta: averaged logits (trainer.tta)
+    # device + launcher's precision; --tta: averaged logits (trainer.use.tta)
     model = accelerator.prepare_model(with_tta(load_model(trained), tta), evaluation_mode=True)
     k = min(topk, trained.num_classes)
     cut = trained.threshold if threshold is None else threshold

@@ -12,7 +12,7 @@ The design, chosen so that resume across the unfreeze point stays bit-exact with
   so a resumed run freezes exactly what the uninterrupted one did.
 - Freezing happens after prepare(): DDP registers the parameters that require gradients when it wraps the model,
   and would never all-reduce a parameter unfrozen later. Until E the frozen ones are unused by the backward, so
-  DDP runs with find_unused_parameters (trainer.launch); no static graph, since the graph changes at E.
+  DDP runs with find_unused_parameters (trainer.train.launch); no static graph, since the graph changes at E.
 - BatchNorm layers whose parameters are frozen run in eval mode while training (hold_frozen_bn), so their running
   statistics stay those of the weights file.
 timm's own freeze() works per submodule (the root's cls_token/pos_embed are no submodule's) and its BatchNorm option

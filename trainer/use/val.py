@@ -11,15 +11,16 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from trainer import data, report
+from trainer import data
 from trainer.config import Config, RunConfig, UserError
-from trainer.inference import check_classes, data_config_for, load_model, read_weights
-from trainer.launch import build_accelerator
-from trainer.loop import evaluate
-from trainer.metrics import MultiLabelPredictions, multilabel_rows
-from trainer.rundirs import RunFolder, create_run_dir
-from trainer.tta import with_tta
-from trainer.writes import atomic_file
+from trainer.report import evaluation
+from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
+from trainer.run.rundirs import RunFolder, create_run_dir
+from trainer.run.writes import atomic_file
+from trainer.train.launch import build_accelerator
+from trainer.train.loop import evaluate
+from trainer.use.inference import check_classes, data_config_for, load_model, read_weights
+from trainer.use.tta import with_tta
 
 VAL_FOLDER = RunFolder("runs/val")  # --project runs/val --name exp
 
@@ -63,7 +64,7 @@ def validate(
     world = accelerator.num_processes
     spec = data.loader_spec(data_cfg, backend, trained.pre)
     batches = data.eval_loader(accelerator, dataset.splits[split], spec, math.ceil(batch_size / world))  # sharded
-    model = accelerator.prepare(with_tta(load_model(trained), tta))  # --tta: averaged logits, see trainer.tta
+    model = accelerator.prepare(with_tta(load_model(trained), tta))  # --tta: averaged logits, see trainer.use.tta
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
     metrics, preds = evaluate(accelerator, model, batches, trained.num_classes, trained.task())
     # Every rank: the main process picks and creates the folder, then broadcasts its name.
@@ -90,21 +91,21 @@ def validate(
 def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], model: str):
     """Main process only: the console report and the files of a val run."""
     multilabel = isinstance(preds, MultiLabelPredictions)
-    rows = multilabel_rows(preds, class_names) if multilabel else report.per_class_rows(preds, class_names)
-    report.save_per_class_csv(rows, run_dir / "per_class.csv")
+    rows = multilabel_rows(preds, class_names) if multilabel else evaluation.per_class_rows(preds, class_names)
+    evaluation.save_per_class_csv(rows, run_dir / "per_class.csv")
     if multilabel:
-        report.save_pr_curves_png(preds, class_names, run_dir / "pr_curve.png")
+        evaluation.save_pr_curves_png(preds, class_names, run_dir / "pr_curve.png")
     else:
-        cm = report.confusion_matrix(preds, len(class_names))
-        report.save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png")
-        summary["val/ece"] = report.save_reliability_png(preds, run_dir / "reliability.png")
+        cm = evaluation.confusion_matrix(preds, len(class_names))
+        evaluation.save_confusion_matrix_png(cm, class_names, run_dir / "confusion_matrix.png")
+        summary["val/ece"] = evaluation.save_reliability_png(preds, run_dir / "reliability.png")
     with atomic_file(run_dir / "metrics.json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     print(
         f"{model} on {summary['data']} {summary['split']} ({summary['images']} images), "
         f"{summary['num_processes']} process(es)" + (f", TTA {summary['tta']}" if summary["tta"] else "")
     )
-    print(report.format_per_class(rows))
+    print(evaluation.format_per_class(rows))
     if multilabel:
         scores = f"mAP {summary['val/map']:.4f}  micro_f1 {summary['val/micro_f1']:.4f}"
         scores += f"  macro_f1 {summary['val/macro_f1']:.4f} (threshold {preds.threshold:g})"
