@@ -1,4 +1,5 @@
-"""Command line: argv (+ --config YAML) -> Config -> engine. The only module that knows argparse.
+"""Command line: argv (+ --config YAML) -> Config -> a command (train, lr-find, val, predict, export, data).
+With trainer/flags.py (the flags made from the config dataclasses), the only modules that know argparse.
 
 Precedence: dataclass defaults < --config YAML < flags given on the command line.
 """
@@ -6,161 +7,23 @@ Precedence: dataclass defaults < --config YAML < flags given on the command line
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from trainer import __version__
-from trainer.config import (
-    COMPILE_MODES,
-    LOADERS,
-    MIXED_PRECISION,
-    SECTIONS,
-    Config,
-    RunConfig,
-    UserError,
-    build_config,
-    coerce_value,
-    field_docs,
-    load_yaml,
-)
+from trainer.config import LOADERS, Config, RunConfig, UserError, build_config
+from trainer.flags import Parser, add_config_flags, given_values, positive_int
 from trainer.run.faults import error_line, leave_process_group, plain
 from trainer.run.peers import lost_peer
 from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
 from trainer.run.rundirs import RunFolder, release_run_dirs
 
-# Second names users of timm's train.py already type.
-ALIASES = {"label_smoothing": ("--smoothing",)}
-
-
-class _BoolFlag(argparse.Action):
-    """`--ema`, `--no-ema`, and the `--ema=VALUE` a wandb sweep agent passes (`--ema=True`): true/false, 1/0, yes/no,
-    in any case. argparse's BooleanOptionalAction refuses a value ("ignored explicit argument 'True'")."""
-
-    def __init__(self, option_strings: list[str], dest: str, field: dataclasses.Field, **kwargs):
-        negated = ["--no-" + s[2:] for s in option_strings if s.startswith("--")]
-        super().__init__([*option_strings, *negated], dest, nargs="?", metavar="BOOL", **kwargs)
-        self.field = field
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        flag = self.option_strings[0]
-        if option_string != flag:  # --no-ema
-            if value is not None:
-                raise argparse.ArgumentError(None, f"{option_string} takes no value; use {flag}=true or {flag}=false")
-            setattr(namespace, self.dest, False)
-            return
-        try:
-            setattr(namespace, self.dest, True if value is None else coerce_value(self.field, value, flag))
-        except UserError:
-            message = f"{flag} expects true or false (or 1/0, yes/no), got {value!r}"
-            raise argparse.ArgumentError(None, message) from None
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        if isinstance(action, _BoolFlag):
-            return ", ".join(f"{s}[=BOOL]" if not s.startswith("--no-") else s for s in action.option_strings)
-        return super()._format_action_invocation(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        # No prefix matching: `--patience` must not silently mean `--patience-epochs`, today or after a new flag.
-        kwargs.update(allow_abbrev=False)
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # one line instead of argparse's usage dump
-        raise UserError(f"{message}; see `{self.prog} --help`")
-
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            parser = self._chosen_parser(parsed)
-            raise UserError(unrecognized(extras, parser.long_options(), parser.prog))
-        return parsed
-
-    def _chosen_parser(self, parsed: argparse.Namespace) -> _Parser:
-        """The (sub)command the arguments chose: `trainer data convert` -> its own parser."""
-        for action in self._actions:
-            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
-                return action.choices[getattr(parsed, action.dest)]._chosen_parser(parsed)
-        return self
-
-    def long_options(self) -> list[str]:
-        return sorted(s for s in self._option_string_actions if s.startswith("--"))
-
-
-def unrecognized(extras: list[str], options: list[str], prog: str) -> str:
-    """One line naming the unknown flags and the real ones each could have meant (a prefix, or a near spelling)."""
-    flags = [x.split("=", 1)[0] for x in extras if x.startswith("-")] or extras
-    guesses = {flag: _meant(flag, options) for flag in flags}
-    if len(flags) == 1 and guesses[flags[0]]:
-        return f"unrecognized arguments: {flags[0]}; did you mean {_either(guesses[flags[0]])}?"
-    named = ", ".join(f"{f} ({_either(g)}?)" if g else f for f, g in guesses.items())
-    return f"unrecognized arguments: {named}; see `{prog} --help`"
-
-
-def _meant(flag: str, options: list[str]) -> list[str]:
-    spelled = flag.replace("_", "-")  # `--weight_decay`: sweep configs keyed by the Python name
-    if spelled in options:
-        return [spelled]
-    started = [o for o in options if o.startswith(spelled) and len(spelled) > 2]
-    return started or difflib.get_close_matches(spelled, options, n=3, cutoff=0.75)
-
-
-def _either(names: list[str]) -> str:
-    if len(names) > 4:
-        return f"one of {', '.join(names[:4])}, ..."
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-def _metavar(f: dataclasses.Field) -> str:
-    """STR, INT or FLOAT from the field's annotation ("int | None" -> INT; --batch-size also takes `auto`)."""
-    if f.name == "batch_size":
-        return "INT|auto"
-    kinds = [t.strip() for t in str(f.type).split("|") if t.strip() != "None"]
-    return kinds[0].upper() if kinds else "VALUE"
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, dataclasses.Field]]:
-    """One flag per config field, named after it (`batch_size` -> `--batch-size`), help from its docstring."""
-    dests = {}
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} options")
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            shown = (
-                {"": "empty", None: "unset"}.get(f.default, f.default)
-                if not isinstance(f.default, tuple)
-                else f.default
-            )
-            kwargs: dict = dict(
-                dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {shown})"
-            )
-            if isinstance(f.default, bool):
-                kwargs.update(action=_BoolFlag, field=f)
-            elif f.name == "pretrained":
-                kwargs.update(nargs="?", const="default", metavar="PATH")
-            elif f.name in ("mixed_precision", "compile_mode", "loader"):
-                kwargs["choices"] = {"mixed_precision": MIXED_PRECISION, "compile_mode": COMPILE_MODES}.get(
-                    f.name, LOADERS
-                )
-            else:
-                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else _metavar(f)
-            group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
-            dests[f.name] = (section, f)
-    return dests
-
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = _Parser(prog="trainer", description="Train timm image classifiers with Accelerate.")
+    parser = Parser(prog="trainer", description="Train timm image classifiers with Accelerate.")
     parser.add_argument("--version", action="version", version=f"trainer {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = commands.add_parser(
         "train",
         help="train a classifier",
@@ -180,7 +43,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "count; alone: the most recent run under --project ({project}/{name} with --name); `auto`: continue "
         "{project}/{name} if it has a checkpoint, else start it there (the same command for every restart)",
     )
-    dests = _add_config_flags(train)
+    dests = add_config_flags(train)
     _add_lr_find(commands)
     _add_use_commands(commands)
     _add_data_commands(commands)
@@ -197,20 +60,10 @@ def _add_lr_find(commands) -> None:
         "flags; runs plainly or under accelerate launch / torchrun.",
     )
     lr_find.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
-    lr_find.add_argument("--steps", type=_positive_int, default=200, help="optimizer updates in the sweep (200)")
+    lr_find.add_argument("--steps", type=positive_int, default=200, help="optimizer updates in the sweep (200)")
     lr_find.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
     lr_find.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
-    _add_config_flags(lr_find)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a positive integer, got {value}")
-    return value
+    add_config_flags(lr_find)
 
 
 TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
@@ -231,7 +84,7 @@ def _add_use_commands(commands) -> None:
     val.add_argument("--weights", **weights)
     val.add_argument("--data", help="dataset instead of the run's own (default: from RUN/config.yaml)")
     val.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default: val)")
-    val.add_argument("--batch-size", type=_positive_int, default=256, help="GLOBAL batch, split over processes")
+    val.add_argument("--batch-size", type=positive_int, default=256, help="GLOBAL batch, split over processes")
     val.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process; -1 picks")
     val.add_argument(
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
@@ -249,8 +102,8 @@ def _add_use_commands(commands) -> None:
     )
     predict.add_argument("--weights", **weights)
     predict.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders or quoted globs")
-    predict.add_argument("--topk", type=_positive_int, default=5, help="classes reported per image (default 5)")
-    predict.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    predict.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default 5)")
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     predict.add_argument("--workers", type=int, default=-1, help="DataLoader workers; -1 picks from the CPU count")
     predict.add_argument(
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
@@ -273,7 +126,7 @@ def _add_use_commands(commands) -> None:
     export.add_argument("--format", choices=("onnx", "hf"), default="onnx", help="onnx (default) or hf (timm hub)")
     export.add_argument("--output", metavar="PATH", help="default: beside the weights (best.onnx, best_hf/)")
     export.add_argument("--data", help="data for the ONNX check (default: the run's own validation images)")
-    export.add_argument("--check-images", type=_positive_int, default=64, help="images in the ONNX check")
+    export.add_argument("--check-images", type=positive_int, default=64, help="images in the ONNX check")
     export.add_argument(
         "--push-to-hub", metavar="REPO_ID", help="with --format hf: also upload to the HF hub (needs credentials)"
     )
@@ -284,7 +137,7 @@ def _add_use_commands(commands) -> None:
 def _add_data_commands(commands) -> None:
     """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards."""
     data = commands.add_parser("data", help="data tools: convert a dataset to WebDataset or Parquet shards")
-    tools = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    tools = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     convert = tools.add_parser(
         "convert",
         help="write any source --data reads (folder, hub id, Parquet, ...) as WebDataset or Parquet shards",
@@ -314,16 +167,6 @@ def run_data_command(args: argparse.Namespace) -> None:
     counts = convert(args.src, args.dst, args.format, args.shard_size, data_config=args.data_config)
     written = ", ".join(f"{split} {n}" for split, n in counts.items())
     print(f"trainer: wrote {args.format} shards to {args.dst} ({written} samples)", flush=True)
-
-
-def given_values(args: argparse.Namespace, dests: dict) -> dict[str, dict[str, Any]]:
-    """The settings the user gave: the YAML file, then the flags on the command line (typed, not yet validated)."""
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    for name, (section, f) in dests.items():
-        if name in vars(args):
-            flag = "--" + name.replace("_", "-")
-            values.setdefault(section, {})[name] = coerce_value(f, getattr(args, name), flag)
-    return values
 
 
 def resolve_config(args: argparse.Namespace, dests: dict) -> Config:

@@ -13,7 +13,8 @@ from accelerate import Accelerator
 from trainer.config import RunConfig
 from trainer.report import progress as progress_module
 from trainer.report.evaluation import Predictions
-from trainer.report.reporter import RESULTS_COLUMNS, WANDB_ID_FILE, Reporter
+from trainer.report.reporter import RESULTS_COLUMNS, Reporter
+from trainer.report.trackers import WANDB_ID_FILE
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

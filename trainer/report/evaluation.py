@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.samples import Replacement
 from trainer.report.metrics import calibration, precision_recall_curves, single_label_scores
 from trainer.run.writes import atomic_file
 
@@ -251,3 +253,18 @@ def save_pr_curves_png(preds, class_names: list[str], path: str | Path, shown: i
     with atomic_file(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def readable_images(val_split, index):
+    """The validation images at `index` that still read, and their indices. One that became unreadable after the scan
+    is left out of the picture and reported as training reports it (samples.Replacement's warning): a neighbour in
+    its place would show another image under this one's prediction."""
+    replacement = Replacement(where="the validation images drawn at the end")
+    kept, images = [], []
+    for i in index:
+        try:
+            images.append(decode_image(val_split[int(i)]["image"]))
+            kept.append(i)
+        except UnreadableImage as e:
+            replacement.warn(e.path, e.reason)
+    return np.asarray(kept, dtype=np.int64), images

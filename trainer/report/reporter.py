@@ -1,4 +1,4 @@
-"""Console output, progress, the run folder's reports and experiment trackers.
+"""Console output, progress, the run folder's reports; the trackers started and fed (trainer.report.trackers).
 
 Main-process-only side effects live here, so the engine never checks ranks: every method may be called on
 every rank and does nothing where it should not. A tracker that fails (network, quota, a broken install) is
@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import csv
 import io
-import netrc
-import os
-import secrets
-import string
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from accelerate import Accelerator
 
 from trainer.config import RunConfig, UserError
-from trainer.data.decode import UnreadableImage, decode_image
-from trainer.data.samples import Replacement
 from trainer.report import evaluation
 from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.report.progress import Progress
+from trainer.report.trackers import log_wandb_media, start_tensorboard, start_wandb
 from trainer.run.layout import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.run.writes import append_text, atomic_file, disk_errors
 
@@ -34,9 +28,6 @@ RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "v
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
 MULTI_LABEL_COLUMNS = ("epoch", "train/loss", "val/loss", "val/map", "val/micro_f1", "val/macro_f1", "lr")
 MULTI_LABEL_EMA_COLUMNS = ("val/loss_ema", "val/map_ema", "val/macro_f1_ema")
-PLOTS = ("results.png", "confusion_matrix.png", "val_predictions.png")
-WANDB_ID_FILE = "wandb_id.txt"
-ID_ALPHABET = string.ascii_lowercase + string.digits
 PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
 GRID_IMAGES = 25
 KEPT = "the weights, checkpoints and results.csv rows written before are kept"
@@ -56,52 +47,6 @@ EPOCH_LINE = (  # (metric, its name on the epoch line), printed when the epoch h
 
 def _scores(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name} {metrics[key]:.4f}" for key, name in EPOCH_LINE if key in metrics)
-
-
-def wandb_has_credentials() -> bool:
-    """True when wandb could log in without asking: an API key in the environment or in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def _shorter(path: Path) -> Path:
-    """`path` relative to the working folder when it lies inside it (as the run folder is printed)."""
-    try:
-        return path.relative_to(Path.cwd())
-    except ValueError:
-        return path
-
-
-def _readable_images(val_split, index):
-    """The validation images at `index` that still read, and their indices. One that became unreadable after the scan
-    is left out of the picture and reported as training reports it (samples.Replacement's warning): a neighbour in
-    its place would show another image under this one's prediction."""
-    replacement = Replacement(where="the validation images drawn at the end")
-    kept, images = [], []
-    for i in index:
-        try:
-            images.append(decode_image(val_split[int(i)]["image"]))
-            kept.append(i)
-        except UnreadableImage as e:
-            replacement.warn(e.path, e.reason)
-    return np.asarray(kept, dtype=np.int64), images
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"data": {"imgsz": 32}} -> {"data.imgsz": 32}; lists become strings (TensorBoard hparams need scalars)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat
 
 
 class Reporter:
@@ -160,9 +105,9 @@ class Reporter:
                     csv.writer(f).writerow(self.columns)
         trackers = run.trackers()
         if "wandb" in trackers:
-            self._guard("wandb", lambda: self._start_wandb(run, resume))
+            self._guard("wandb", lambda: start_wandb(self, run, resume))
         if "tensorboard" in trackers:
-            self._guard("tensorboard", lambda: self._start_tensorboard(run))
+            self._guard("tensorboard", lambda: start_tensorboard(self, run))
 
     def keep_results(self, epochs: int) -> None:
         """On resume: keep the results.csv rows of the first `epochs` epochs; later ones are trained again."""
@@ -176,49 +121,6 @@ class Reporter:
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
         tmp.replace(path)
-
-    def _start_wandb(self, run: RunConfig, resume: bool) -> None:
-        from accelerate.tracking import WandBTracker
-
-        id_file = self.run_dir / WANDB_ID_FILE
-        resuming = resume and id_file.exists()
-        # wandb's own id format (8 lowercase letters and digits), chosen here so it can be stored before init.
-        run_id = id_file.read_text().strip() if resuming else "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
-        id_file.write_text(run_id + "\n")
-        # A user's WANDB_DIR (e.g. a scratch disk) wins over the run folder.
-        wandb_root = os.environ.get("WANDB_DIR") or str(self.run_dir)
-        kwargs: dict[str, Any] = {"name": self.run_dir.name, "dir": wandb_root, "id": run_id}
-        kwargs.update(entity=run.entity or None, tags=run.tag_list() or None, notes=run.notes or None)
-        if resuming:
-            kwargs["resume"] = "allow"
-        offline = not os.environ.get("WANDB_MODE") and not wandb_has_credentials()
-        if offline:
-            kwargs["mode"] = "offline"
-        tracker = WandBTracker(run.wandb_project_name(), **kwargs)
-        tracker.start()
-        self.accelerator.trackers.append(tracker)
-        if offline:
-            folder = _shorter(Path(tracker.run.settings.wandb_dir))
-            # The id ends every session's folder name, so one pattern uploads a resumed run's sessions in order.
-            self.print(
-                f"wandb: no API key found, logging offline to {folder}; "
-                f"upload later with: wandb sync {folder}/offline-run-*-{run_id}*"
-            )
-        tracker.store_init_configuration(flatten(self.record))
-        # Validation charts default to epochs on the x-axis; the summary keeps the best, not the last, value.
-        tracker.run.define_metric("epoch")
-        tracker.run.define_metric("val/*", step_metric="epoch")
-        for name in ("val/top1", "val/map", "val/macro_f1", "val/balanced_acc"):
-            tracker.run.define_metric(name, summary="max")
-        tracker.run.define_metric("val/loss", summary="min")
-
-    def _start_tensorboard(self, run: RunConfig) -> None:
-        from accelerate.tracking import TensorBoardTracker
-
-        tracker = TensorBoardTracker(run.wandb_project_name(), self.run_dir / "tensorboard")
-        tracker.start()
-        self.accelerator.trackers.append(tracker)
-        tracker.store_init_configuration(flatten(self.record))
 
     def _guard(self, name: str, action) -> bool:
         """Run a tracker action; on any failure warn once, drop that tracker and carry on training."""
@@ -328,7 +230,7 @@ class Reporter:
             summary = {**summary, "train/imgs_per_sec": self.train_images / max(self.train_seconds, 1e-9)}
             wandb_tracker = self._tracker("wandb")
             if wandb_tracker is not None:
-                self._guard("wandb", lambda: self._log_wandb_media(wandb_tracker.run, summary, val_split))
+                self._guard("wandb", lambda: log_wandb_media(self, wandb_tracker.run, summary, val_split))
             for tracker in list(self.accelerator.trackers):
                 self._guard(tracker.name, tracker.finish)
             self.accelerator.trackers.clear()
@@ -372,53 +274,12 @@ class Reporter:
             print(f"calibration: expected calibration error (ECE, 15 bins) {self.ece:.4f}; see reliability.png")
             written.append("reliability.png")
         if val_split is not None:
-            index, images = _readable_images(val_split, evaluation.sample_indices(preds, GRID_IMAGES))
+            index, images = evaluation.readable_images(val_split, evaluation.sample_indices(preds, GRID_IMAGES))
             evaluation.save_prediction_grid(
                 images, preds.labels[index], preds.predicted[index], names, self.run_dir / "val_predictions.png"
             )
             written.append("val_predictions.png")
         return written
-
-    def _log_wandb_media(self, run, summary: dict[str, Any], val_split) -> None:
-        import wandb
-
-        run.summary.update({k: v for k, v in summary.items() if k != "run_dir"})
-        media = {
-            f"plots/{name.removesuffix('.png')}": wandb.Image(str(self.run_dir / name))
-            for name in (*PLOTS, "reliability.png", "pr_curve.png")
-            if (self.run_dir / name).exists()
-        }
-        if self.ece is not None:
-            run.summary["val/ece"] = self.ece
-        if self.best is not None and not isinstance(self.best[1], MultiLabelPredictions):
-            _, preds = self.best
-            names = self.record["dataset"]["class_names"]
-            media["val/confusion_matrix"] = wandb.plot.confusion_matrix(
-                y_true=preds.labels.tolist(), preds=preds.predicted.tolist(), class_names=names
-            )
-            if val_split is not None:
-                table = wandb.Table(columns=["index", "image", "true", "predicted", "confidence", "correct"])
-                index, images = _readable_images(val_split, evaluation.sample_indices(preds, 96))
-                for i, decoded in zip(index, images, strict=True):
-                    true, pred = int(preds.labels[i]), int(preds.predicted[i])
-                    confidence = float(preds.probs[i, 0]) if preds.probs is not None else float("nan")
-                    image = wandb.Image(decoded)
-                    table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
-                media["val/predictions"] = table
-        run.log(media)
-        best_weights = self.run_dir / WEIGHTS / BEST_WEIGHTS
-        if best_weights.exists():
-            artifact = wandb.Artifact(
-                f"model-{run.id}",
-                type="model",
-                metadata={
-                    "val_top1": summary.get("best/val_top1"),
-                    summary.get("best/metric", "best"): summary.get("best/value"),
-                    "epoch": summary.get("best/epoch"),
-                },
-            )
-            artifact.add_file(str(best_weights))
-            run.log_artifact(artifact, aliases=["best", f"epoch-{summary.get('best/epoch')}"])
 
     def _print_summary(self, summary: dict[str, Any], written: list[str]) -> None:
         key = summary.get("best/metric", "val/top1")

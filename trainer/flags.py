@@ -1,0 +1,165 @@
+"""Flags from the config dataclasses: one `--flag` per field, named after it, its help from the field's docstring;
+argparse's errors as one line (a misspelled flag names the real ones it could have meant); the values given, typed.
+cli.py builds the commands from these parts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from typing import Any
+
+from trainer.config import (
+    COMPILE_MODES,
+    LOADERS,
+    MIXED_PRECISION,
+    SECTIONS,
+    UserError,
+    coerce_value,
+    field_docs,
+    load_yaml,
+)
+
+# Second names users of timm's train.py already type.
+ALIASES = {"label_smoothing": ("--smoothing",)}
+
+
+class BoolFlag(argparse.Action):
+    """`--ema`, `--no-ema`, and the `--ema=VALUE` a wandb sweep agent passes (`--ema=True`): true/false, 1/0, yes/no,
+    in any case. argparse's BooleanOptionalAction refuses a value ("ignored explicit argument 'True'")."""
+
+    def __init__(self, option_strings: list[str], dest: str, field: dataclasses.Field, **kwargs):
+        negated = ["--no-" + s[2:] for s in option_strings if s.startswith("--")]
+        super().__init__([*option_strings, *negated], dest, nargs="?", metavar="BOOL", **kwargs)
+        self.field = field
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        flag = self.option_strings[0]
+        if option_string != flag:  # --no-ema
+            if value is not None:
+                raise argparse.ArgumentError(None, f"{option_string} takes no value; use {flag}=true or {flag}=false")
+            setattr(namespace, self.dest, False)
+            return
+        try:
+            setattr(namespace, self.dest, True if value is None else coerce_value(self.field, value, flag))
+        except UserError:
+            message = f"{flag} expects true or false (or 1/0, yes/no), got {value!r}"
+            raise argparse.ArgumentError(None, message) from None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            return ", ".join(f"{s}[=BOOL]" if not s.startswith("--no-") else s for s in action.option_strings)
+        return super()._format_action_invocation(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No prefix matching: `--patience` must not silently mean `--patience-epochs`, today or after a new flag.
+        kwargs.update(allow_abbrev=False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # one line instead of argparse's usage dump
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._chosen_parser(parsed)
+            raise UserError(unrecognized(extras, parser.long_options(), parser.prog))
+        return parsed
+
+    def _chosen_parser(self, parsed: argparse.Namespace) -> Parser:
+        """The (sub)command the arguments chose: `trainer data convert` -> its own parser."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]._chosen_parser(parsed)
+        return self
+
+    def long_options(self) -> list[str]:
+        return sorted(s for s in self._option_string_actions if s.startswith("--"))
+
+
+def unrecognized(extras: list[str], options: list[str], prog: str) -> str:
+    """One line naming the unknown flags and the real ones each could have meant (a prefix, or a near spelling)."""
+    flags = [x.split("=", 1)[0] for x in extras if x.startswith("-")] or extras
+    guesses = {flag: _meant(flag, options) for flag in flags}
+    if len(flags) == 1 and guesses[flags[0]]:
+        return f"unrecognized arguments: {flags[0]}; did you mean {_either(guesses[flags[0]])}?"
+    named = ", ".join(f"{f} ({_either(g)}?)" if g else f for f, g in guesses.items())
+    return f"unrecognized arguments: {named}; see `{prog} --help`"
+
+
+def _meant(flag: str, options: list[str]) -> list[str]:
+    spelled = flag.replace("_", "-")  # `--weight_decay`: sweep configs keyed by the Python name
+    if spelled in options:
+        return [spelled]
+    started = [o for o in options if o.startswith(spelled) and len(spelled) > 2]
+    return started or difflib.get_close_matches(spelled, options, n=3, cutoff=0.75)
+
+
+def _either(names: list[str]) -> str:
+    if len(names) > 4:
+        return f"one of {', '.join(names[:4])}, ..."
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _metavar(f: dataclasses.Field) -> str:
+    """STR, INT or FLOAT from the field's annotation ("int | None" -> INT; --batch-size also takes `auto`)."""
+    if f.name == "batch_size":
+        return "INT|auto"
+    kinds = [t.strip() for t in str(f.type).split("|") if t.strip() != "None"]
+    return kinds[0].upper() if kinds else "VALUE"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, dataclasses.Field]]:
+    """One flag per config field, named after it (`batch_size` -> `--batch-size`), help from its docstring."""
+    dests = {}
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            shown = (
+                {"": "empty", None: "unset"}.get(f.default, f.default)
+                if not isinstance(f.default, tuple)
+                else f.default
+            )
+            kwargs: dict = dict(
+                dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {shown})"
+            )
+            if isinstance(f.default, bool):
+                kwargs.update(action=BoolFlag, field=f)
+            elif f.name == "pretrained":
+                kwargs.update(nargs="?", const="default", metavar="PATH")
+            elif f.name in ("mixed_precision", "compile_mode", "loader"):
+                kwargs["choices"] = {"mixed_precision": MIXED_PRECISION, "compile_mode": COMPILE_MODES}.get(
+                    f.name, LOADERS
+                )
+            else:
+                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else _metavar(f)
+            group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
+            dests[f.name] = (section, f)
+    return dests
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {value}")
+    return value
+
+
+def given_values(args: argparse.Namespace, dests: dict) -> dict[str, dict[str, Any]]:
+    """The settings the user gave: the YAML file, then the flags on the command line (typed, not yet validated)."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for name, (section, f) in dests.items():
+        if name in vars(args):
+            flag = "--" + name.replace("_", "-")
+            values.setdefault(section, {})[name] = coerce_value(f, getattr(args, name), flag)
+    return values
