@@ -28,6 +28,12 @@ import torch
 
 from trainer.config import TrainConfig, UserError
 
+# --freeze without --pretrained: what the header says (a warning, not a refusal: a test of the mechanics is legitimate).
+RANDOM_BACKBONE = (
+    "warning: --freeze without --pretrained holds randomly initialised weights fixed (a probe of random features); "
+    "add --pretrained [PATH] to fine-tune trained ones"
+)
+
 
 @dataclass
 class Freeze:
