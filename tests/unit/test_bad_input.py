@@ -155,7 +155,9 @@ CASES = [
         ["--teacher", "test_efficientnet", "--teacher-weights", "resnet.pth"],
         "resnet.pth does not fit a test_efficientnet",
     ),
-    (["--resume", "runs/train/exp", "--distill-alpha", "0.9"], "--distill-alpha 0.9 differs from the run's 0.5"),
+    (["--resume", "runs/train/exp", "--label-smoothing", "0.2"], "--label-smoothing 0.2 differs from the run's 0.1"),
+    (["--distill-alpha", "0.9"], "--distill-alpha 0.9 shape(s) a teacher's term and no --teacher is given"),
+    (["--imgsz", "100000"], "--imgsz 100000: a batch of 64 images of 3 x 100000 x 100000 needs at least"),
     (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
     (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
 ]
