@@ -158,3 +158,30 @@ def test_multilabel_predictions_csv_reads_back_names_with_spaces_and_commas(tmp_
         assert sorted(name for name, _ in pairs) == sorted(names)  # every label above 0.001, each name whole
         assert [name for name, _ in pairs] == [p["class"] for p in image["predictions"]]
         assert [p for _, p in pairs] == pytest.approx([p["probability"] for p in image["predictions"]], abs=1e-6)
+
+
+def test_val_warns_when_the_runs_hold_out_moved(tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    """`val` on the run's own held-out validation after images were added (the run recorded 1,497 + 166 images,
+    digits has 1,617 + 180 now): the hold-out is drawn anew from other images, some of them trained on: one warning
+    line, also in metrics.json. The run's own sizes: no warning."""
+    import json
+
+    import timm
+
+    pre = Preprocess(imgsz=16, in_chans=1, mean=(0.5,), std=(0.5,), interpolation="bilinear", crop_pct=1.0)
+    run_dir = tmp_path / "run"
+    (run_dir / "weights").mkdir(parents=True)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    path = run_dir / "weights" / "best.safetensors"
+    save_weights(model.state_dict(), path, weights_metadata("test_resnet", [str(i) for i in range(10)], pre))
+    held = "0.1 of train held out, stratified by class, --split-seed 0"
+    monkeypatch.chdir(tmp_path)
+    for (train, val), warned in (((1497, 166), True), ((1617, 180), False)):
+        record = {"data": {"data": "digits", "imgsz": 16}, "dataset": {"train_size": train, "val_size": val}}
+        record["dataset"]["val_split"] = held
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(record))
+        assert main(["val", "--weights", str(path), "--workers", "0", "--exist-ok"]) == 0
+        out = capsys.readouterr().out
+        assert ("the run held out its validation from 1663 images (166 val)" in out) == warned, out
+        metrics = json.loads((tmp_path / "runs" / "val" / "exp" / "metrics.json").read_text())
+        assert ("warning" in metrics) == warned and metrics["images"] == 180

@@ -74,7 +74,9 @@ def plan_freeze(cfg: TrainConfig, model: torch.nn.Module, fsdp: bool) -> Freeze 
 
 def describe(freeze: Freeze, cfg: TrainConfig) -> str:
     until = f"until epoch {freeze.unfreeze_epoch}" if freeze.unfreeze_epoch else "for the whole run"
-    return f"--freeze {cfg.freeze}: {len(freeze.names)} parameter tensors frozen {until}"
+    counts = cfg.patience and freeze.unfreeze_epoch
+    patience = f"; --patience counts from epoch {freeze.unfreeze_epoch}" if counts else ""
+    return f"--freeze {cfg.freeze}: {len(freeze.names)} parameter tensors frozen {until}{patience}"
 
 
 def _classifier_prefix(model: torch.nn.Module) -> str | None:
