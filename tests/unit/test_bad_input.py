@@ -56,6 +56,10 @@ def _existing_run(root: Path) -> None:
         for image in ("a.png", "b.png"):
             (root / name / image).write_bytes(PNG_1PX)
         (root / name / "labels.csv").write_text("filename,labels\n" + rows)
+    for name in ("caf\u00e9", "cafe\u0301", "tea"):  # NFC and NFD spellings of one name, and another class
+        (root / "accents" / name).mkdir(parents=True)
+        for n in range(10):
+            (root / "accents" / name / f"{n}.png").write_bytes(PNG_1PX)
     _teacher_files(root)
 
 
@@ -157,6 +161,7 @@ CASES = [
     ),
     (["--resume", "runs/train/exp", "--label-smoothing", "0.2"], "--label-smoothing 0.2 differs from the run's 0.1"),
     (["--distill-alpha", "0.9"], "--distill-alpha 0.9 shape(s) a teacher's term and no --teacher is given"),
+    (["--data", "accents"], "spelt two ways in Unicode (composed and decomposed accents, 'cafe\\u0301' vs 'caf\\xe9')"),
     (["--imgsz", "100000"], "--imgsz 100000: a batch of 64 images of 3 x 100000 x 100000 needs at least"),
     (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
     (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
