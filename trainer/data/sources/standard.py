@@ -33,7 +33,8 @@ def split_names(names: list[str], cfg: DataConfig) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Source:
-    """A loaded dataset: named splits (columns `image`, `label`), class names, and what happened on the way."""
+    """A loaded dataset: named splits (columns `image`, `label` once standard), class names, and what happened on the
+    way."""
 
     splits: dict  # split name -> datasets.Dataset
     class_names: list[str]
