@@ -111,6 +111,8 @@ def _split_of(file: Path, root: Path) -> str:
 
 
 def load_files(files: DataFiles, spec: str) -> Source:
+    """The files' splits as `datasets` reads them (with the features stored beside them), each shard checked whole
+    first; standardised after."""
     import datasets
 
     stored = files.info()

@@ -13,6 +13,7 @@ def hub_description(name: str, config_name: str | None) -> str:
 
 
 def load_hub(name: str, config_name: str) -> Source:
+    """A hub id's splits as they are (standardised after); offline, only what the local HF cache holds."""
     import datasets
 
     try:

@@ -14,6 +14,7 @@ def is_saved(path: Path) -> bool:
 
 
 def load_saved(path: Path, spec: str) -> Source:
+    """A save_to_disk folder's splits as they are (one Dataset: the `train` split); standardised after."""
     import datasets
 
     try:
