@@ -166,6 +166,8 @@ def load_data(accelerator: Accelerator, cfg: Config, reporter: Reporter):
     info = dataset.info
     if info.skipped:
         reporter.print(data.unreadable_warning(info))
+    for note in info.notes:  # legitimate data that is likely not what was meant: said in the header
+        reporter.print(note)
     world = accelerator.num_processes
     per_device_batch_size = cfg.train.per_device_batch_size(world)
     if info.train_size < per_device_batch_size * world:
