@@ -20,7 +20,7 @@ from trainer.data.fingerprint import data_fingerprint
 from trainer.data.splits import label_counts, load_splits
 from trainer.run.manifest import fingerprint_changes
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "e2e"))  # the e2e data helpers
 from multilabel_data import write_tagged_folder
 
 

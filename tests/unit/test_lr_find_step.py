@@ -14,7 +14,7 @@ import timm
 from trainer.cli import main
 from trainer.run.weights import save_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "e2e"))  # the e2e data helpers
 from multilabel_data import write_tagged_folder
 
 SWEEP = ("--model", "test_resnet", "--imgsz", "16", "--tracker", "none", "--steps", "3", "--seed", "1")

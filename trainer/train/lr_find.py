@@ -39,10 +39,10 @@ def lr_find(cfg: Config, steps: int = 200, start_lr: float = 1e-7, end_lr: float
     # train's own step: the task's loss and class weights, the teacher's term, what --freeze holds
     cfg, step = build_step(accelerator, cfg, dataset, reporter)
     if step.freeze is not None and step.freeze.unfreeze_epoch:
-        reporter.print_once(f"lr-find: sweeps epoch 1, before --unfreeze-epoch {step.freeze.unfreeze_epoch}")
+        reporter.print_once(f"--unfreeze-epoch {step.freeze.unfreeze_epoch}: the sweep is of epoch 1, still frozen")
     if step.teacher is not None:
-        reporter.print_once(f"lr-find: {step.teacher.describe()}")
-    reporter.print_once(f"lr-find: {describe_task(step.task, cfg.train.class_weights, cfg.data.balanced_sampler)}")
+        reporter.print_once(step.teacher.describe())
+    reporter.print_once(describe_task(step.task, cfg.train.class_weights, cfg.data.balanced_sampler))
     spec = data.loader_spec(cfg.data, backend, step.pre, seed=cfg.train.seed)
     batch = cfg.train.batch_size // accelerator.num_processes  # one forward per update: no accumulation here
     train_loader, _ = data.build_loaders(accelerator, dataset, cfg.data, spec, max(1, batch))
