@@ -2,7 +2,7 @@
 
 Files are checked before training starts, so an unreadable image is skipped and reported once instead of killing a
 run at epoch 37, and every rank sees the same file list. The result (splits as Arrow files, skipped files, channels)
-is kept in the HF datasets cache under `trainer-folders-v1/`, keyed on the folder's listing: every folder's name and
+is kept in the HF datasets cache under `trainer-folders-v2/`, keyed on the folder's listing: every folder's name and
 every image file's path, size and modification time. A later run, or another rank of the same job, re-lists the
 folder (one stat per file) and memory-maps the stored splits instead of opening every file again. A changed listing
 (a file added, removed, renamed, replaced or rewritten) is rescanned; files whose path, size and modification time
