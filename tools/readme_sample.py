@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     lines = shown(run_trainer(["train"]))
+    text = README.read_text()  # again: the run takes minutes, and README may have been edited meanwhile
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     if os.environ.get("OMP_NUM_THREADS"):
         load += f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
