@@ -5,9 +5,11 @@ builds with `mkdocs build --strict`."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import build_parser
+from trainer.config import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -161,3 +164,55 @@ def test_site_builds_strict(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     home = (site / "index.html").read_text()
     assert "Install and test" in home and 'href="training/"' in home  # README, its docs/ links made site-relative
+
+
+def _documented_commands():
+    """(page, line, argv) of every trainer command in the pages' shell blocks, under any launcher. Placeholders are
+    filled in: `[--opt X]` given, `a|b` the first, `--flag ...` a value, a bare `...` dropped."""
+    for page in PAGES:
+        for block in re.findall(r"^```(?:bash|sh)?\n(.*?)^```", page.read_text(), flags=re.M | re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                command = re.split(r"\s#\s", line)[0].strip()
+                found = re.match(
+                    r"(?:trainer|python -m trainer|(?:accelerate launch|torchrun) .*?-m trainer) (.*)$", command
+                )
+                if not found:
+                    continue
+                text = re.sub(r"(\S+?)\|\S+", r"\1", re.sub(r"\[([^\]]*)\]", r"\1", found.group(1)))
+                words = shlex.split(text)
+                argv = [
+                    ("VALUE" if i and words[i - 1].startswith("--") else None) if w == "..." else w
+                    for i, w in enumerate(words)
+                ]
+                yield page, line.strip(), [w for w in argv if w is not None]
+
+
+def test_documented_commands_parse():
+    """Every `trainer ...` line of README and docs/ names real subcommands, flags and choices (parsed, not run)."""
+    parser, _ = build_parser()
+    commands = list(_documented_commands())
+    assert len(commands) > 20
+    wrong = []
+    for page, line, argv in commands:
+        try:
+            parser.parse_args(argv)
+        except (UserError, SystemExit) as e:
+            wrong.append(f"{page.relative_to(ROOT)}: {line} ({e})")
+    assert not wrong, wrong
+
+
+def test_predict_examples_name_images_that_the_documented_step_writes(tmp_path):
+    """README and use.md predict on `photos/` as `python tools/sample_images.py photos/` writes it: every file and
+    glob they name exists there."""
+    written = _tool("sample_images").write_samples(tmp_path / "photos")
+    names = [f"photos/{path.name}" for path in written]
+    parser, _ = build_parser()
+    named = [
+        (page.relative_to(ROOT), source)
+        for page, _, argv in _documented_commands()
+        if argv[0] == "predict"
+        for source in parser.parse_args(argv).sources
+    ]
+    assert len(named) >= 3
+    missing = [(page, s) for page, s in named if s != "photos/" and not fnmatch.filter(names, s)]
+    assert not missing, f"not written by tools/sample_images.py: {missing}"
