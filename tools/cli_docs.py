@@ -1,7 +1,7 @@
 """Write docs/cli.md from trainer's own argparse parser, so the CLI reference cannot drift from `--help`.
 
 The `trainer train` flags come from the config dataclasses (one flag per field, help from the field's docstring,
-see trainer/cli.py `_add_config_flags`); val, predict, export and data convert add their own flags. Reading the
+see trainer/flags.py `add_config_flags`); val, predict, export and data convert add their own flags. Reading the
 parser keeps every flag of every subcommand, aliases included. The output is formatted here, not by argparse, so it
 does not depend on the terminal width.
 

@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         "[Benchmarks](docs/benchmarks.md).)"
     )
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    README.write_text(text[:start] + render(lines, note) + text[end:])
+    README.write_text(
+        text[:start]
+        + render(lines, textwrap.fill(note, 118, break_long_words=False, break_on_hyphens=False))
+        + text[end:]
+    )
     print(f"wrote README.md's sample output ({len(lines)} lines)")
     return 0
 
