@@ -58,6 +58,12 @@ def test_cli_reference_is_current():
     )
 
 
+def test_every_default_is_visible():
+    """A default of blanks (--label-delimiter's space) is named, not rendered as "(default: )"."""
+    assert "(default: )" not in (ROOT / "docs" / "cli.md").read_text()
+    assert "(default: space)" in (ROOT / "docs" / "cli.md").read_text()
+
+
 def test_every_train_flag_is_in_the_cli_reference():
     parser, _ = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
