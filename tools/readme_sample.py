@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             print("README.md's sample output is stale: run python tools/readme_sample.py", file=sys.stderr)
             return 1
         return 0
+    # Other jobs' load, taken before the run (whose own process would count in it after).
+    load = f", load average {os.getloadavg()[0]:.1f} before the run" if hasattr(os, "getloadavg") else ""
     lines = shown(run_trainer(["train"]))
     text = README.read_text()  # again: the run takes minutes, and README may have been edited meanwhile
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     if os.environ.get("OMP_NUM_THREADS"):
         load += f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     note = (
