@@ -43,7 +43,8 @@ def test_lr_find_on_multilabel_data_starts_at_bce(tmp_path, monkeypatch, capsys)
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_lr_find_follows_class_weights_freeze_and_teacher(tmp_path, monkeypatch, capsys):
-    """--class-weights, --freeze and --teacher each change the sweep's losses (they left lr_find.csv identical)."""
+    """--class-weights, --freeze and --teacher each change the sweep's losses (they left lr_find.csv identical);
+    --freeze without --pretrained says its frozen weights are random."""
     monkeypatch.chdir(tmp_path)
     teacher = timm.create_model("test_resnet", num_classes=10, in_chans=1)
     meta = {"model_name": "test_resnet", "num_classes": "10", "class_names": json.dumps([str(i) for i in range(10)])}
@@ -56,5 +57,6 @@ def test_lr_find_follows_class_weights_freeze_and_teacher(tmp_path, monkeypatch,
     distilled = _sweep("distilled", *data, "--teacher", "test_resnet", "--teacher-weights", "teacher.safetensors")
     out = capsys.readouterr().out
     assert "parameter tensors frozen" in out and "distilling from test_resnet" in out
+    assert "warning: --freeze without --pretrained holds randomly initialised weights fixed" in out
     for other in (weighted, frozen, distilled):
         assert other != base
