@@ -2,8 +2,8 @@
 `--resume` sees whether the data under the same `--data` changed: sample counts per split and per class, the class
 names, a digest of each class's file names (folders and other path-based data), the folder scan's listing key (every
 file's path, size and modification time; for images read from files no scan listed, a labels.csv folder's, the same
-key made here), and the names and sizes of shard files. Multi-label data: positives per
-class and one digest of the file names with their label rows."""
+key made here), and the names and sizes of shard files. Multi-label data: positives per class and one digest of the
+file names with their label rows."""
 
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def unlabelled(split, class_names: list[str], where: str, name: str, multilabel:
     return len(labels) > 0 and missing == len(labels)
 
 
-def _check_classes(train, class_names: list[str], where: str, multilabel: bool = False, held_out: bool = False):
+def _check_classes(train, class_names: list[str], where: str, multilabel: bool = False, held_out: bool = False) -> None:
     if len(train) == 0:
         raise UserError(f"--data {where}: no training images")
     if len(class_names) < 2 and not multilabel:
