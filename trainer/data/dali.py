@@ -168,8 +168,9 @@ class DaliStage:
     """The DALI backend's work in the training process: EncodedBatches in, decoded `Batch`es out, on `device`.
 
     `random_erase` runs on the decoded batch, on its device, each sample under its own seed (`EncodedBatch.seeds`).
-    `samples` (the `Indexed` dataset the workers read) serves replacements for files that fail inside DALI, by the
-    one `Replacement` policy; without it (trainer predict) such files are left out and listed in `Batch.failed`.
+    `samples` (the dataset the workers read: `SeededSamples`, or `Indexed` for evaluation) serves replacements for
+    files that fail inside DALI, by the one `Replacement` policy; without it (trainer predict) such files are left out
+    and listed in `Batch.failed`.
     """
 
     def __init__(self, spec: PipelineSpec, samples=None, *, random_erase: float = 0.0, device=None):
