@@ -27,6 +27,8 @@ def test_one_process_and_two_ranks_train_the_same_vit(workdir: Path, loader: str
     one, two = workdir / "runs" / "train" / "one", workdir / "runs" / "train" / "two"
     assert config_of(one)["launch"]["num_processes"] == 1 and config_of(two)["launch"]["num_processes"] == 2
     assert config_of(two)["launch"]["per_device_batch_size"] == 32 and config_of(two)["launch"]["loader"] == loader
+    # 1,617 = 25 x 64 + 17: the last partial global batch is dropped at both counts, not padded.
+    assert config_of(one)["launch"]["steps_per_epoch"] == config_of(two)["launch"]["steps_per_epoch"] == 25
     curves = [[float(row["train/loss"]) for row in results(d)] for d in (one, two)]
     assert len(curves[0]) == 2 and curves[0] == pytest.approx(curves[1], rel=1e-3), curves
     assert curves[0][1] < curves[0][0]  # it trains
