@@ -70,7 +70,7 @@ class DataConfig:
     """DataLoader worker processes per rank; -1 picks from the CPU count, 0 loads in the training process."""
     loader: str = "auto"
     """Input path: `torch` (PIL decoding in DataLoader workers), `dali` (NVIDIA DALI decodes and crops, on the GPU
-    when there is one; pip install 'trainer[dali]'), `auto`: DALI with a CUDA device, DALI installed and no
+    when there is one; pip install -e ".[dali]" in the checkout), `auto`: DALI with a CUDA device, DALI installed and no
     --auto-augment, else torch."""
     val_fraction: float = 0.1
     """Fraction held out (stratified, seeded by --split-seed) for validation when the data has no validation split."""

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from trainer.config import DataConfig
 from trainer.data import shard as sharding
 from trainer.data.backends import Backend
-from trainer.data.folders import check_image
 from trainer.data.mixing import BatchMixing
 from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededSamples
+from trainer.data.sources.imagecheck import check_image
 from trainer.data.transforms import Augment, Preprocess
 
 
