@@ -175,7 +175,9 @@ class SeededSamples(torch.utils.data.Dataset):
     DALI stage, for a file DALI rejects)."""
 
     def __init__(self, split, transform, seed: int):
-        self.split, self.transform, self.seed = split, transform, seed
+        # Plain Python rows, as `with_transform` hands its transform, whatever format the split was given.
+        self.split = split.with_format(None) if hasattr(split, "with_format") else split
+        self.transform, self.seed = transform, seed
         # Shared memory: persistent DataLoader workers see the epoch the main process sets.
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
