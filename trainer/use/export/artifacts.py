@@ -68,10 +68,11 @@ class Target:
         """`onnx`, `openvino-int8`, ...: the name `trainer benchmark --formats` takes."""
         return self.fmt if self.precision == "fp32" else f"{self.fmt}-{self.precision}"
 
-    def path_for(self, weights: Path, folder: Path | None = None) -> Path:
-        """best.safetensors -> best_int8.onnx etc., beside the weights or in `folder`."""
-        name = weights.stem + SUFFIXES[(self.fmt, self.int8)]
-        return (folder or weights.parent) / name
+    def path_for(self, weights: Path, folder: Path | None = None, distinct: bool = False) -> Path:
+        """best.safetensors -> best_int8.onnx etc., beside the weights or in `folder`. `distinct` (benchmark, which
+        writes several precisions of one format side by side): best_bf16_openvino/, best_fp16.engine, ..."""
+        tag = f"_{self.precision}" if distinct and self.precision in ("bf16", "fp16") else ""
+        return (folder or weights.parent) / (weights.stem + tag + SUFFIXES[(self.fmt, self.int8)])
 
     @classmethod
     def parse(cls, label: str) -> Target:

@@ -84,7 +84,7 @@ def benchmark(
                     calibration = e
             if target.int8 and isinstance(calibration, UserError):
                 raise calibration
-            path = target.path_for(trained.path, run_dir)
+            path = target.path_for(trained.path, run_dir, distinct=True)
             build_export(target, model, trained, path, calibration[0] if target.int8 else None)
             row.size_mb = size_mb(path)
             if target.fmt == "coreml" and not coreml_runs_here():
