@@ -80,6 +80,7 @@ def bare_runners(files: dict[str, Path], threads: int) -> dict[str, tuple]:
     for name in ("ort fp32", "ort int8"):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as trainer's runtime: no spinning
         session = ort.InferenceSession(str(files[name]), options, providers=["CPUExecutionProvider"])
         runners[name] = (lambda x, s=session: s.run(["logits"], {"images": x})[0], "numpy")
     for name, hint in (("ov f32", "f32"), ("ov bf16", "bf16"), ("ov int8", "f32")):

@@ -40,6 +40,9 @@ class OnnxModel(RuntimeModel):
         ort = need("onnxruntime", "export", "running an ONNX model")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
+        # Idle threads sleep instead of spinning: a spinning pool takes the CPU the data loader (or, in trainer
+        # benchmark, the next runtime) needs between calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = ["CUDAExecutionProvider"] if torch.cuda.is_available() else []
         providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
         try:
