@@ -10,6 +10,7 @@ A module here holds no parameters: it runs in one process (accelerate launch / t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,11 @@ def load_runtime(path: Path, metadata: dict[str, str]) -> torch.nn.Module:
     """The exported model at `path` (format in `metadata`, as artifacts.read_artifact_metadata gives it); `threads`
     in `metadata` (trainer benchmark) sets onnxruntime's and OpenVINO's thread count, else each runtime picks."""
     kind = metadata["export_format"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            f"--weights {path}: an exported model runs in one process; start the command without accelerate launch "
+            "or torchrun (or pass the .safetensors weights)"
+        )
     threads = int(metadata.get("threads", 0))
     if kind == "onnx":
         return OnnxModel(path, threads).eval()
