@@ -35,8 +35,6 @@ OPENVINO_XML = "model.xml"
 TORCHSCRIPT_EXTRA = "trainer.json"
 COPIED_KEYS = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct")
 COPIED_KEYS += ("epoch", "val_top1", "val_map", "task", "output", "threshold")
-EXTRAS = {"export": 'pip install -e ".[export]"', "coreml": 'pip install -e ".[coreml]"'}
-EXTRAS["tensorrt"] = 'pip install -e ".[tensorrt]"'
 
 
 def need(module: str, extra: str, what: str):
@@ -46,7 +44,8 @@ def need(module: str, extra: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise UserError(f"{what} needs {module.split('.')[0]} ({EXTRAS[extra]})") from e
+        hint = f'pip install -e ".[{extra}]" in the trainer checkout'
+        raise UserError(f"{what} needs {module.split('.')[0]} ({hint})") from e
 
 
 @dataclass(frozen=True)
