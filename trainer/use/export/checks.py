@@ -6,7 +6,8 @@
 - `compare`: top-1 (mAP for multi-label) of PyTorch and of the export on those images, the difference in
   percentage points, the max |logit difference| and how many top classes agree;
 - `calibration_images`: a few hundred training images, evenly spread over the split, for int8's activation ranges.
-Bounds (docs/use.md): fp32 within 0.5 pp of PyTorch; fp16 / bf16 within 1 pp; int8 within 2 pp.
+Bounds (docs/use.md): fp32 within 0.5 pp of PyTorch; fp16 / bf16 within 1 pp; int8 within 2 pp; on random inputs
+(no data named) fp32 must agree on 95 % of the top classes and the others are reported only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from trainer.use.inference import TrainedWeights, check_classes, data_config_for
 
 BOUNDS_PP = {"fp32": 0.5, "fp16": 1.0, "bf16": 1.0, "int8": 2.0}  # max |metric difference| to PyTorch, in pp
 RANDOM_INPUTS = 64
+RANDOM_AGREEMENT = 0.95  # fp32 on random inputs (no data named): the share of top classes that must agree
 CHECK_BATCH = 32
 
 
@@ -127,7 +129,8 @@ def within_bound(comparison: Comparison, precision: str) -> str:
             f"{precision} export's {comparison.metric} differs from PyTorch's by {comparison.delta_pp:+.2f} pp "
             f"(bound {bound:g} pp)"
         )
-    if not comparison.metric and precision == "fp32" and comparison.agree < comparison.images:
+    # Random inputs: no metric to bound, and near-tied logits may swap; fp32 must still agree almost everywhere.
+    if not comparison.metric and precision == "fp32" and comparison.agree < RANDOM_AGREEMENT * comparison.images:
         return f"fp32 export's top class differs from PyTorch's on {comparison.images - comparison.agree} inputs"
     return ""
 
