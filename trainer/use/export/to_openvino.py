@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import UserError
 from trainer.use.export.artifacts import OPENVINO_XML, need
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f32", "int8": "f32"}  # precision -> INFERENCE_PRECISION_HINT
@@ -36,7 +37,16 @@ def export_openvino(
     example = torch.zeros(1, in_chans, imgsz, imgsz)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # convert_model traces with torch.jit, which warns
-        ov_model = ov.convert_model(model, example_input=example, input=[ov.PartialShape([-1, in_chans, imgsz, imgsz])])
+        try:
+            shape = ov.PartialShape([-1, in_chans, imgsz, imgsz])
+            ov_model = ov.convert_model(model, example_input=example, input=[shape])
+        except Exception as e:  # OpConversionFailure and friends: say which operations, in one line
+            lines = str(e).splitlines() or [type(e).__name__]
+            detail = next((line for line in lines if "Conversion is failed for" in line), lines[0])
+            raise UserError(
+                f"OpenVINO cannot convert {meta['model_name']} at {imgsz} px ({detail.strip('- ')}); a larger "
+                "--imgsz or --format onnx may work"
+            ) from e
     ov_model.inputs[0].get_tensor().set_names({"images"})
     ov_model.outputs[0].get_tensor().set_names({"logits"})
     if precision == "int8":
