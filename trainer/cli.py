@@ -1,4 +1,5 @@
-"""Command line: argv (+ --config YAML) -> Config -> a command (train, lr-find, val, predict, export, data).
+"""Command line: argv (+ --config YAML) -> Config -> a command (train, lr-find, val, predict, export, benchmark,
+data).
 With trainer/flags.py (the flags made from the config dataclasses), the only modules that know argparse.
 
 Precedence: dataclass defaults < --config YAML < flags given on the command line.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from trainer import __version__
 from trainer.config import LOADERS, Config, RunConfig, UserError, build_config
-from trainer.flags import Parser, add_config_flags, given_values, positive_int
+from trainer.flags import Parser, add_benchmark_flags, add_config_flags, add_export_flags, given_values, positive_int
 from trainer.run.faults import error_line, leave_process_group, plain
 from trainer.run.peers import lost_peer
 from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config, stopped_early
@@ -86,8 +87,12 @@ def bare_tta(argv: list[str]) -> list[str]:
 
 
 def _add_use_commands(commands) -> None:
-    """val, predict, export: each with its own small set of flags."""
-    weights = dict(metavar="PATH", required=True, help="a weights file written by trainer train (.safetensors)")
+    """val, predict, export, benchmark: each with its own small set of flags."""
+    weights = dict(
+        metavar="PATH",
+        required=True,
+        help="a weights file written by trainer train (.safetensors), or a model trainer export wrote (val, predict)",
+    )
     folder = "run folder {project}/{name}, incremented (exp, exp2, ...) unless --exist-ok"
 
     val = commands.add_parser(
@@ -134,18 +139,21 @@ def _add_use_commands(commands) -> None:
 
     export = commands.add_parser(
         "export",
-        help="export trained weights to ONNX or a timm hub folder",
-        description="Export trained weights. The .safetensors file itself loads in plain timm (see docs/use.md).",
+        help="export trained weights (TorchScript, ONNX, OpenVINO, int8, TensorRT, CoreML, timm hub), verified",
+        description="Export trained weights beside them, then check the export through its own runtime on the run's "
+        "validation images against PyTorch (top-1 or mAP); an export beyond its bound is not written.",
     )
     export.add_argument("--weights", **weights)
-    export.add_argument("--format", choices=("onnx", "hf"), default="onnx", help="onnx (default) or hf (timm hub)")
-    export.add_argument("--output", metavar="PATH", help="default: beside the weights (best.onnx, best_hf/)")
-    export.add_argument("--data", help="data for the ONNX check (default: the run's own validation images)")
-    export.add_argument("--check-images", type=positive_int, default=64, help="images in the ONNX check")
-    export.add_argument(
-        "--push-to-hub", metavar="REPO_ID", help="with --format hf: also upload to the HF hub (needs credentials)"
+    add_export_flags(export)
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="export every format that runs here, validate and time each: one table",
+        description="Export trained weights to each format, validate each on the run's validation images, time "
+        "batch-1 latency and batched throughput; print one table and write benchmark.csv to a run folder.",
     )
-    for command in (val, predict, export):
+    benchmark.add_argument("--weights", **weights)
+    add_benchmark_flags(benchmark)
+    for command in (val, predict, export, benchmark):
         command.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
 
 
@@ -211,8 +219,8 @@ def _stay_offline(offline: bool, wandb: bool) -> None:
 
 
 def run_use_command(args: argparse.Namespace) -> None:
-    """val, predict or export; heavy imports only now, so `trainer train` never loads onnx or onnxruntime."""
-    _stay_offline(not getattr(args, "push_to_hub", None), wandb=False)
+    """val, predict, export or benchmark; heavy imports only now, so `trainer train` never loads onnx or openvino."""
+    _stay_offline(not getattr(args, "push_to_hub", None), wandb=getattr(args, "tracker", "none") == "wandb")
     if args.command == "val":
         from trainer.use.val import validate
 
@@ -241,17 +249,16 @@ def run_use_command(args: argparse.Namespace) -> None:
             threshold=args.threshold,
             tta=args.tta,
         )
-    else:
-        from trainer.use.export import export
+    elif args.command == "export":
+        from trainer.use.export.command import export
 
-        export(
-            args.weights,
-            fmt=args.format,
-            output=args.output,
-            data_name=args.data,
-            check_images=args.check_images,
-            push_to_hub=args.push_to_hub,
-        )
+        options = {k: getattr(args, k) for k in ("output", "check_images", "push_to_hub", "half", "int8", "bf16")}
+        export(args.weights, args.format, data_name=args.data, calib_images=args.calib_images, **options)
+    else:
+        from trainer.use.export.benchmark import benchmark
+
+        options = {k: getattr(args, k) for k in ("check_images", "batch_size", "rounds", "calib_images", "tracker")}
+        benchmark(args.weights, args.formats, args.data, RunFolder(args.project, args.name, args.exist_ok), **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,3 +142,20 @@ def log_wandb_media(reporter, run, summary: dict[str, Any], val_split) -> None:
         )
         artifact.add_file(str(best_weights))
         run.log_artifact(artifact, aliases=["best", f"epoch-{summary.get('best/epoch')}"])
+
+
+def log_table_to_wandb(run_dir: Path, project: str, table: str, rows: list[dict[str, Any]], config: dict) -> str:
+    """A one-off wandb run in `run_dir` holding `rows` as the table `table` (`trainer benchmark`): online with
+    credentials, else offline. Returns what was done, for the console."""
+    import wandb
+
+    offline = not os.environ.get("WANDB_MODE") and not wandb_has_credentials()
+    run = wandb.init(
+        project=project, dir=str(run_dir), name=run_dir.name, config=config, mode="offline" if offline else None
+    )
+    columns = list(rows[0])
+    run.log({table: wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])})
+    run.finish()
+    if offline:
+        return f"wandb: logged offline; upload with: wandb sync {_shorter(Path(run.settings.sync_dir))}"
+    return f"wandb: logged to {run.url}"
