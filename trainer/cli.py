@@ -67,6 +67,18 @@ def _add_lr_find(commands) -> None:
 
 
 TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
+CAM_METHODS = (  # trainer.report.heatmaps.METHODS
+    *("gradcam", "gradcam++", "hirescam", "xgradcam"),
+    *("layercam", "eigencam", "eigengradcam", "gradcamelementwise"),
+)
+
+
+def _add_cam(command, what: str) -> None:
+    """--cam and --cam-method (trainer.report.heatmaps's methods, without importing torch for --help)."""
+    command.add_argument("--cam", action="store_true", help=f"class-activation heatmaps (grad-cam) {what}")
+    command.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam", help="with --cam (default: gradcam)")
+
+
 TTA_HELP = "test-time augmentation: average the logits over the image and its flip, or over ten crops (crops)"
 
 
@@ -90,6 +102,7 @@ def _add_use_commands(commands) -> None:
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
     val.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
+    _add_cam(val, "of the top losses: top_losses_cam.png")
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -113,6 +126,7 @@ def _add_use_commands(commands) -> None:
         "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
     )
     predict.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
+    _add_cam(predict, "of each image's top class: one overlay per image in {run}/cam/")
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -210,6 +224,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
             tta=args.tta,
+            cam=args.cam_method if args.cam else "",
         )
     elif args.command == "predict":
         from trainer.use.predict import predict
@@ -225,6 +240,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             write_json=args.json,
             threshold=args.threshold,
             tta=args.tta,
+            cam=args.cam_method if args.cam else "",
         )
     else:
         from trainer.use.export import export

@@ -17,7 +17,7 @@ import yaml
 from accelerate import Accelerator
 
 from trainer.config import RunConfig, UserError
-from trainer.report import evaluation
+from trainer.report import evaluation, mistakes
 from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.report.progress import Progress
 from trainer.report.trackers import log_wandb_media, start_tensorboard, start_wandb
@@ -263,6 +263,7 @@ class Reporter:
         what = f"AP and scores at threshold {preds.threshold:g}" if multilabel else "accuracy"
         print(f"per-class {what} at {which}{more}:\n{evaluation.format_per_class(shown)}", flush=True)
         written.append("per_class.csv")
+        written += mistakes.write_mistakes(self.run_dir, preds, names, val_split)  # top losses, most confused
         if multilabel:
             evaluation.save_pr_curves_png(preds, names, self.run_dir / "pr_curve.png")
             return [*written, "pr_curve.png"]
