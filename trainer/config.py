@@ -463,8 +463,8 @@ class Config:
         }
 
 
-# Facts a run writes into its config.yaml next to the settings; not settings themselves.
-RECORD_SECTIONS = ("launch", "dataset", "teacher")
+# Facts a run writes into its config.yaml next to the settings; not settings themselves (`audit`: trainer data audit's).
+RECORD_SECTIONS = ("launch", "dataset", "teacher", "audit")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 

@@ -163,3 +163,19 @@ def top_losses_table(preds, class_names: list[str], val_split):
         if m.index in decoded:
             table.add_data(rank, wandb.Image(decoded[m.index]), m.file, m.true, m.predicted, m.probability, m.loss)
     return table
+
+
+def log_wandb_tables(run, tables: dict[str, tuple[list[str], list[list]]]) -> None:
+    """Tables on wandb, one per name; numpy arrays and PIL images in cells become wandb images."""
+    import numpy as np
+    import wandb
+
+    def cell(value):
+        return wandb.Image(value) if isinstance(value, np.ndarray) or hasattr(value, "getpixel") else value
+
+    run.log(
+        {
+            name: wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])
+            for name, (columns, rows) in tables.items()
+        }
+    )
