@@ -6,6 +6,7 @@ after kill -9 in its second fold with the same findings, and runs on 2 gloo rank
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import signal
 import subprocess
@@ -77,7 +78,7 @@ def test_audit_finds_flipped_labels_and_leaks_and_continues_after_kill(noisy, wo
     assert precision > 0.6 and recall > 0.6, (precision, recall)
     ranked = found[: len(flipped)]  # most likely first: the top of the list is mostly flipped files
     assert len(set(ranked) & flipped) / len(flipped) > 0.6
-    assert all(float(a["score"]) <= float(b["score"]) for a, b in zip(issues, issues[1:], strict=False))
+    assert all(float(a["score"]) <= float(b["score"]) for a, b in itertools.pairwise(issues))
     leaks = {(r["file_a"], r["file_b"]) for r in rows(audit_dir / "duplicates.csv") if r["split_a"] != r["split_b"]}
     assert set(pairs) <= leaks
     for r in rows(audit_dir / "duplicates.csv"):

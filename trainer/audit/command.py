@@ -45,9 +45,9 @@ def stored_folds(run_dir: Path) -> int:
 def audit(cfg: Config, folds: int = DEFAULT_FOLDS, resume_dir: Path | None = None) -> dict:
     """Audit the data of `cfg` with `folds` folds in a new run folder, or continue the audit in `resume_dir`.
     Returns the summary's numbers. Every rank calls this."""
-    cleanlab_module()  # a missing extra is one line before minutes of training
     if folds < 2:
         raise UserError(f"--folds {folds}: cross-validation needs at least 2 folds (5 is usual)")
+    cleanlab_module()  # a missing extra is one line before minutes of training
     if cfg.data.streaming:
         raise UserError("trainer data audit reads every image several times; drop --streaming")
     accelerator = build_accelerator(cfg, resume_dir)
