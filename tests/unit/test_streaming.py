@@ -17,7 +17,7 @@ from trainer.config import DataConfig, UserError
 from trainer.data import load_splits
 from trainer.data.convert import convert, parse_shard_size
 from trainer.data.samples import EpochStream
-from trainer.data.sources import expand_braces
+from trainer.data.sources.datafiles import expand_braces
 from trainer.data.transforms import ImageTransform, Preprocess
 
 PRE = Preprocess(8, 1, (0.5,), (0.5,), "bilinear", 1.0)

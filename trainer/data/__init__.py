@@ -2,8 +2,10 @@
 
     source -> splits -> samples -> decode -> backend -> loader -> rank shard
 
-- `sources` (map-style: built-ins, folders via `folders`, save_to_disk, Parquet/Arrow, hub ids; the split names) and
-  `streams` (--streaming: WebDataset/Parquet shards or hub ids, never materialised): where images come from;
+- `sources/` (`load_source`: one small loader per kind of `--data` (built-in, class folder, labels.csv folder,
+  save_to_disk, Parquet/Arrow files, WebDataset shards, hub id), then one standardisation after it; `stream_source`
+  for --streaming, from the same pieces; the split names): where images come from, as `image` + `label` columns;
+- `multilabel`: the one stored form of multi-label labels (a multi-hot row per image), read by sources and splits;
 - `splits`: train/validation splits of either kind, the class checks, and what the run learns (`DataInfo`);
 - `samples`: which examples make a batch under which seed (`batch_seed`), and what replaces an unreadable image
   (`Replacement`): one policy, one warning;
@@ -15,6 +17,7 @@
   image);
 - `loaders`: every loader of a run (`train_loader`, `eval_loader`, `files_loader`) as a `Loader`;
 - `shard`: which data each rank sees, for map-style data and streams alike;
+- `fingerprint`: what a run trains on, in counts and digests (kept in checkpoints; `--resume` compares it);
 - `convert`: `trainer data convert` (any source to WebDataset or Parquet shards).
 
 The engine asks this package for two things: the data (`load_data`: splits + what the model needs to know) and the

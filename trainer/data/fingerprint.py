@@ -12,9 +12,9 @@ import os
 import numpy as np
 
 from trainer.config import DataConfig
-from trainer.data.folders import stored_listing
 from trainer.data.multilabel import label_matrix
 from trainer.data.sources import BUILTIN, data_files
+from trainer.data.sources.scancache import stored_listing
 from trainer.data.splits import labels_of
 
 VERSION = 1

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from trainer.config import DataConfig
 from trainer.data import shard as sharding
 from trainer.data.backends import Backend
-from trainer.data.folders import check_image
 from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededBatches, seeded
+from trainer.data.sources.imagecheck import check_image
 from trainer.data.transforms import Augment, Preprocess
 
 

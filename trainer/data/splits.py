@@ -11,8 +11,15 @@ import numpy as np
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import GRAY_MODES, UnreadableImage, decode_image
 from trainer.data.multilabel import is_list_feature, label_matrix
-from trainer.data.sources import check_task, detect_columns, load_source, split_names
-from trainer.data.streams import read_split, standard, stream_source
+from trainer.data.sources import (
+    check_task,
+    detect_columns,
+    load_source,
+    read_split,
+    split_names,
+    standard_stream,
+    stream_source,
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ def _stream_splits(cfg: DataConfig):
         default_hflip=0.5,
         val_split=f"split {val_name}, read once into the datasets cache",
     )
-    return {"train": standard(train, image_col, label_col), "val": val}, info
+    return {"train": standard_stream(train, image_col, label_col), "val": val}, info
 
 
 def load_splits_in_turn(accelerator, cfg: DataConfig):
