@@ -18,6 +18,9 @@ import pytest
 import yaml
 from conftest import CPU_2PROC, accelerate_launch, check, clean_env, run, trainer
 
+from trainer.config import DataConfig
+from trainer.data import load_splits
+
 FLIPPED = 0.08
 COPIES = 5
 # Short folds of a recipe that learns digits at 16 px (out-of-sample top-1 ~0.9 on the clean labels).
@@ -65,7 +68,7 @@ def noisy(tmp_path_factory):
     return root, *noisy_digits(root)
 
 
-def test_audit_finds_flipped_labels_and_leaks_and_continues_after_kill(noisy, workdir: Path):
+def test_audit_finds_flipped_labels_and_leaks_and_continues_after_kill(noisy, workdir: Path, monkeypatch):
     root, flipped, pairs = noisy
     check(run(trainer("data", "audit", "--data", str(root), *AUDIT), workdir))
     audit_dir = workdir / "runs" / "audit" / "exp"
@@ -86,6 +89,12 @@ def test_audit_finds_flipped_labels_and_leaks_and_continues_after_kill(noisy, wo
             assert (r["split_a"], r["split_b"], float(r["distance"])) == ("train", "val", pytest.approx(0, abs=1e-5))
     assert (audit_dir / "label_issues.png").is_file() and (audit_dir / "duplicates.png").is_file()
     assert "across train and val (leaks)" in (audit_dir / "summary.txt").read_text()
+    # The list goes back to training as it is: --exclude leaves those files out.
+    monkeypatch.setenv("HOME", str(workdir / "home"))
+    listed = rows(audit_dir / "label_issues.csv")
+    _, info = load_splits(DataConfig(data=str(root), exclude=str(audit_dir / "label_issues.csv")))
+    assert info.train_size == 1497 - sum(r["split"] == "train" for r in listed)
+    assert info.val_size == 305 - sum(r["split"] == "val" for r in listed)
 
     # The same audit killed (SIGKILL: no checkpoint on the way out) once its second fold saved a checkpoint.
     command = trainer("data", "audit", "--data", str(root), *AUDIT, "--name", "killed")

@@ -178,6 +178,9 @@ CASES = [
     (["--resume", "runs/train/exp", "--distill-alpha", "0.9"], "--distill-alpha 0.9 differs from the run's 0.5"),
     (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
     (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
+    (["--exclude", "missing.txt"], "--exclude missing.txt: no such file; give a list of files"),
+    (["--exclude", "typo.yaml"], "the images of --data digits are stored without file names to match"),
+    (["--exclude", "typo.yaml", "--streaming"], "--exclude leaves files out of map-style data and a stream"),
 ]
 
 

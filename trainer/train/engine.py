@@ -147,6 +147,8 @@ def load_data(accelerator: Accelerator, cfg: Config, reporter: Reporter, select=
     info = dataset.info
     if info.skipped:
         reporter.print(data.unreadable_warning(info))
+    if info.exclusion:
+        reporter.print(info.exclusion)
     world = accelerator.num_processes
     per_device_batch_size = cfg.train.per_device_batch_size(world)
     if info.train_size < per_device_batch_size * world:
