@@ -61,6 +61,11 @@ def audit(cfg: Config, folds: int = DEFAULT_FOLDS, resume_dir: Path | None = Non
     plan = kfold.plan_folds(train_labels, folds, cfg.data.split_seed, info.class_names)
     # Collective: the main process picks (or takes) the folder and locks it; every rank learns its name.
     run_dir = create_run_dir(accelerator, audit_folder(cfg), weights_dir=False, existing=resume_dir)
+    if resume_dir is None and (run_dir / kfold.FOLDS_DIR).exists():  # --exist-ok on an audit: its folds are not ours
+        raise UserError(
+            f"{run_dir} holds an audit already; continue it with trainer data audit --resume {run_dir}, or choose "
+            "another --name"
+        )
     record = {**cfg.to_dict(), "audit": {"folds": folds}}
     if accelerator.is_main_process and resume_dir is None:
         with atomic_file(run_dir / CONFIG_FILE) as tmp, open(tmp, "w") as f:

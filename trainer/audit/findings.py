@@ -117,9 +117,9 @@ class Findings:
     def tables(self) -> dict[str, tuple[list[str], list[list]]]:
         """The wandb tables: each issue's rows (the first 200), the image first."""
 
-        def with_images(rows: list[list], indices: list[int]) -> list[list]:
-            pictures = self._pictures([(i, "") for i in indices[:200]])
-            return [[p[0], *row] for p, row in zip(pictures, rows[:200], strict=False)]
+        def with_images(rows: list[list], indices: list[int]) -> list[list]:  # an unreadable image: no picture
+            shown = [self._pictures([(i, "")]) for i in indices[:200]]
+            return [[p[0][0] if p else None, *row] for p, row in zip(shown, rows[:200], strict=True)]
 
         return {
             "audit/label_issues": (
