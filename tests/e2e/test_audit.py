@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import CPU_2PROC, accelerate_launch, check, clean_env, run, trainer
+from wandb_file import read_run
 
 from trainer.config import DataConfig
 from trainer.data import load_splits
@@ -118,9 +119,10 @@ def test_audit_finds_flipped_labels_and_leaks_and_continues_after_kill(noisy, wo
 
 
 def test_audit_on_two_ranks(noisy, workdir: Path):
-    """2 gloo ranks: the folds train on both (world size 2 in their config.yaml) and the copies are found."""
+    """2 gloo ranks: the folds train on both (world size 2 in their config.yaml), the copies are found, and the
+    findings go to one (offline) wandb run as tables."""
     root, _, pairs = noisy
-    quick = ("--imgsz", "16", "--epochs", "1", "--batch-size", "64", "--folds", "2", "--tracker", "none")
+    quick = ("--imgsz", "16", "--epochs", "1", "--batch-size", "64", "--folds", "2", "--tracker", "wandb")
     check(run(accelerate_launch(CPU_2PROC, "data", "audit", "--data", str(root), *quick), workdir))
     audit_dir = workdir / "runs" / "audit" / "exp"
     for k in (1, 2):
@@ -129,3 +131,8 @@ def test_audit_on_two_ranks(noisy, workdir: Path):
     leaks = {(r["file_a"], r["file_b"]) for r in rows(audit_dir / "duplicates.csv") if r["split_a"] != r["split_b"]}
     assert set(pairs) <= leaks
     assert len(rows(audit_dir / "label_issues.csv")) > 0
+    offline = list((audit_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and not list((audit_dir / "folds").glob("*/wandb"))  # the folds log nothing
+    files = read_run(next(offline[0].glob("run-*.wandb"))).files
+    for table in ("label_issues", "duplicates", "outliers"):
+        assert any(p.startswith(f"media/table/audit/{table}_") for p in files), (table, files)
