@@ -6,6 +6,7 @@ predict on every rank; the main process alone puts them together and writes the 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -27,10 +28,11 @@ AUDIT_PROJECT = "runs/audit"  # --project when it is left at train's default
 DEFAULT_FOLDS = 5  # cleanlab's recommendation
 
 
-def audit_folder(cfg: Config) -> RunFolder:
-    """{project}/{name} of the audit: runs/audit/exp unless --project says otherwise."""
-    project = AUDIT_PROJECT if cfg.run.project == RunConfig.project else cfg.run.project
-    return RunFolder(project, cfg.run.name, cfg.run.exist_ok)
+def audit_config(cfg: Config) -> Config:
+    """The audit's own --project (runs/audit unless given: its folder, and its wandb project `audit`)."""
+    if cfg.run.project != RunConfig.project:
+        return cfg
+    return replace(cfg, run=replace(cfg.run, project=AUDIT_PROJECT))
 
 
 def stored_folds(run_dir: Path) -> int:
@@ -60,7 +62,9 @@ def audit(cfg: Config, folds: int = DEFAULT_FOLDS, resume_dir: Path | None = Non
     train_labels = labels_of(loaded.train)
     plan = kfold.plan_folds(train_labels, folds, cfg.data.split_seed, info.class_names)
     # Collective: the main process picks (or takes) the folder and locks it; every rank learns its name.
-    run_dir = create_run_dir(accelerator, audit_folder(cfg), weights_dir=False, existing=resume_dir)
+    cfg = audit_config(cfg)
+    folder = RunFolder(cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    run_dir = create_run_dir(accelerator, folder, weights_dir=False, existing=resume_dir)
     if resume_dir is None and (run_dir / kfold.FOLDS_DIR).exists():  # --exist-ok on an audit: its folds are not ours
         raise UserError(
             f"{run_dir} holds an audit already; continue it with trainer data audit --resume {run_dir}, or choose "
