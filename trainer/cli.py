@@ -16,7 +16,7 @@ from trainer.config import LOADERS, Config, RunConfig, UserError, build_config
 from trainer.flags import Parser, add_config_flags, given_values, positive_int
 from trainer.run.faults import error_line, leave_process_group, plain
 from trainer.run.peers import lost_peer
-from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
+from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config, stopped_early
 from trainer.run.rundirs import RunFolder, release_run_dirs
 
 
@@ -339,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume == AUTO and resume_dir is not None and finished(resume_dir, cfg.train.epochs):
             _say(f"trainer: {resume_dir} already finished its {cfg.train.epochs} epochs; nothing to do")
             return 0
+        stopped = stopped_early(resume_dir) if resume_dir is not None else 0
+        if stopped:  # refused before anything is loaded or rewritten (its plots, results.csv)
+            raise UserError(
+                f"--resume {resume_dir}: the run stopped early at epoch {stopped} (--patience {cfg.train.patience}); "
+                "nothing to resume: its best weights are in weights/; start a new run to train further"
+            )
         _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
         from trainer.run.checkpointer import Stopped
         from trainer.train.engine import train

@@ -146,5 +146,5 @@ def test_backend_choice(monkeypatch):
         data.choose_backend(DataConfig(data="shards/", streaming=True, loader="dali"), "cuda")
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed: importing it fails
     assert "not installed" in data.choose_backend(DataConfig(), "cuda").reason
-    with pytest.raises(UserError, match=r"pip install 'trainer\[dali\]'"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         data.choose_backend(DataConfig(loader="dali"), "cpu")

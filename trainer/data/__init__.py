@@ -13,6 +13,7 @@
 - `transforms` (the augmentation in force, `Preprocess`, the torch backend's transform) and `dali` (the DALI
   backend), behind `backends` (`Backend`: per-sample work, collate, in-process stage; `choose_backend`);
 - `batch`: what loaders yield (`Batch`; `EncodedBatch` between DALI's halves);
+- `labels`: checks on the labels every source must pass (class names told apart in any Unicode spelling);
 - `coverage`: every class of the train split still reaches the model (`ClassCoverage`: stop when one lost every
   image);
 - `loaders`: every loader of a run (`train_loader`, `eval_loader`, `files_loader`) as a `Loader`;
@@ -34,6 +35,7 @@ from trainer.data.backends import Backend, choose_backend
 from trainer.data.batch import Batch
 from trainer.data.coverage import ClassCoverage, present
 from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.labels import check_class_names
 from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
 from trainer.data.sources import BUILTIN
 from trainer.data.splits import (
@@ -73,7 +75,9 @@ class Data:
 def load_data(accelerator, cfg: DataConfig) -> Data:
     """The data `cfg` names, loaded on every rank in turn (the main process fills the caches first)."""
     # Collective: the barriers of main_process_first/local_main_process_first inside; every rank calls it.
-    return Data(*load_splits_in_turn(accelerator, cfg))
+    loaded = Data(*load_splits_in_turn(accelerator, cfg))
+    check_class_names(loaded.info.class_names, loaded.info.source)  # every source alike, every rank alike
+    return loaded
 
 
 def build_loaders(accelerator, data: Data, cfg: DataConfig, spec: LoaderSpec, per_device_batch_size: int):

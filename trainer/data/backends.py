@@ -16,7 +16,10 @@ from trainer.config import DataConfig, UserError
 from trainer.data import dali
 from trainer.data.transforms import Augment, ImageTransform, Preprocess
 
-DALI_INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 drivers)"
+DALI_INSTALL = (
+    'pip install -e ".[dali]" in the trainer checkout (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 '
+    "drivers)"
+)
 
 
 @dataclass(frozen=True)

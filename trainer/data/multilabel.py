@@ -40,7 +40,12 @@ def list_class_names(feature, train_values: list) -> list[str]:
     inner = getattr(feature, "feature", None)
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names)
-    return sorted({str(v) for row in train_values for v in (row or [])}, key=natural_key)
+    return sorted({_cell(v) for row in train_values for v in (row or [])} - {""}, key=natural_key)
+
+
+def _cell(value) -> str:
+    """A label value as a class name: stripped, so `' big'` and `'big'` are one class; "" (and None): no label."""
+    return "" if value is None else str(value).strip()
 
 
 def multi_hot(split, label_col: str, names: list[str], where: str, split_name: str):
@@ -52,14 +57,30 @@ def multi_hot(split, label_col: str, names: list[str], where: str, split_name: s
     index = {n: i for i, n in enumerate(names)}
     rows = split.with_format("arrow")[label_col].to_pylist()
     table = np.zeros((len(rows), len(names)), dtype=np.int8)
-    unknown = set()
+    unknown, outside = set(), set()
     for r, row in enumerate(rows):
         for value in row or []:
-            k = int(value) if by_index else index.get(str(value))
-            if k is None:
-                unknown.add(str(value))
+            if by_index:  # ClassLabel's -1 is "no label": never an index (table[r, -1] would be the last class)
+                k = int(value)
+                if k == -1:
+                    continue
+                if not 0 <= k < len(names):
+                    outside.add(k)
+                    continue
             else:
-                table[r, k] = 1
+                name = _cell(value)
+                if not name:  # an empty string in a list: no label
+                    continue
+                k = index.get(name)
+                if k is None:
+                    unknown.add(name)
+                    continue
+            table[r, k] = 1
+    if outside:
+        raise UserError(
+            f"--data {where}: split {split_name!r} has label index(es) {', '.join(map(str, sorted(outside)[:5]))} "
+            f"outside its {len(names)} class names (0..{len(names) - 1}, or -1 for no label); fix the label column"
+        )
     if unknown:
         raise UserError(
             f"--data {where}: split {split_name!r} has label(s) {', '.join(sorted(unknown)[:5])} that training "

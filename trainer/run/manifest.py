@@ -145,7 +145,8 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
     if (old.get("excluded") or {}) != (new.get("excluded") or {}):
         counts = [(f.get("excluded") or {}).get("files", 0) for f in (old, new)]
         changes.append(f"--exclude left out other files ({counts[0]} -> {counts[1]})")
-    if not changes and old.get("listing", "") != new.get("listing", ""):
+    # A checkpoint without a listing (a labels.csv folder's, before trainer listed its files) cannot tell.
+    if not changes and old.get("listing") and old["listing"] != new.get("listing", ""):
         changes.append("files replaced or rewritten in the folder: sizes or modification times differ")
     return changes
 

@@ -43,6 +43,7 @@ class Source:
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out
     default_hflip: float = 0.5
     multilabel: bool = False  # `label` holds a multi-hot row per image (data/multilabel.py)
+    notes: tuple[str, ...] = ()  # warnings for the run's header: legitimate, but likely not what was meant
 
 
 def detect_columns(features, image_column: str, label_column: str, where: str) -> tuple[str, str]:
@@ -99,7 +100,7 @@ def standardize(source: Source, cfg: DataConfig) -> Source:
     for name, split in source.splits.items():
         if name in (cfg.train_split, cfg.val_split) or name in TRAIN_SPLITS + VAL_SPLITS or len(source.splits) == 1:
             splits[name] = _standard_split(split, image_col, label_col, names, cfg.data, name, multilabel)
-    return Source(splits, names, source.description, source.channels, source.skipped, source.default_hflip, multilabel)
+    return dataclasses.replace(source, splits=splits, class_names=names, multilabel=multilabel)
 
 
 def check_task(cfg: DataConfig, multilabel: bool) -> None:
