@@ -9,6 +9,7 @@ aligned, so they are put side by side, not averaged; an exact copy is at distanc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,9 @@ def find_issues(combined: Combined) -> Issues:
     from cleanlab import Datalab
 
     lab = Datalab(data={"label": combined.labels}, label_name="label", verbosity=0)
-    lab.find_issues(pred_probs=combined.probs, features=combined.features, issue_types={t: {} for t in ISSUE_TYPES})
+    with warnings.catch_warnings():  # cleanlab's own pandas deprecations: nothing the user can act on
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))
+        lab.find_issues(pred_probs=combined.probs, features=combined.features, issue_types={t: {} for t in ISSUE_TYPES})
     label = lab.get_issues("label")
     flagged = np.flatnonzero(label["is_label_issue"].to_numpy())
     scores = label["label_score"].to_numpy()
