@@ -157,15 +157,16 @@ def test_cam_heatmaps_for_a_resnet_and_a_vit(in_process: Path, run_dir: Path, im
     from PIL import Image
 
     vit = _vit_weights(in_process / "vit.safetensors")
-    for n, weights in enumerate((run_dir / "weights" / "best.safetensors", vit), start=1):
-        assert main(["predict", "--weights", str(weights), str(image_folder), "--cam"]) == 0
-        cam = in_process / "runs" / "predict" / ("exp" if n == 1 else f"exp{n}") / "cam"
+    for name, weights in (("cam_resnet", run_dir / "weights" / "best.safetensors"), ("cam_vit", vit)):
+        assert main(["predict", "--weights", str(weights), str(image_folder), "--cam", "--name", name]) == 0
+        cam = in_process / "runs" / "predict" / name / "cam"  # own names: other tests look for runs/predict/exp
         assert sorted(p.name for p in cam.iterdir()) == sorted(f"digit{i:02d}.png" for i in range(12))
         with Image.open(cam / "digit00.png") as picture:
             assert picture.size == (128, 128) and picture.mode == "RGB"
             assert len(np.unique(np.asarray(picture).reshape(-1, 3), axis=0)) > 4  # a heatmap, not one colour
-    assert main(["val", "--weights", str(run_dir / "weights" / "best.safetensors"), "--cam"]) == 0
-    assert "top_losses_cam.png" in {p.name for p in (in_process / "runs" / "val").glob("*/top_losses_cam.png")}
+    assert main(["val", "--weights", str(run_dir / "weights" / "best.safetensors"), "--cam", "--name", "cam"]) == 0
+    with Image.open(in_process / "runs" / "val" / "cam" / "top_losses_cam.png") as picture:
+        assert picture.format == "PNG" and picture.width >= 400
     capsys.readouterr()
 
 
