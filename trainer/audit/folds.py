@@ -112,7 +112,8 @@ def fold_outputs(accelerator, cfg: Config, loaded: data.Data, backend, where: Pa
     trained = read_weights(where / WEIGHTS / LAST_WEIGHTS)
     model = load_model(trained).to(accelerator.device)
     spec = data.loader_spec(cfg.data, backend, trained.pre)
-    batch_size = 2 * cfg.train.per_device_batch_size(accelerator.num_processes)
+    # --batch-size auto is resolved inside each fold's training; prediction needs no probe: a batch that fits anyway
+    batch_size = 64 if cfg.train.auto_batch else 2 * cfg.train.per_device_batch_size(accelerator.num_processes)
     outputs = {}
     for split in ("train", "val"):
         parts = []
