@@ -79,7 +79,22 @@ def _add_cam(command, what: str) -> None:
     command.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam", help="with --cam (default: gradcam)")
 
 
-TTA_HELP = "test-time augmentation: average the logits over the image and its flip, or over ten crops (crops)"
+TTA_HELP = (
+    "test-time augmentation: average the logits over the image and its flip (flip; a bare --tta), or over ten crops "
+    "(crops)"
+)
+TTA_FLAG = dict(nargs="?", const="flip", choices=TTA_MODES, metavar="{flip,crops}", help=TTA_HELP)
+
+
+def bare_tta(argv: list[str]) -> list[str]:
+    """`trainer predict ... --tta a.png`: a bare --tta before the SOURCEs, which argparse would take for its value."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command != "predict":
+        return argv
+    return [
+        "--tta=flip" if a == "--tta" and n + 1 < len(argv) and argv[n + 1] not in TTA_MODES else a
+        for n, a in enumerate(argv)
+    ]
 
 
 def _add_use_commands(commands) -> None:
@@ -101,7 +116,7 @@ def _add_use_commands(commands) -> None:
     val.add_argument(
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
-    val.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
+    val.add_argument("--tta", **TTA_FLAG)
     _add_cam(val, "of the top losses: top_losses_cam.png")
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
@@ -125,7 +140,7 @@ def _add_use_commands(commands) -> None:
     predict.add_argument(
         "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
     )
-    predict.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
+    predict.add_argument("--tta", **TTA_FLAG)
     _add_cam(predict, "of each image's top class: one overlay per image in {run}/cam/")
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
@@ -317,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     resume_dir = None
     try:
         parser, dests = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(bare_tta(argv))
         if args.command == "data":
             try:
                 run_data_command(args, dests)

@@ -92,6 +92,14 @@ def test_dist_timeout_reaches_the_process_group(minutes, seconds):
     assert accelerator.init_handler.to_kwargs()["timeout"].total_seconds() == seconds
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_dist_backend_in_a_single_process_trains_as_one_process(monkeypatch):
+    """`--dist-backend gloo` in a plain run (one process, no launcher) is one process, not a group never joined."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    accelerator = build_accelerator(Config(run=RunConfig(dist_backend="gloo", tracker="none")))
+    assert accelerator.num_processes == 1
+
+
 def test_resume_of_a_run_stopped_early_is_refused_before_anything_is_rewritten(tmp_path, monkeypatch, capsys):
     """--resume RUN_DIR of a run --patience ended: one line, exit 2, its files untouched (it used to resume and
     rewrite its plots); --resume auto says there is nothing to do."""

@@ -7,11 +7,13 @@
   for --streaming, from the same pieces; the split names): where images come from, as `image` + `label` columns;
 - `multilabel`: the one stored form of multi-label labels (a multi-hot row per image), read by sources and splits;
 - `splits`: train/validation splits of either kind, the class checks, and what the run learns (`DataInfo`);
-- `samples`: which examples make a batch under which seed (`batch_seed`), and what replaces an unreadable image
-  (`Replacement`): one policy, one warning;
+- `samples`: the seed of each sample's augmentation (`sample_seed`: seed, epoch, the sample; never its batch or
+  rank), and what replaces an unreadable image (`Replacement`): one policy, one warning;
 - `decode`: the one place an image's encoded bytes and header are read and where it is decoded;
 - `transforms` (the augmentation in force, `Preprocess`, the torch backend's transform) and `dali` (the DALI
   backend), behind `backends` (`Backend`: per-sample work, collate, in-process stage; `choose_backend`);
+- `mixing`: mixup/cutmix of the training batches in the training process, one draw per global batch
+  (`BatchMixing`), so the same at any process count;
 - `batch`: what loaders yield (`Batch`; `EncodedBatch` between DALI's halves);
 - `labels`: checks on the labels every source must pass (class names told apart in any Unicode spelling);
 - `coverage`: every class of the train split still reaches the model (`ClassCoverage`: stop when one lost every

@@ -30,7 +30,10 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
     """One Accelerator; the launcher decides processes and precision, --mixed-precision may override it.
 
     `resume_dir`: the run this process is about to continue (None: a new run); every process must agree on it."""
-    group: dict = {"backend": cfg.run.dist_backend} if cfg.run.dist_backend else {}
+    group: dict = {}
+    if cfg.run.dist_backend and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A backend handed to accelerate makes it set up a process group; a plain single process has none to join.
+        group["backend"] = cfg.run.dist_backend
     if cfg.run.dist_timeout:
         # accelerate passes on only values that differ from its own defaults, one of which is 10 minutes (NCCL's):
         # exactly 10 would leave gloo at PyTorch's 30. One second more keeps it.
