@@ -21,7 +21,7 @@ from trainer.report.mistakes import file_names
 from trainer.report.reporter import Reporter
 from trainer.run.layout import CONFIG_FILE
 from trainer.run.rundirs import RunFolder, create_run_dir, release_run_dir
-from trainer.run.writes import atomic_file
+from trainer.run.writes import atomic_file, disk_errors
 from trainer.train.launch import build_accelerator
 
 AUDIT_PROJECT = "runs/audit"  # --project when it is left at train's default
@@ -61,9 +61,9 @@ def audit(cfg: Config, folds: int = DEFAULT_FOLDS, resume_dir: Path | None = Non
         raise UserError("trainer data audit reads single-label data (one class per image); this data is multi-label")
     train_labels = labels_of(loaded.train)
     plan = kfold.plan_folds(train_labels, folds, cfg.data.split_seed, info.class_names)
-    # Collective: the main process picks (or takes) the folder and locks it; every rank learns its name.
     cfg = audit_config(cfg)
     folder = RunFolder(cfg.run.project, cfg.run.name, cfg.run.exist_ok)
+    # Collective: the main process picks (or takes) the folder and locks it; every rank learns its name.
     run_dir = create_run_dir(accelerator, folder, weights_dir=False, existing=resume_dir)
     if resume_dir is None and (run_dir / kfold.FOLDS_DIR).exists():  # --exist-ok on an audit: its folds are not ours
         raise UserError(
@@ -83,6 +83,9 @@ def audit(cfg: Config, folds: int = DEFAULT_FOLDS, resume_dir: Path | None = Non
     for k in range(folds):
         where = kfold.fold_dir(run_dir, k)
         if not (where / kfold.OUTPUTS).is_file():
+            reporter.print(
+                f"audit fold {k + 1}/{folds}: training on {len(plan.kept(k))} images, holding out {len(plan.held(k))}"
+            )
             done = kfold.train_fold(cfg, run_dir, plan, k)
             reporter.print(f"audit fold {k + 1}/{folds} {done}; predicting every image with it")
             found = kfold.fold_outputs(accelerator, cfg, loaded, backend, where)  # Collective inside
@@ -95,18 +98,31 @@ def audit(cfg: Config, folds: int = DEFAULT_FOLDS, resume_dir: Path | None = Non
         if accelerator.is_main_process:
             outputs.append(kfold.load_outputs(where))
     numbers: dict = {}
+    failed = None
     if accelerator.is_main_process:
-        combined = combine(plan.fold_of, outputs, train_labels, labels_of(loaded.val))
-        files = {"train": file_names(loaded.train), "val": file_names(loaded.val)}
-        findings = Findings(combined, find_issues(combined), files, loaded.splits, info.class_names)
-        lines = findings.write(run_dir, folds)
-        numbers = findings.summary(folds)
-        print("\n".join(lines), flush=True)
-        if cfg.run.trackers():
-            reporter.start_trackers(run_dir, record, cfg.run)
-            reporter.log_tables(findings.tables())
+        try:
+            with disk_errors(run_dir, "the folds' outputs are kept: --resume writes the findings again"):
+                numbers = report_findings(run_dir, cfg, record, plan, outputs, loaded, reporter)
+        except UserError as e:  # raised after the ranks met below, so none of them waits for this one
+            failed = e
     # Collective: leave together, after the main process wrote the findings.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     release_run_dir(run_dir)
+    if failed is not None:
+        raise failed
     return numbers
+
+
+def report_findings(run_dir: Path, cfg: Config, record: dict, plan, outputs: list, loaded, reporter) -> dict:
+    """Main process: the folds put together, cleanlab, the files, the summary printed, the wandb tables."""
+    train_labels = labels_of(loaded.train)
+    combined = combine(plan.fold_of, outputs, train_labels, labels_of(loaded.val))
+    files = {"train": file_names(loaded.train), "val": file_names(loaded.val)}
+    findings = Findings(combined, find_issues(combined), files, loaded.splits, loaded.info.class_names)
+    lines = findings.write(run_dir, plan.folds)
+    print("\n".join(lines), flush=True)
+    if cfg.run.trackers():
+        reporter.start_trackers(run_dir, record, cfg.run)
+        reporter.log_tables(findings.tables())
+    return findings.summary(plan.folds)
