@@ -7,6 +7,7 @@ One sub-package per job; imports run one way, entry -> train/use -> run/report -
     config          the config dataclasses, one per component, checked on construction
     train/          a run's set-up steps and the loop; what shapes a step (model, optimizer, task, teacher, freeze)
     use/            what runs a trained model: inference, val, predict, export, TTA
+    audit/          what inspects the data: trainer data audit (K-fold out-of-sample predictions + cleanlab)
     run/            what keeps a run safe: run folders + lock, checkpoints, resume, manifests, weights, faults
     report/         what people look at: terminal, run-folder reports and plots, metrics, trackers
     data/           one pipeline: source -> splits -> samples -> decode -> backend -> loader -> rank shard

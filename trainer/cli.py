@@ -68,6 +68,18 @@ def _add_lr_find(commands) -> None:
 
 
 TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
+CAM_METHODS = (  # trainer.report.heatmaps.METHODS
+    *("gradcam", "gradcam++", "hirescam", "xgradcam"),
+    *("layercam", "eigencam", "eigengradcam", "gradcamelementwise"),
+)
+
+
+def _add_cam(command, what: str) -> None:
+    """--cam and --cam-method (trainer.report.heatmaps's methods, without importing torch for --help)."""
+    command.add_argument("--cam", action="store_true", help=f"class-activation heatmaps (grad-cam) {what}")
+    command.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam", help="with --cam (default: gradcam)")
+
+
 TTA_HELP = (
     "test-time augmentation: average the logits over the image and its flip (flip; a bare --tta), or over ten crops "
     "(crops)"
@@ -110,6 +122,7 @@ def _add_use_commands(commands) -> None:
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
     val.add_argument("--tta", **TTA_FLAG)
+    _add_cam(val, "of the top losses: top_losses_cam.png")
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -133,6 +146,7 @@ def _add_use_commands(commands) -> None:
         "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
     )
     predict.add_argument("--tta", **TTA_FLAG)
+    _add_cam(predict, "of each image's top class: one overlay per image in {run}/cam/")
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -158,8 +172,11 @@ def _add_use_commands(commands) -> None:
 
 
 def _add_data_commands(commands) -> None:
-    """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards."""
-    data = commands.add_parser("data", help="data tools: convert a dataset to WebDataset or Parquet shards")
+    """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards; `trainer data audit`:
+    label issues, duplicates and outliers from K-fold out-of-sample predictions (trainer.audit)."""
+    data = commands.add_parser(
+        "data", help="data tools: convert a dataset to shards; audit it for label issues, duplicates, outliers"
+    )
     tools = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     convert = tools.add_parser(
         "convert",
@@ -180,16 +197,69 @@ def _add_data_commands(commands) -> None:
     convert.add_argument("--data-config", default="", help="configuration (subset) name of a hub dataset")
     convert.add_argument("--allow-download", action="store_true", help="allow reading a hub id from the HF hub")
     convert.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
+    audit = tools.add_parser(
+        "audit",
+        help="find label issues, near duplicates (train/val leaks) and outliers: K-fold training + cleanlab",
+        description="Train --folds models with the run's own recipe (train's flags), each holding out one fold of the "
+        "training split, so every image gets probabilities from a model that never saw it; then cleanlab finds label "
+        "issues, near duplicates within and across train and val, and outliers. Writes label_issues.csv, "
+        "duplicates.csv, outliers.csv, summary.txt and image grids to runs/audit/exp. Runs plainly or under "
+        "accelerate launch / torchrun; a stopped audit continues with --resume.",
+    )
+    audit.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
+    audit.add_argument("--folds", type=positive_int, default=None, help="folds K, each one training (default: 5)")
+    audit.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the audit in RUN_DIR (e.g. runs/audit/exp): finished folds are skipped, a half-done one "
+        "continues from its checkpoint",
+    )
+    add_config_flags(audit)
 
 
-def run_data_command(args: argparse.Namespace) -> None:
-    """`trainer data convert`: prints what it wrote."""
+def run_data_command(args: argparse.Namespace, dests: dict) -> None:
+    """`trainer data convert`: prints what it wrote; `trainer data audit`: the audit (trainer.audit.command)."""
+    if args.data_command == "audit":
+        run_audit(args, dests)
+        return
     _stay_offline(not args.allow_download, wandb=False)
     from trainer.data.convert import convert
 
     counts = convert(args.src, args.dst, args.format, args.shard_size, data_config=args.data_config)
     written = ", ".join(f"{split} {n}" for split, n in counts.items())
     print(f"trainer: wrote {args.format} shards to {args.dst} ({written} samples)", flush=True)
+
+
+def run_audit(args: argparse.Namespace, dests: dict) -> None:
+    """`trainer data audit`: a new audit, or `--resume RUN_DIR` with its stored recipe and fold count."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume {args.resume}: not an audit folder (no config.yaml); give e.g. runs/audit/exp")
+        cfg = resume_config(run_dir, given_values(args, dests))
+    else:
+        cfg, run_dir = resolve_config(args, dests), None
+    _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
+    from trainer.audit.command import DEFAULT_FOLDS, audit, stored_folds
+    from trainer.run.checkpointer import Stopped
+
+    folds = args.folds or DEFAULT_FOLDS
+    if run_dir is not None:
+        folds = stored_folds(run_dir)
+        if args.folds and args.folds != folds:
+            raise UserError(f"--resume: --folds {args.folds} differs from the audit's {folds}; drop --folds")
+    try:
+        audit(cfg, folds, run_dir)
+    except Stopped as e:  # raised in a fold: {audit}/folds/foldK
+        raise AuditStopped(str(e), e.signum, e.run_dir.parent.parent) from e
+
+
+class AuditStopped(Exception):
+    """A signal stopped an audit's fold after its checkpoint: the audit continues with --resume."""
+
+    def __init__(self, message: str, signum: int, run_dir: Path):
+        super().__init__(message)
+        self.signum, self.run_dir = signum, run_dir
 
 
 def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
@@ -233,6 +303,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
             tta=args.tta,
+            cam=args.cam_method if args.cam else "",
         )
     elif args.command == "predict":
         from trainer.use.predict import predict
@@ -248,6 +319,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             write_json=args.json,
             threshold=args.threshold,
             tta=args.tta,
+            cam=args.cam_method if args.cam else "",
         )
     elif args.command == "export":
         from trainer.use.export.command import export
@@ -269,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         parser, dests = build_parser()
         args = parser.parse_args(bare_tta(argv))
         if args.command == "data":
-            run_data_command(args)
+            try:
+                run_data_command(args, dests)
+            except AuditStopped as e:
+                _say(f"trainer: audit {e}; continue with: trainer data audit --resume {e.run_dir}")
+                return 128 + e.signum
             return 0
         if args.command == "lr-find":
             cfg = resolve_config(args, dests)
