@@ -41,8 +41,11 @@ class Mistake:
 def file_names(split) -> list[str]:
     """Each image's file path in `split` (a map-style dataset), in its order; `#N` (its row) where the images are
     stored bytes without a path."""
-    column = split.with_format("arrow")["image"].combine_chunks()
-    paths = column.field("path").to_pylist() if hasattr(column, "field") else [None] * len(split)
+    if hasattr(split, "with_format"):  # a datasets.Dataset: the paths read as one Arrow column, no image decoded
+        column = split.with_format("arrow")["image"].combine_chunks()
+        paths = column.field("path").to_pylist() if hasattr(column, "field") else [None] * len(split)
+    else:  # any other sequence of rows
+        paths = [row["image"].get("path") if isinstance(row["image"], dict) else None for row in split]
     return [p or f"#{i}" for i, p in enumerate(paths)]
 
 
