@@ -85,3 +85,28 @@ def test_a_shard_that_breaks_mid_run_is_one_line(tmp_path):
         assert line.endswith("so it changed or its disk failed since: restore it, then run the command again"), line
     assert error_line(ValueError("a bug")) is None
     assert error_line(OSError("an errno-less OSError of something else")) is None
+
+
+def test_a_sigterm_swallowed_inside_a_library_still_stops_the_conversion(tmp_path, monkeypatch):
+    """datasets' fingerprint hashing inside `select` catches the SystemExit our SIGTERM handler raises (seen in CI):
+    the conversion must still stop with 143 and leave neither DST nor its temporary folder."""
+    import contextlib
+    import os
+    import signal
+
+    from trainer.data import convert as convert_module
+
+    real, calls = convert_module._image_bytes, []
+
+    def image_bytes(value):
+        calls.append(1)
+        if len(calls) == 3:
+            with contextlib.suppress(BaseException):  # a library's broad except around the moment the signal lands
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(value)
+
+    monkeypatch.setattr(convert_module, "_image_bytes", image_bytes)
+    with pytest.raises(SystemExit) as stopped:
+        convert("digits", str(tmp_path / "shards"), "webdataset", "100")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not list(tmp_path.glob("*shards*"))  # no DST, no temporary folder

@@ -86,6 +86,7 @@ def convert(src: str, dst: str, fmt: str, shard_size: str, *, data_config: str =
             info._dump_info(f, pretty_print=True)
         if out.exists():
             out.rmdir()  # empty: checked above
+        _stop_if_signalled()
         os.replace(tmp, out)
     except BaseException:  # errors, Ctrl-C, SIGTERM (made SystemExit above): the partial shards go
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,11 +123,24 @@ def _terminate_as_exit():
     if threading.current_thread() is not threading.main_thread():
         return None
 
+    _SIGNALLED.clear()
+
     def stop(signum, frame):
         print(f"trainer: {signal.Signals(signum).name}: conversion stopped, nothing written to its DST", flush=True)
+        _SIGNALLED.append(signum)
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, stop)
+
+
+_SIGNALLED: list[int] = []  # the signal that stopped the conversion, kept for where the SystemExit was swallowed
+
+
+def _stop_if_signalled() -> None:
+    """Raise the stop again: a SystemExit raised inside a library's broad `except` (datasets' fingerprint hashing
+    of `select` swallows it) must still end the conversion. Checked after each shard and before the rename."""
+    if _SIGNALLED:
+        raise SystemExit(128 + _SIGNALLED[0])
 
 
 def _shards(sizes: list[int], max_samples: int, max_bytes: int) -> list[range]:
@@ -175,6 +189,7 @@ def _write_tars(split, folder: Path, name: str, max_samples: int, max_bytes: int
     images = split.with_format(None)
     sizes = [_image_size(v) for v in images["image"]] if max_bytes else [0] * len(split)
     for index, rows in enumerate(_shards(sizes, max_samples, max_bytes)):
+        _stop_if_signalled()
         part = images.select(rows)  # one columnar read per shard, not one per sample
         with tarfile.open(folder / f"{name}-{index:06d}.tar", "w") as tar:
             for i, value, label in zip(rows, part["image"], part["label"], strict=True):
@@ -212,6 +227,7 @@ def _write_parquet(split, folder: Path, name: str, max_samples: int, max_bytes: 
         return 0
     sizes = [_image_size(v) for v in split.with_format(None)["image"]] if max_bytes else [0] * len(split)
     for index, rows in enumerate(_shards(sizes, max_samples, max_bytes)):
+        _stop_if_signalled()
         part = split.select(rows)
         # The features in the schema: image paths become embedded bytes, and readers get the ClassLabel back.
         table = embed_table_storage(part.with_format("arrow")[:].cast(part.features.arrow_schema))
