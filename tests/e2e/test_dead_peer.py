@@ -94,7 +94,7 @@ def test_a_stopped_then_a_killed_peer_get_one_line_each_and_resume_finishes(work
     assert f"resuming {relative} at epoch 1, step {newest}" in resumed, resumed[-2000:]  # the kept checkpoint loads
     line = said(rank_stderr(logs, 0))
     # Where it waited: the step, the call in trainer's code, its place (and the collective, when torch names it).
-    where = r"trainer: error: rank 0 of 2 lost rank 1 after step \d+, in `.+` \(trainer/\w+\.py:\d+"
+    where = r"trainer: error: rank 0 of 2 lost rank 1 after step \d+, in `.+` \(trainer/[\w/]+\.py:\d+"
     assert re.match(where, line), line
     assert "its connection closed" in line and "the launcher's summary names the rank that failed" in line, line
     newest = steps(run_dir)[-1]

@@ -151,3 +151,24 @@ def test_a_lost_peer_leaves_the_launchers_sigterm_ignored(tmp_path):
         assert signal.getsignal(signal.SIGTERM) is previous  # any other error: the handler as before
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_where_a_rank_waited_is_found_in_any_sub_package():
+    """The place in the lost-peer line comes from the innermost frame inside trainer/, sub-packages included (the
+    package root, not the folder of peers.py: trainer/train/loop.py is where ranks wait)."""
+    import trainer
+    from trainer.run.peers import _where
+
+    loop_file = Path(trainer.__file__).parent / "train" / "loop.py"
+    namespace: dict = {}
+    source = "def step(state):\n    raise RuntimeError('Connection reset by peer')\n"
+    exec(compile(source, str(loop_file), "exec"), namespace)
+
+    class State:
+        step = 7
+
+    with pytest.raises(RuntimeError) as caught:
+        namespace["step"](State())
+    where = _where(caught.value)
+    assert where.startswith(" after step 7, in `"), where
+    assert "(trainer/train/loop.py:2" in where, where

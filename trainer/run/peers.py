@@ -35,7 +35,7 @@ _ADDRESS = re.compile(r"\[([0-9A-Za-z.:-]+)\]:(\d+)")  # gloo: "Read error [127.
 # Words in the names of torch's Python frames that wait on peers (DDP's buffer broadcast in forward is
 # `_default_broadcast_coalesced`; its gradient all-reduce runs in C++ during backward, without a frame of its own).
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier", "all_to_all", "reduce", "gather")
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # trainer/: frames anywhere in the package are ours
 
 
 def _dist_error_type() -> type | None:
