@@ -23,6 +23,7 @@ from trainer.config import DataConfig
 from trainer.data import shard as sharding
 from trainer.data.backends import Backend
 from trainer.data.folders import check_image
+from trainer.data.resolution import TrainSize
 from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededBatches, seeded
 from trainer.data.transforms import Augment, Preprocess
 
@@ -36,6 +37,7 @@ class Loader:
 
     batches: object
     stage: object = None  # dali.DaliStage, or None
+    size: TrainSize | None = None  # --progressive: the training size, set by set_epoch
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -51,9 +53,17 @@ class Loader:
     def dataset(self):
         return self.batches.dataset
 
+    @property
+    def imgsz(self) -> int | None:
+        """The training size in force under --progressive (None: the size the loader was made for)."""
+        return None if self.size is None else int(self.size)
+
     def set_epoch(self, epoch: int) -> None:
         """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
-        runs one process). An unsharded loader (no accelerator) reshuffles from its generator instead."""
+        runs one process). An unsharded loader (no accelerator) reshuffles from its generator instead. Under
+        --progressive also the epoch's image size, before any of its batches is drawn (workers read it per batch)."""
+        if self.size is not None:
+            self.size.set_epoch(epoch)
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(epoch)
         if hasattr(self.batches.dataset, "set_epoch"):
@@ -142,7 +152,7 @@ def train_loader(
                 f"process, {shard.world} process(es), {workers} worker(s) per process, shuffle buffer "
                 f"{spec.shuffle_buffer}"
             )
-        return Loader(sharding.shard_loader(accelerator, loader, streamed=True))
+        return Loader(sharding.shard_loader(accelerator, loader, streamed=True), size=augment.size)
     examples = spec.backend.examples(spec.pre, augment)
     samples = Indexed(split.with_transform(examples))
     dataset = SeededBatches(Replacing(samples, Replacement(where=f"rank {shard.rank}")), spec.seed)
@@ -161,7 +171,7 @@ def train_loader(
     )
     threads = dali_threads(shard.local_world, spec.workers)
     stage = spec.backend.stage(spec.pre, batch_size, threads, samples, augment)
-    return Loader(sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)))
+    return Loader(sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)), augment.size)
 
 
 def eval_loader(accelerator, split, spec: LoaderSpec, batch_size: int) -> Loader:

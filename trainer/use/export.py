@@ -105,7 +105,10 @@ def _move_files(build: Path, folder: Path) -> None:
 def _onnx_metadata(trained: TrainedWeights) -> dict[str, str]:
     keys = ("model_name", "class_names", "imgsz", "in_chans", "mean", "std", "interpolation", "crop_pct", "epoch")
     keys += ("task", "output", "threshold")  # multi-label weights: a sigmoid per label, and the threshold
-    return {k: trained.metadata[k] for k in keys if k in trained.metadata}
+    meta = {k: trained.metadata[k] for k in keys if k in trained.metadata}
+    if trained.pre.imgsz != trained.train_imgsz:  # --test-imgsz: the graph takes the test size; training's kept too
+        meta["imgsz"], meta["train_imgsz"] = str(trained.pre.imgsz), str(trained.train_imgsz)
+    return meta
 
 
 def check_inputs(trained: TrainedWeights, data_name: str | None, count: int) -> tuple[torch.Tensor, str]:
