@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run on a GPU machine, in under 9 minutes; figures as JSON.
+# Every GPU check of the project in one run on a GPU machine, in about 10 minutes; figures as JSON.
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT, else ./gpu-out
 #   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # without a GPU: every part tiny, to see none is broken
@@ -13,6 +13,8 @@
 #   distill_step.json  bench/distill_step.py: ms per step of resnet18 single-label vs distilled from resnet50 (bf16,
 #                      224 px, batch 128, channels-last), and the teacher's forward alone
 #   gpu_tests.log      pytest tests/gpu (SyncBN on two ranks sharing the GPU, the DALI mixed decoder)
+#   progressive_sizes.json  bench/progressive.py --gpu-sizes: resnet50 img/s at 160, 192 and 224 px (bf16, batch 256,
+#                      eager) fed generated JPEGs by the loader of a --progressive 160 ramp (DALI, else torch)
 #   autobatch.json     bench/autobatch.py: --batch-size auto's probe on resnet50 and vit_base at 224 px (bf16): the
 #                      size found, its 90 %, the probe's seconds, and a real AdamW step's peak memory at that size
 # Each part has its own time limit and a failing part never stops the others.
@@ -21,7 +23,7 @@
 # -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
 # in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (allow 600 s: the parts below sum to at most 500 s plus start-up).
+# (allow 600 s: the parts below sum to at most 650 s plus start-up; most end well before their limits).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()
@@ -53,6 +55,7 @@ part distill_step 60 python3 bench/distill_step.py "${smoke[@]}" --model resnet1
   --in-chans 3 --batch-size 128 --mixed-precision bf16 --channels-last --out "$out/distill_step.json"
 part gpu_tests 50 python3 -m pytest tests/gpu -q -p no:cacheprovider
 part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
+part progressive_sizes 90 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform

@@ -42,7 +42,7 @@ def test_killed_mid_ramp_resumes_bitwise_and_val_uses_the_test_size(workdir: Pat
     check(run(trainer("val", "--weights", str(cut / "weights" / "last.safetensors")), workdir))
     metrics = json.loads((workdir / "runs" / "val" / "exp" / "metrics.json").read_text())
     assert metrics["imgsz"] == 40
-    assert metrics["val/top1"] == pytest.approx(float(results(cut)[-1]["val/top1"]))
+    assert f"{metrics['val/top1']:.6g}" == results(cut)[-1]["val/top1"]  # results.csv keeps 6 digits
 
 
 def test_dali_killed_mid_ramp_resumes_bitwise(workdir: Path):

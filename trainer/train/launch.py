@@ -76,8 +76,8 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
 
 def allow_recompiles(sizes: int) -> None:
     """Let torch.compile keep a graph per image size (--progressive): each size in training mode, the evaluation
-    size in eval mode, and a second batch size for each (a last, smaller batch); past dynamo's limit (8) it would
-    fall back to eager for the rest of the run."""
+    size in eval mode and its last, smaller batch, with room to spare; past dynamo's limit (8) it would fall back to
+    eager for the rest of the run."""
     import torch._dynamo
 
     needed = 2 * (sizes + 1)
