@@ -46,10 +46,10 @@ import datasets
 from trainer.config import DataConfig
 from trainer.data import load_splits
 try:
-    from trainer.data import folders
-    check_files = folders._check_files
+    from trainer.data.sources import classfolder
+    check_files = classfolder._check_files
     opened = []
-    folders._check_files = lambda files: opened.extend(files) or check_files(files)
+    classfolder._check_files = lambda files: opened.extend(files) or check_files(files)
 except (ImportError, AttributeError):  # an older trainer: no count
     opened = None
 before = memory_kb()

@@ -1,7 +1,7 @@
 """Write docs/cli.md from trainer's own argparse parser, so the CLI reference cannot drift from `--help`.
 
 The `trainer train` flags come from the config dataclasses (one flag per field, help from the field's docstring,
-see trainer/cli.py `_add_config_flags`); val, predict, export and data convert add their own flags. Reading the
+see trainer/flags.py `add_config_flags`); val, predict, export and data convert add their own flags. Reading the
 parser keeps every flag of every subcommand, aliases included. The output is formatted here, not by argparse, so it
 does not depend on the terminal width.
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "cli.md"
+BLANKS = {"": "empty", " ": "space"}  # defaults that would print as "(default: )"
 
 HEADER = """\
 # CLI reference
@@ -63,7 +64,8 @@ def _help(action: argparse.Action) -> str:
     text = action.help or ""
     shown = action.default not in (None, argparse.SUPPRESS, False) and not action.required
     if shown and "default" not in text:
-        text = f"{text} (default: {action.default})".strip()
+        value = BLANKS.get(action.default, action.default) if isinstance(action.default, str) else action.default
+        text = f"{text} (default: {value})".strip()
     return _cell(text)
 
 

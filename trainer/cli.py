@@ -16,7 +16,7 @@ from trainer.config import LOADERS, Config, RunConfig, UserError, build_config
 from trainer.flags import Parser, add_config_flags, given_values, positive_int
 from trainer.run.faults import error_line, leave_process_group, plain
 from trainer.run.peers import lost_peer
-from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config
+from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config, stopped_early
 from trainer.run.rundirs import RunFolder, release_run_dirs
 
 
@@ -67,7 +67,22 @@ def _add_lr_find(commands) -> None:
 
 
 TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
-TTA_HELP = "test-time augmentation: average the logits over the image and its flip, or over ten crops (crops)"
+TTA_HELP = (
+    "test-time augmentation: average the logits over the image and its flip (flip; a bare --tta), or over ten crops "
+    "(crops)"
+)
+TTA_FLAG = dict(nargs="?", const="flip", choices=TTA_MODES, metavar="{flip,crops}", help=TTA_HELP)
+
+
+def bare_tta(argv: list[str]) -> list[str]:
+    """`trainer predict ... --tta a.png`: a bare --tta before the SOURCEs, which argparse would take for its value."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command != "predict":
+        return argv
+    return [
+        "--tta=flip" if a == "--tta" and n + 1 < len(argv) and argv[n + 1] not in TTA_MODES else a
+        for n, a in enumerate(argv)
+    ]
 
 
 def _add_use_commands(commands) -> None:
@@ -89,7 +104,7 @@ def _add_use_commands(commands) -> None:
     val.add_argument(
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
-    val.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
+    val.add_argument("--tta", **TTA_FLAG)
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -112,7 +127,7 @@ def _add_use_commands(commands) -> None:
     predict.add_argument(
         "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
     )
-    predict.add_argument("--tta", choices=TTA_MODES, help=TTA_HELP)
+    predict.add_argument("--tta", **TTA_FLAG)
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -245,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     resume_dir = None
     try:
         parser, dests = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(bare_tta(argv))
         if args.command == "data":
             run_data_command(args)
             return 0
@@ -263,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume == AUTO and resume_dir is not None and finished(resume_dir, cfg.train.epochs):
             _say(f"trainer: {resume_dir} already finished its {cfg.train.epochs} epochs; nothing to do")
             return 0
+        stopped = stopped_early(resume_dir) if resume_dir is not None else 0
+        if stopped:  # refused before anything is loaded or rewritten (its plots, results.csv)
+            raise UserError(
+                f"--resume {resume_dir}: the run stopped early at epoch {stopped} (--patience {cfg.train.patience}); "
+                "nothing to resume: its best weights are in weights/; start a new run to train further"
+            )
         _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
         from trainer.run.checkpointer import Stopped
         from trainer.train.engine import train

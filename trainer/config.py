@@ -80,7 +80,7 @@ class DataConfig:
     """DataLoader worker processes per rank; -1 picks from the CPU count, 0 loads in the training process."""
     loader: str = "auto"
     """Input path: `torch` (PIL decoding in DataLoader workers), `dali` (NVIDIA DALI decodes and crops, on the GPU
-    when there is one; pip install 'trainer[dali]'), `auto`: DALI with a CUDA device, DALI installed and no
+    when there is one; pip install -e ".[dali]" in the checkout), `auto`: DALI with a CUDA device, DALI installed and no
     --auto-augment, else torch."""
     val_fraction: float = 0.1
     """Fraction held out (stratified, seeded by --split-seed) for validation when the data has no validation split."""
@@ -406,6 +406,12 @@ class DistillConfig:
         given = [flag for flag, on in sources.items() if on]
         _check(bool(self.teacher) or not given, f"{' '.join(given)} needs --teacher MODEL (the teacher's timm name)")
         _check(len(given) < 2, "--teacher-weights and --teacher-pretrained are two sources of weights; give one")
+        shaping = {"--distill-alpha": (self.distill_alpha, 0.5), "--distill-temperature": (self.distill_temperature, 1)}
+        unused = [f"{flag} {value:g}" for flag, (value, default) in shaping.items() if value != default]
+        _check(
+            bool(self.teacher) or not unused,
+            f"{', '.join(unused)} shape(s) a teacher's term and no --teacher is given; add --teacher MODEL or drop it",
+        )
         _check(
             not self.teacher or bool(given),
             f"--teacher {self.teacher} needs its weights: --teacher-weights PATH, or --teacher-pretrained",

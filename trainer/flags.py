@@ -124,7 +124,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, da
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             shown = (
-                {"": "empty", None: "unset"}.get(f.default, f.default)
+                {"": "empty", " ": "space", None: "unset"}.get(f.default, f.default)
                 if not isinstance(f.default, tuple)
                 else f.default
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainer import data
 from trainer.config import build_config
-from trainer.data import folders
+from trainer.data.sources import classfolder
 from trainer.train.launch import build_accelerator
 
 
@@ -19,8 +19,8 @@ def main(folder: str, out_dir: str) -> None:
     cfg = build_config({"run": {"tracker": "none"}, "data": {"data": folder}})
     accelerator = build_accelerator(cfg)
     opened = []
-    check_files = folders._check_files
-    folders._check_files = lambda files: opened.extend(files) or check_files(files)
+    check_files = classfolder._check_files
+    classfolder._check_files = lambda files: opened.extend(files) or check_files(files)
     with accelerator.main_process_first():  # as engine.train: the main process scans, the others reuse its scan
         splits, info = data.load_splits(cfg.data)
     record = {

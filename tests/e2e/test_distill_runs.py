@@ -63,7 +63,7 @@ def test_student_learns_from_the_teacher_alone(workdir: Path, teacher: Path):
     assert hashlib.sha256(teacher.read_bytes()).hexdigest() == digest  # the teacher's file is left as it was
 
 
-# DALI (an optional extra, `trainer[dali]`) where installed: its batches reach the loop as the same Batch.
+# DALI (an optional extra, `.[dali]`) where installed: its batches reach the loop as the same Batch.
 LOADER = "dali" if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali") else "torch"
 
 

@@ -159,3 +159,25 @@ def test_multilabel_balanced_run_killed_and_resumed_is_bitwise_exact(tmp_path: P
     check(run(trainer("train", "--resume", str(runs / "cut")), tmp_path))
     assert_same_weights(runs / "ref", runs / "cut")
     assert (runs / "cut" / "results.csv").read_text() == (runs / "ref" / "results.csv").read_text()
+
+
+def test_images_swapped_in_a_labels_csv_folder_refuse_the_resume(tmp_path: Path):
+    """Two image files swapped between rows of a labels.csv folder (the CSV untouched), then --resume: refused in one
+    line, as for class folders (it resumed and trained on relabelled images)."""
+    import shutil
+
+    (tmp_path / "home").mkdir()
+    root = write_tagged_folder(tmp_path / "tags", count=200)
+    args = ("train", "--data", "tags", "--epochs", "1", *TRAIN, "--workers", "0", "--checkpoint-every", "2")
+    check(run(trainer(*args, "--keep-checkpoints", "2"), tmp_path))
+    run_dir = tmp_path / "runs" / "train" / "exp"
+    last = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    shutil.rmtree(last)  # the newest left is mid-epoch: a resume would train on
+    a, b = root / "img_0003.png", root / "img_0004.png"
+    a.rename(root / "swap.png")
+    b.rename(a)
+    (root / "swap.png").rename(b)
+    proc = run(trainer("train", "--resume", str(run_dir)), tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the data changed since step-4 (files replaced or rewritten in the folder" in lines[0]

@@ -51,11 +51,22 @@ def _existing_run(root: Path) -> None:
     (root / "garbage.pth").write_bytes(b"\x00not a checkpoint")
     torch.save({"fc.weight": Payload(root / "pwned")}, root / "payload.pth")
     (root / "norun").mkdir()
-    for name, rows in (("tags_missing", "a.png,1 2\nb.png,2\nc.png,1\n"), ("tags_empty", "a.png,1\nb.png,\n")):
+    tagged = {"tags_missing": "a.png,1 2\nb.png,2\nc.png,1\n", "tags_empty": "a.png,1\nb.png,\n"}
+    tagged["tags_twice"] = "a.png,1\nb.png,2\na.png,2\n"  # conflicting labels for one file
+    for name, rows in tagged.items():
         (root / name).mkdir()
         for image in ("a.png", "b.png"):
             (root / name / image).write_bytes(PNG_1PX)
         (root / name / "labels.csv").write_text("filename,labels\n" + rows)
+    for split, rows in (("train", "a.png,1\nb.png,2\n"), ("val", "../train/a.png,1\n")):  # a.png on both sides
+        (root / "tags_both" / split).mkdir(parents=True)
+        (root / "tags_both" / split / "labels.csv").write_text(rows)
+        for image in ("a.png", "b.png"):
+            (root / "tags_both" / split / image).write_bytes(PNG_1PX)
+    for name in ("caf\u00e9", "cafe\u0301", "tea"):  # NFC and NFD spellings of one name, and another class
+        (root / "accents" / name).mkdir(parents=True)
+        for n in range(10):
+            (root / "accents" / name / f"{n}.png").write_bytes(PNG_1PX)
     _teacher_files(root)
 
 
@@ -90,6 +101,8 @@ CASES = [
     (["--best-metric", "map"], "--best-metric map is for multi-label data"),
     (["--data", "tags_missing"], "tags_missing/labels.csv names 1 file(s) that do not exist (c.png)"),
     (["--data", "tags_empty"], "tags_empty/labels.csv has 1 row(s) with no labels (b.png)"),
+    (["--data", "tags_twice"], "tags_twice/labels.csv lists 1 file(s) more than once (a.png); keep one row per"),
+    (["--data", "tags_both"], "is listed in both train/labels.csv and val/labels.csv; an image belongs to one split"),
     (["--balanced-sampler", "--streaming"], "--balanced-sampler draws from map-style data and a stream cannot"),
     (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
     (["--batch-size", "-8"], "--batch-size must be a positive integer, got -8"),
@@ -161,7 +174,10 @@ CASES = [
         ["--teacher", "test_efficientnet", "--teacher-weights", "resnet.pth"],
         "resnet.pth does not fit a test_efficientnet",
     ),
-    (["--resume", "runs/train/exp", "--distill-alpha", "0.9"], "--distill-alpha 0.9 differs from the run's 0.5"),
+    (["--resume", "runs/train/exp", "--label-smoothing", "0.2"], "--label-smoothing 0.2 differs from the run's 0.1"),
+    (["--distill-alpha", "0.9"], "--distill-alpha 0.9 shape(s) a teacher's term and no --teacher is given"),
+    (["--data", "accents"], "spelt two ways in Unicode (composed and decomposed accents, 'cafe\\u0301' vs 'caf\\xe9')"),
+    (["--imgsz", "100000"], "--imgsz 100000: a batch of 64 images of 3 x 100000 x 100000 needs at least"),
     (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
     (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
 ]

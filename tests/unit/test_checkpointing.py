@@ -1,11 +1,10 @@
-"""Checkpoints: complete or absent, rotated, restored exactly, loaded safely; --resume rules; seeded batches."""
+"""Checkpoints: complete or absent, rotated, restored exactly, loaded safely; --resume rules."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import yaml
 from accelerate import Accelerator
 
 from trainer.config import CheckpointConfig, Config, UserError
-from trainer.data.samples import SeededBatches
 from trainer.run import checkpointer, weights
 from trainer.run.checkpointer import Checkpointer, TrainState
 from trainer.run.manifest import write_manifest
@@ -240,31 +238,6 @@ def test_resume_config_allows_only_harmless_changes(tmp_path):
     (run_dir / "config.yaml").write_text("train: [1")
     with pytest.raises(UserError, match=r"its config\.yaml is unusable"):
         resume_config(run_dir, {})
-
-
-# ---- augmentation seeds ------------------------------------------------------------------------------------------
-
-
-class _RandomRows:
-    def __len__(self):
-        return 100
-
-    def __getitem__(self, i):
-        return (i, random.random(), torch.rand(()).item())
-
-
-def test_seeded_batches_repeat_whatever_ran_before():
-    ds = SeededBatches(_RandomRows(), seed=1)
-    ds.set_epoch(1)
-    first = ds.__getitems__([3, 7])
-    torch.rand(10), random.random()  # other consumers of the global streams
-    outer = torch.get_rng_state()
-    assert ds.__getitems__([3, 7]) == first
-    assert torch.equal(torch.get_rng_state(), outer)  # the training process's stream is untouched
-    assert ds.__getitems__([7, 3]) != first[::-1]  # another batch, other draws
-    ds.set_epoch(2)
-    assert ds.__getitems__([3, 7]) != first
-    assert SeededBatches(_RandomRows(), seed=2).__getitems__([3, 7]) != first
 
 
 def test_second_signal_exits_at_once(tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from trainer.cli import build_parser, main, resolve_config
+from trainer.cli import bare_tta, build_parser, main, resolve_config
 from trainer.config import SECTIONS, Config
 
 
@@ -246,3 +246,29 @@ def test_debug_with_a_value_shows_the_exception():
 
     with pytest.raises(UserError, match="--epochs"):
         main(["train", "--epochs", "0", "--debug=True"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "tta", "sources"),
+    [
+        (["val", "--weights", "w", "--tta"], "flip", None),  # bare: flip
+        (["val", "--tta", "--weights", "w"], "flip", None),
+        (["val", "--weights", "w", "--tta", "crops"], "crops", None),
+        (["predict", "--weights", "w", "--tta", "a.png", "b.png"], "flip", ["a.png", "b.png"]),  # a SOURCE, no mode
+        (["predict", "--weights", "w", "a.png", "--tta"], "flip", ["a.png"]),
+        (["predict", "--weights", "w", "--tta", "crops", "a.png"], "crops", ["a.png"]),
+        (["predict", "--weights", "w", "a.png"], None, ["a.png"]),
+    ],
+)
+def test_a_bare_tta_means_flip(argv, tta, sources):
+    parser, _ = build_parser()
+    args = parser.parse_args(bare_tta(argv))
+    assert args.tta == tta and getattr(args, "sources", None) == sources
+
+
+def test_an_unknown_tta_mode_is_one_line(capsys):
+    assert main(["val", "--weights", "w", "--tta", "mirror"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "trainer: error: argument --tta: invalid choice: 'mirror' (choose from 'flip', 'crops'); "
+        "see `trainer val --help`"
+    ]

@@ -84,7 +84,7 @@ def test_dali_cpu_matches_torch_path_on_the_same_windows(tmp_path: Path, kind: s
 
 
 def test_same_seed_same_batches_across_runs_and_dali_threads(tmp_path: Path):
-    """With random erasing and mixup/cutmix on the decoded batch: the batch seed decides them."""
+    """With random erasing and mixup/cutmix on the decoded batch: the samples' seeds and the batch's decide them."""
     cfg = DataConfig(data=str(_mixed_folder(tmp_path, 16)), imgsz=32, workers=0, random_erase=0.5, mixup=0.2, cutmix=1)
     runs = []
     for threads in (1, 1, 2):
@@ -146,5 +146,5 @@ def test_backend_choice(monkeypatch):
         data.choose_backend(DataConfig(data="shards/", streaming=True, loader="dali"), "cuda")
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if not installed: importing it fails
     assert "not installed" in data.choose_backend(DataConfig(), "cuda").reason
-    with pytest.raises(UserError, match=r"pip install 'trainer\[dali\]'"):
+    with pytest.raises(UserError, match=r'pip install -e "\.\[dali\]"'):
         data.choose_backend(DataConfig(loader="dali"), "cpu")

@@ -125,7 +125,7 @@ def test_num_workers(monkeypatch):
     assert num_workers(DataConfig(workers=-1), local_processes=8) == 0  # 2 cores per rank: no workers
 
 
-def _in_force(transform) -> dict:
+def _in_force(transform, mixup) -> dict:
     """What timm's training transform really does: flip probability, crop area range, auto-augment, erasing."""
     found = {"hflip": 0.0, "auto_augment": False, "random_erase": 0.0}
     for t in transform.tf.transforms:
@@ -138,7 +138,6 @@ def _in_force(transform) -> dict:
             found["auto_augment"] = True
         elif name == "RandomErasing":
             found["random_erase"] = t.probability
-    mixup = transform.mixup
     found["mixup"] = (mixup.mixup_alpha, mixup.cutmix_alpha) if mixup is not None else (0.0, 0.0)
     return found
 
@@ -176,7 +175,8 @@ def test_header_line_states_the_augmentation_in_force(cfg, source, default_hflip
     assert describe_augmentation(cfg, info) == line
     # The line describes the transform the run really builds.
     pre = Preprocess(cfg.imgsz, 3, (0.5,) * 3, (0.5,) * 3, "bilinear", 0.9)
-    assert _in_force(ImageTransform.training(pre, resolve_augment(cfg, info, per_device_batch_size=8))) == in_force
+    augment = resolve_augment(cfg, info, per_device_batch_size=8)
+    assert _in_force(ImageTransform.training(pre, augment), augment.mixup) == in_force
 
 
 def test_decode_turns_exif_rotated_photos_upright_as_datasets_does(tmp_path):

@@ -76,6 +76,21 @@ def test_patience_counts_on_across_a_resume():
     assert not stopping.count_epoch(TrainState(), 1, is_best=False, patience=None)
 
 
+def test_patience_never_stops_a_run_before_its_unfreeze_epoch():
+    """--patience 1 --unfreeze-epoch 3 and no improvement after epoch 1: epoch 2 used to end the run with the
+    backbone never trained; now the count starts over at 3 and the stop comes after the first unfrozen epoch."""
+    state = TrainState()
+    assert not stopping.count_epoch(state, 1, is_best=True, patience=1, unfreeze_epoch=3)
+    assert not stopping.count_epoch(state, 2, is_best=False, patience=1, unfreeze_epoch=3)
+    assert stopping.count_epoch(state, 3, is_best=False, patience=1, unfreeze_epoch=3) and state.stopped_epoch == 3
+    improving = TrainState()
+    for epoch in (1, 2):
+        stopping.count_epoch(improving, epoch, is_best=epoch == 1, patience=2, unfreeze_epoch=3)
+    assert not stopping.count_epoch(improving, 3, is_best=True, patience=2, unfreeze_epoch=3)
+    assert not stopping.count_epoch(improving, 4, is_best=False, patience=2, unfreeze_epoch=3)
+    assert stopping.count_epoch(improving, 5, is_best=False, patience=2, unfreeze_epoch=3)
+
+
 def test_lr_find_suggests_the_steepest_descent_of_the_smoothed_loss():
     from trainer.train.lr_find import smooth, suggest
 

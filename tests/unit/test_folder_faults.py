@@ -14,7 +14,7 @@ import torch
 from test_sources import write_folder
 
 from trainer.config import UserError
-from trainer.data import folders
+from trainer.data.sources import classfolder
 
 LAYOUT = {"train": {"cat": 4, "dog": 4}, "val": {"cat": 2, "dog": 2}}
 NO_DAC = ["--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
@@ -30,9 +30,9 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     odd = os.fsdecode(bytes(root / "train" / "cat") + b"/caf\xe9.png")
     shutil.copy(next((root / "train" / "cat").iterdir()), odd)
     for _ in range(2):  # the first scan, then the cached one: the same answer
-        result = folders.scan_image_folder(root, str(root))
+        result = classfolder.scan_image_folder(root, str(root))
         assert len(result.splits["train"]) == 8
-        assert result.skipped == ((str(root / "train" / "cat" / "caf\\xe9.png"), folders.BAD_NAME_RESULT[1]),)
+        assert result.skipped == ((str(root / "train" / "cat" / "caf\\xe9.png"), classfolder.BAD_NAME_RESULT[1]),)
 
 
 def test_images_over_the_pixel_limit_are_skipped_and_counted_at_the_scan(tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_images_over_the_pixel_limit_are_skipped_and_counted_at_the_scan(tmp_pat
         Image.new("RGB", size).save(root / "train" / "dog" / name)
     Image.new("RGB", (40, 40)).save(root / "train" / "dog" / "limit.png")  # at the limit: kept
     for _ in range(2):  # the first scan, then the cached one: the same answer
-        result = folders.scan_image_folder(root, str(root))
+        result = classfolder.scan_image_folder(root, str(root))
         assert len(result.splits["train"]) == 9
         reasons = {os.path.basename(path): why for path, why in result.skipped}
         assert sorted(reasons) == sorted(large)
@@ -62,10 +62,10 @@ def test_a_link_back_up_is_refused_in_one_line(tmp_path):
     root = write_folder(tmp_path / "pets", LAYOUT)
     (root / "train" / "dog" / "again").symlink_to("..")
     with pytest.raises(UserError, match=r"train/dog/again links to .*pets/train, a folder it is in \(a loop\)"):
-        folders.scan_image_folder(root, str(root))
+        classfolder.scan_image_folder(root, str(root))
     (root / "train" / "dog" / "again").unlink()
     (root / "train" / "dog" / "more").symlink_to(root / "val" / "dog")  # a link elsewhere is followed
-    assert len(folders.scan_image_folder(root, str(root)).splits["train"]) == 10
+    assert len(classfolder.scan_image_folder(root, str(root)).splits["train"]) == 10
 
 
 def test_an_unreadable_class_folder_is_one_line_naming_it(tmp_path):
@@ -74,8 +74,8 @@ def test_an_unreadable_class_folder_is_one_line_naming_it(tmp_path):
         pytest.skip("setpriv (util-linux) is not installed: cannot drop root's read-anything capability")
     root = write_folder(tmp_path / "pets", LAYOUT)
     (root / "train" / "dog").chmod(0)
-    code = "import sys; from pathlib import Path; from trainer.data import folders; "
-    code += "folders.scan_image_folder(Path(sys.argv[1]), sys.argv[1])"
+    code = "import sys; from pathlib import Path; from trainer.data.sources import classfolder; "
+    code += "classfolder.scan_image_folder(Path(sys.argv[1]), sys.argv[1])"
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
     try:
         proc = subprocess.run(["setpriv", *NO_DAC, sys.executable, "-c", code, str(root)], capture_output=True, env=env)
@@ -127,7 +127,7 @@ def test_a_class_that_lost_every_image_is_one_line_and_a_sampling_miss_is_not(tm
     from trainer.data import ClassCoverage
 
     root = write_folder(tmp_path / "pets", LAYOUT)
-    scan = folders.scan_image_folder(root, str(root))
+    scan = classfolder.scan_image_folder(root, str(root))
     coverage = ClassCoverage(scan.splits["train"], scan.class_names)
     assert coverage.counts.tolist() == [4, 4]
     coverage.check([0, 8], epoch=3, run_dir="runs/train/exp")  # cat's images read: an epoch that drew none of them

@@ -12,7 +12,8 @@ from PIL import Image
 from test_sources import picture, write_broken_files, write_folder
 
 from trainer.config import DataConfig
-from trainer.data import folders, load_splits
+from trainer.data import load_splits
+from trainer.data.sources import classfolder, imagecheck, scancache
 
 
 @pytest.fixture(autouse=True)
@@ -24,21 +25,21 @@ def _cache(monkeypatch, tmp_path):
 def opened(monkeypatch) -> list[str]:
     """The paths every scan opens to check them, in order."""
     paths: list[str] = []
-    check_files = folders._check_files
+    check_files = classfolder._check_files
 
     def spy(files):
         paths.extend(path for path, _ in files)
         return check_files(files)
 
-    monkeypatch.setattr(folders, "_check_files", spy)
+    monkeypatch.setattr(classfolder, "_check_files", spy)
     return paths
 
 
-def scan(root: Path) -> folders.FolderScan:
-    return folders.scan_image_folder(root, str(root))
+def scan(root: Path) -> scancache.FolderScan:
+    return classfolder.scan_image_folder(root, str(root))
 
 
-def listing(result: folders.FolderScan) -> dict:
+def listing(result: scancache.FolderScan) -> dict:
     """Everything a run takes from a scan, as plain values."""
     splits = {name: (list(split["image"]), list(split["label"])) for name, split in result.splits.items()}
     return {"splits": splits, "classes": result.class_names, "channels": result.channels, "skipped": result.skipped}
@@ -97,7 +98,7 @@ def test_a_new_empty_class_folder_is_refused_even_with_a_cached_scan(tmp_path):
     root = write_folder(tmp_path / "d", {"train": {"a": 4, "b": 4}})
     scan(root)
     (root / "train" / "c").mkdir()
-    with pytest.raises(folders.UserError, match=r"class folder train/c/ has no images"):
+    with pytest.raises(classfolder.UserError, match=r"class folder train/c/ has no images"):
         scan(root)
 
 
@@ -113,7 +114,7 @@ def test_a_new_empty_class_folder_is_refused_even_with_a_cached_scan(tmp_path):
 def test_damaged_cache_costs_a_rescan(tmp_path, opened, damaged, change, reopened):
     root = write_folder(tmp_path / "d", {"": {"a": 5, "b": 5}})
     first = listing(scan(root))  # read now: the damage below hits the files it maps
-    (entry,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{folders.CACHE_FORMAT}/*/*")
+    (entry,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{scancache.CACHE_FORMAT}/*/*")
     for name in damaged:
         (entry / name).write_bytes((entry / name).read_bytes()[:50])
     if change:
@@ -160,9 +161,9 @@ def test_quick_check_reads_the_same_mode_as_pil(tmp_path):
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
         path = str(tmp_path / name)
-        quick = folders._quick_mode(path, len(content))
-        assert folders._check_files([(path, len(content))]) == [folders.check_image(path)]
-        assert quick in (None, folders.check_image(path)[0]), name
+        quick = imagecheck.quick_mode(path, len(content))
+        assert classfolder._check_files([(path, len(content))]) == [imagecheck.check_image(path)]
+        assert quick in (None, imagecheck.check_image(path)[0]), name
         # The cheap path serves ordinary JPEGs and PNGs; PIL the rest.
         assert (quick is None) == (name in ("exif.jpg", "rgb.webp")), name
 
@@ -185,7 +186,7 @@ def test_hold_out_takes_the_indices_of_datasets_stratified_split(seed):
 def test_a_changed_folder_replaces_its_cache_entry_and_old_temporary_folders(tmp_path):
     root = write_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
     scan(root)
-    (old,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{folders.CACHE_FORMAT}/*/*")
+    (old,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{scancache.CACHE_FORMAT}/*/*")
     killed, fresh = old.parent / ".x.tmp-1", old.parent / ".y.tmp-2"  # left by killed scans; one still running
     killed.mkdir()
     fresh.mkdir()

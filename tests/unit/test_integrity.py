@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from test_sources import picture
 
 from trainer.config import CheckpointConfig, DataConfig, UserError
-from trainer.data import Data, folders, load_splits
+from trainer.data import Data, load_splits
 from trainer.data.fingerprint import data_fingerprint
+from trainer.data.sources import classfolder, scancache
 from trainer.run.checkpointer import Checkpointer, TrainState
 from trainer.run.finite import BufferSnapshot
 from trainer.run.manifest import RunShape, fingerprint_changes, write_manifest
@@ -268,17 +269,17 @@ def test_damaged_label_bytes_in_the_scan_cache_cost_a_rescan(tmp_path, capsys):
     import pyarrow as pa
 
     root = _folder(tmp_path / "d", {"cat": 3, "dog": 3})
-    first = folders.scan_image_folder(root, str(root))
+    first = classfolder.scan_image_folder(root, str(root))
     labels = list(first.splits["train"]["label"])
-    (entry,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{folders.CACHE_FORMAT}/*/*")
+    (entry,) = Path(datasets.config.HF_DATASETS_CACHE).glob(f"{scancache.CACHE_FORMAT}/*/*")
     with pa.memory_map(str(entry / "train.arrow")) as source:
         table = pa.ipc.open_stream(source).read_all()
     shifted = table.set_column(1, "label", pa.array(labels[1:] + labels[:1], pa.int64()))
     (entry / "train.arrow").unlink()  # valid Arrow, the right length, the wrong labels
-    folders._write_arrow(entry / "train.arrow", shifted)
-    again = folders.scan_image_folder(root, str(root))
+    scancache.write_arrow(entry / "train.arrow", shifted)
+    again = classfolder.scan_image_folder(root, str(root))
     assert list(again.splits["train"]["label"]) == labels
     err = capsys.readouterr().err.splitlines()
     assert err == [f"trainer: warning: the scan cache of {root} is damaged (train.arrow checksum differs); rescanning"]
-    folders.scan_image_folder(root, str(root))
+    classfolder.scan_image_folder(root, str(root))
     assert capsys.readouterr().err == ""  # whole again

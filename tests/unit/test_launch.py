@@ -90,3 +90,27 @@ def test_dist_timeout_reaches_the_process_group(minutes, seconds):
     """What accelerate hands to init_process_group; it drops a value equal to its own default of 10 minutes."""
     accelerator = build_accelerator(Config(run=RunConfig(dist_timeout=minutes, tracker="none")))
     assert accelerator.init_handler.to_kwargs()["timeout"].total_seconds() == seconds
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_dist_backend_in_a_single_process_trains_as_one_process(monkeypatch):
+    """`--dist-backend gloo` in a plain run (one process, no launcher) is one process, not a group never joined."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    accelerator = build_accelerator(Config(run=RunConfig(dist_backend="gloo", tracker="none")))
+    assert accelerator.num_processes == 1
+
+
+def test_resume_of_a_run_stopped_early_is_refused_before_anything_is_rewritten(tmp_path, monkeypatch, capsys):
+    """--resume RUN_DIR of a run --patience ended: one line, exit 2, its files untouched (it used to resume and
+    rewrite its plots); --resume auto says there is nothing to do."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    run_dir = _run_folder(tmp_path, epoch=1, patience=1)
+    state = {"epoch": 1, "step": 25, "stopped_epoch": 1, "epochs_since_best": 1}
+    (run_dir / "checkpoints" / "step-25" / "trainer_state_0.json").write_text(json.dumps(state))
+    (run_dir / "results.png").write_bytes(b"plot")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["train", "--resume", str(run_dir), "--tracker", "none"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "the run stopped early at epoch 1 (--patience 1); nothing to resume" in err[0], err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -12,8 +12,8 @@ from test_sources import write_folder
 from trainer.config import DataConfig, UserError
 from trainer.data import load_splits
 from trainer.data.convert import convert
-from trainer.data.integrity import tar_samples
-from trainer.data.streams import stream_source
+from trainer.data.sources import stream_source
+from trainer.data.sources.shardcheck import tar_samples
 
 
 @pytest.fixture(autouse=True)

@@ -256,16 +256,16 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(
 
 
 def test_builtin_set_is_cached_as_arrow_and_rebuilt_when_damaged(monkeypatch, tmp_path):
-    from trainer.data import sources
+    from trainer.data.sources import builtin
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    built = sources._load_builtin("mnist")
+    built = builtin.load_builtin("mnist")
     copies = list((tmp_path / "cache" / "trainer-builtin").iterdir())
     assert [p.name.split("-")[0] for p in copies] == ["mnist"]  # complete copy only, no temporary folder left
-    cached = sources._load_builtin("mnist")
+    cached = builtin.load_builtin("mnist")
     assert cached.splits["train"]["image"] == built.splits["train"]["image"]  # the same PNG bytes
     assert cached.splits["train"]["label"] == built.splits["train"]["label"] and cached.class_names == built.class_names
     (copies[0] / "state.json").write_text("{")  # torn copy: rebuilt, not an error
-    again = sources._load_builtin("mnist")
+    again = builtin.load_builtin("mnist")
     assert again.splits["train"]["label"] == built.splits["train"]["label"]
     assert datasets.load_from_disk(str(copies[0]))["label"] == built.splits["train"]["label"]  # replaced

@@ -17,7 +17,7 @@ from trainer.config import DataConfig, UserError
 from trainer.data import load_splits
 from trainer.data.convert import convert, parse_shard_size
 from trainer.data.samples import EpochStream
-from trainer.data.sources import expand_braces
+from trainer.data.sources.datafiles import expand_braces
 from trainer.data.transforms import ImageTransform, Preprocess
 
 PRE = Preprocess(8, 1, (0.5,), (0.5,), "bilinear", 1.0)
@@ -119,6 +119,22 @@ def test_every_rank_gets_the_same_batch_count_over_uneven_shards(wds, world):
         assert all(b.images.shape == (16, 1, 8, 8) and len(b.labels) == 16 for b in batches)
         labels.append(torch.cat([b.labels for b in batches]))
     assert len({len(x) for x in labels}) == 1
+
+
+def test_a_streamed_sample_is_augmented_the_same_on_any_rank_and_in_any_batch(wds):
+    """Flips and crops keyed by the sample (a digest of its bytes): every image 2 ranks make in an epoch (each reads 112
+    of its 120 samples, in batches of 16) is one that 1 process makes of the same sample in that epoch."""
+    transform = ImageTransform(PRE, True, 0.5, (0.3, 1.0))
+
+    def images(rank: int, world: int, batch_size: int) -> set[bytes]:
+        _, epochs, _ = _stream_batches(str(wds), rank, world, batch_size, epoch=2)
+        epochs.transform = transform
+        return {image.numpy().tobytes() for batch in epochs for image in batch.images}
+
+    alone = images(0, 1, 16)
+    assert len(alone) == 240  # every sample once, each augmented differently
+    two = images(0, 2, 16) | images(1, 2, 16)
+    assert len(two) == 2 * 112 and two <= alone  # the same pixels as alone
 
 
 def test_a_short_rank_reads_its_stream_again_and_epochs_repeat_exactly(wds):

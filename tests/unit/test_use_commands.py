@@ -13,7 +13,7 @@ from trainer.config import UserError
 from trainer.data import Preprocess
 from trainer.run.weights import save_weights, weights_metadata
 from trainer.use.inference import data_config_for, load_model, read_weights
-from trainer.use.predict import find_images
+from trainer.use.predict import find_images, read_labels_csv
 
 PRE = Preprocess(imgsz=24, in_chans=1, mean=(0.449,), std=(0.226,), interpolation="bicubic", crop_pct=0.875)
 CLASSES = ["cat", "dog", "ému"]
@@ -106,6 +106,7 @@ def test_errors_about_the_weights_and_their_run(weights, tmp_path, capsys, fresh
         (["predict", "--weights", str(bare), str(tmp_path)], "lacks trainer metadata (model_name, class_names"),
         (["val", "--weights", str(loose)], "to say which data it was trained on; pass --data"),
         (["predict", "--weights", str(path), str(tmp_path / "empty")], "no images found"),
+        (["predict", "--weights", str(path), str(tmp_path), "--threshold", "0.3"], "--threshold applies to multi-"),
         (["export", "--weights", str(path), "--push-to-hub", "me/x"], "uploads the hf format; add --format hf"),
         (["val", "--weights", str(path)], "--data digits has classes [0, 1, 2, 3, 4, ... (10 in all)] but"),
     ]
@@ -128,3 +129,59 @@ def test_help_of_each_command(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert all(flag in out for flag in flags), out
+
+
+def test_multilabel_predictions_csv_reads_back_names_with_spaces_and_commas(tmp_path, monkeypatch, capsys):
+    """Label names holding a space, a comma or a quote come back from predictions.csv exactly (joined by spaces,
+    `big dog` and `big` + `dog` were one cell)."""
+    import json
+
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    names = ["big dog", "big", "dog", "a,b", 'say "hi"']
+    model = timm.create_model("resnet10t", num_classes=len(names), in_chans=1)
+    meta = weights_metadata("resnet10t", names, PRE, task="multilabel", output="sigmoid", threshold="0.5")
+    save_weights(model.state_dict(), tmp_path / "tags.safetensors", meta)
+    rng = np.random.default_rng(0)
+    for n in range(3):
+        Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(tmp_path / f"i{n}.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["predict", "--weights", "tags.safetensors", "i0.png", "i1.png", "i2.png", "--threshold", "0.001"]
+    assert main([*argv, "--json", "--workers", "0"]) == 0
+    back = read_labels_csv(tmp_path / "runs" / "predict" / "exp" / "predictions.csv")
+    report = json.loads((tmp_path / "runs" / "predict" / "exp" / "predictions.json").read_text())
+    assert len(back) == 3
+    for image in report["images"]:
+        pairs = back[image["path"]]
+        assert sorted(name for name, _ in pairs) == sorted(names)  # every label above 0.001, each name whole
+        assert [name for name, _ in pairs] == [p["class"] for p in image["predictions"]]
+        assert [p for _, p in pairs] == pytest.approx([p["probability"] for p in image["predictions"]], abs=1e-6)
+
+
+def test_val_warns_when_the_runs_hold_out_moved(tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    """`val` on the run's own held-out validation after images were added (the run recorded 1,497 + 166 images,
+    digits has 1,617 + 180 now): the hold-out is drawn anew from other images, some of them trained on: one warning
+    line, also in metrics.json. The run's own sizes: no warning."""
+    import json
+
+    import timm
+
+    pre = Preprocess(imgsz=16, in_chans=1, mean=(0.5,), std=(0.5,), interpolation="bilinear", crop_pct=1.0)
+    run_dir = tmp_path / "run"
+    (run_dir / "weights").mkdir(parents=True)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    path = run_dir / "weights" / "best.safetensors"
+    save_weights(model.state_dict(), path, weights_metadata("test_resnet", [str(i) for i in range(10)], pre))
+    held = "0.1 of train held out, stratified by class, --split-seed 0"
+    monkeypatch.chdir(tmp_path)
+    for (train, val), warned in (((1497, 166), True), ((1617, 180), False)):
+        record = {"data": {"data": "digits", "imgsz": 16}, "dataset": {"train_size": train, "val_size": val}}
+        record["dataset"]["val_split"] = held
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(record))
+        assert main(["val", "--weights", str(path), "--workers", "0", "--exist-ok"]) == 0
+        out = capsys.readouterr().out
+        assert ("the run held out its validation from 1663 images (166 val)" in out) == warned, out
+        metrics = json.loads((tmp_path / "runs" / "val" / "exp" / "metrics.json").read_text())
+        assert ("warning" in metrics) == warned and metrics["images"] == 180

@@ -2,20 +2,26 @@
 
     source -> splits -> samples -> decode -> backend -> loader -> rank shard
 
-- `sources` (map-style: built-ins, folders via `folders`, save_to_disk, Parquet/Arrow, hub ids; the split names) and
-  `streams` (--streaming: WebDataset/Parquet shards or hub ids, never materialised): where images come from;
+- `sources/` (`load_source`: one small loader per kind of `--data` (built-in, class folder, labels.csv folder,
+  save_to_disk, Parquet/Arrow files, WebDataset shards, hub id), then one standardisation after it; `stream_source`
+  for --streaming, from the same pieces; the split names): where images come from, as `image` + `label` columns;
+- `multilabel`: the one stored form of multi-label labels (a multi-hot row per image), read by sources and splits;
 - `splits`: train/validation splits of either kind, the class checks, and what the run learns (`DataInfo`);
-- `samples`: which examples make a batch under which seed (`batch_seed`), and what replaces an unreadable image
-  (`Replacement`): one policy, one warning;
+- `samples`: the seed of each sample's augmentation (`sample_seed`: seed, epoch, the sample; never its batch or
+  rank), and what replaces an unreadable image (`Replacement`): one policy, one warning;
 - `decode`: the one place an image's encoded bytes and header are read and where it is decoded;
 - `transforms` (the augmentation in force, `Preprocess`, the torch backend's transform) and `dali` (the DALI
   backend), behind `backends` (`Backend`: per-sample work, collate, in-process stage; `choose_backend`);
+- `mixing`: mixup/cutmix of the training batches in the training process, one draw per global batch
+  (`BatchMixing`), so the same at any process count;
 - `batch`: what loaders yield (`Batch`; `EncodedBatch` between DALI's halves);
 - `resolution`: the training size of each epoch (--progressive, `SizeSchedule`), shared with the workers (`TrainSize`);
+- `labels`: checks on the labels every source must pass (class names told apart in any Unicode spelling);
 - `coverage`: every class of the train split still reaches the model (`ClassCoverage`: stop when one lost every
   image);
 - `loaders`: every loader of a run (`train_loader`, `eval_loader`, `files_loader`) as a `Loader`;
 - `shard`: which data each rank sees, for map-style data and streams alike;
+- `fingerprint`: what a run trains on, in counts and digests (kept in checkpoints; `--resume` compares it);
 - `convert`: `trainer data convert` (any source to WebDataset or Parquet shards).
 
 The engine asks this package for two things: the data (`load_data`: splits + what the model needs to know) and the
@@ -32,6 +38,7 @@ from trainer.data.backends import Backend, choose_backend
 from trainer.data.batch import Batch
 from trainer.data.coverage import ClassCoverage, present
 from trainer.data.decode import UnreadableImage, decode_image
+from trainer.data.labels import check_class_names
 from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
 from trainer.data.resolution import SizeSchedule, TrainSize, size_schedule, size_step
 from trainer.data.sources import BUILTIN
@@ -72,7 +79,9 @@ class Data:
 def load_data(accelerator, cfg: DataConfig) -> Data:
     """The data `cfg` names, loaded on every rank in turn (the main process fills the caches first)."""
     # Collective: the barriers of main_process_first/local_main_process_first inside; every rank calls it.
-    return Data(*load_splits_in_turn(accelerator, cfg))
+    loaded = Data(*load_splits_in_turn(accelerator, cfg))
+    check_class_names(loaded.info.class_names, loaded.info.source)  # every source alike, every rank alike
+    return loaded
 
 
 def build_loaders(

@@ -16,7 +16,10 @@ from trainer.config import DataConfig, UserError
 from trainer.data import dali
 from trainer.data.transforms import Augment, ImageTransform, Preprocess
 
-DALI_INSTALL = "pip install 'trainer[dali]' (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 drivers)"
+DALI_INSTALL = (
+    'pip install -e ".[dali]" in the trainer checkout (the nvidia-dali-cuda130 wheel; nvidia-dali-cuda120 for CUDA 12 '
+    "drivers)"
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ class Backend:
         spec = dali.PipelineSpec(batch_size, pre, threads, upright=upright)
         if augment is None:
             return dali.DaliStage(spec, samples)
-        return dali.DaliStage(spec, samples, mixup=augment.mixup, random_erase=augment.random_erase, size=augment.size)
+        return dali.DaliStage(spec, samples, random_erase=augment.random_erase, size=augment.size)
 
 
 def dali_missing() -> str:

@@ -56,8 +56,8 @@ class Batch:
 @dataclass
 class EncodedBatch:
     """A batch for the DALI backend: per sample its encoded bytes, the crop window to decode ((x, y, w, h) in its own
-    pixels), whether to flip it, its label, its index in the dataset (to fetch a replacement for a file DALI rejects)
-    and its path; `seed`: the batch's seed for device-side mixup/cutmix and random erasing; `failed` as in Batch.
+    pixels), whether to flip it, its label, its index in the dataset (to fetch a replacement for a file DALI rejects),
+    its path, and its seed (drawn under its own: random erasing on the device repeats it); `failed` as in Batch.
 
     Deliberately without `to`: accelerate leaves it where it is, and the DALI stage places the decoded result."""
 
@@ -67,7 +67,7 @@ class EncodedBatch:
     labels: torch.Tensor
     indices: np.ndarray  # (B,) int64
     paths: list[str]
-    seed: int
+    seeds: np.ndarray  # (B,) int64
     failed: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -83,4 +83,5 @@ class EncodedBatch:
             labels=self.labels[keep],
             indices=self.indices[keep],
             paths=[self.paths[j] for j in keep],
+            seeds=self.seeds[keep],
         )

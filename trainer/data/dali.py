@@ -1,14 +1,15 @@
 """The DALI input path (`--loader dali`): the same batches as the torch loader, decoded by NVIDIA DALI.
 
 DataLoader workers read each image's encoded bytes and draw its crop window and flip in Python, under the seed
-`SeededBatches` gives the batch, exactly as the torch path draws them (timm's RandomResizedCrop parameters, then the
+`SeededSamples` gives the sample, exactly as the torch path draws them (timm's RandomResizedCrop parameters, then the
 flip). In the training process a DALI pipeline with no random operators of its own decodes only that window (ROI
 decoding), resizes it to --imgsz, flips and normalises: on the GPU with the "mixed" decoder (hardware JPEG engines),
-on the CPU elsewhere. So the torch DataLoader, accelerate's sharding, the per-batch seeds and `skip_first_batches`
+on the CPU elsewhere. So the torch DataLoader, accelerate's sharding, the per-sample seeds and `skip_first_batches`
 stay as they are, and a resumed run needs nothing new: the pipeline holds no state.
 
 The backend has two halves: `DaliExamples` + `collate` in the DataLoader workers (bytes, windows, flips: an
-`EncodedBatch`), and `DaliStage` in the training process (decode, then mixup and erasing on the device: a `Batch`).
+`EncodedBatch`), and `DaliStage` in the training process (decode, then random erasing on the device, each sample under
+its own seed: a `Batch`; mixup/cutmix follow in data/mixing.py, as on the torch path).
 The stage runs AFTER the loader is sharded (`loaders.Loader`): accelerate's prepare rebuilds DataLoaders and drops
 subclasses (accelerate#3322) and cannot prepare DALI iterators (accelerate#2975). Which backend a run uses is
 decided in data/backends.py.
@@ -33,7 +34,7 @@ from trainer.data.decode import (
     open_header,
     read_encoded,
 )
-from trainer.data.samples import Replacement, seeded
+from trainer.data.samples import Replacement, kept_generators, reseed
 from trainer.data.transforms import Preprocess
 
 # Handed to DALI as stored: JPEG, where ROI decoding and the GPU's JPEG decoders pay. Anything else (PNG, WebP, CMYK,
@@ -50,10 +51,11 @@ RATIO = (3 / 4, 4 / 3)  # timm's RandomResizedCrop aspect range, as create_trans
 
 
 class DaliExamples:
-    """HF `with_transform` for DALI batches: stored images -> encoded bytes, crop window (x, y, w, h), flip.
+    """HF `with_transform` for DALI batches: stored images -> encoded bytes, crop window (x, y, w, h), flip, seed.
 
     Training draws the window and flip as the torch path does (timm's RandomResizedCrop.get_params on the image size
-    read from the header, then the flip), so under the same seed both paths crop the same regions. Evaluation takes
+    read from the header, then the flip), so under the same seed both paths crop the same regions; then the seed of the
+    sample's random erasing on the device. Evaluation takes
     the window of timm's eval transform (shorter side to imgsz / crop_pct, centre crop) in original pixels.
     """
 
@@ -72,13 +74,14 @@ class DaliExamples:
         self.mode = "L" if pre.in_chans == 1 else "RGB"
 
     def __call__(self, batch: dict) -> dict:
-        out: dict[str, list] = {"encoded": [], "window": [], "flip": [], "path": []}
+        out: dict[str, list] = {"encoded": [], "window": [], "flip": [], "path": [], "seed": []}
         for value in batch["image"]:
             encoded, img, path = self.encoded(value)
             out["encoded"].append(encoded)
             out["window"].append(self.window(img))
             out["flip"].append(int(self.train and self.hflip > 0 and torch.rand(1).item() < self.hflip))
             out["path"].append(path)
+            out["seed"].append(random.getrandbits(62) if self.train else 0)
         out["label"] = batch["label"]
         return out
 
@@ -131,8 +134,7 @@ def _pnm(pixels: np.ndarray) -> np.ndarray:
 def collate(examples: list) -> EncodedBatch:
     """An EncodedBatch of worker examples (those that failed and were not replaced go to `failed`).
 
-    Runs under the batch's seed (SeededBatches.collate): the seed drawn here drives mixup/cutmix and random erasing
-    on the device, so they repeat exactly as on the torch path."""
+    Draws nothing: each sample brought its own seed for random erasing on the device."""
     failed = {e.path: e.reason for e in examples if isinstance(e, Failed)}
     examples = [e for e in examples if not isinstance(e, Failed)]
     return EncodedBatch(
@@ -142,12 +144,12 @@ def collate(examples: list) -> EncodedBatch:
         labels=label_tensor([e["label"] for e in examples]),
         indices=np.array([e["index"] for e in examples], dtype=np.int64),
         paths=[e["path"] for e in examples],
-        seed=random.getrandbits(62),
+        seeds=np.array([e["seed"] for e in examples], dtype=np.int64),
         failed=failed,
     )
 
 
-# --- The training process: decode, resize, flip, normalise; then mixup and erasing on the device -------------------
+# --- The training process: decode, resize, flip, normalise; then random erasing on the device -------------------
 
 
 @dataclass(frozen=True)
@@ -165,17 +167,16 @@ class PipelineSpec:
 class DaliStage:
     """The DALI backend's work in the training process: EncodedBatches in, decoded `Batch`es out, on `device`.
 
-    `mixup` (timm Mixup) and `random_erase` run on the decoded batch, on its device, under the batch's seed.
-    `samples` (the `Indexed` dataset the workers read) serves replacements for files that fail inside DALI, by the
-    one `Replacement` policy; without it (trainer predict) such files are left out and listed in `Batch.failed`.
+    `random_erase` runs on the decoded batch, on its device, each sample under its own seed (`EncodedBatch.seeds`).
+    `samples` (the dataset the workers read: `SeededSamples`, or `Indexed` for evaluation) serves replacements for
+    files that fail inside DALI, by the one `Replacement` policy; without it (trainer predict) such files are left out
+    and listed in `Batch.failed`.
     """
 
-    def __init__(
-        self, spec: PipelineSpec, samples=None, *, mixup=None, random_erase: float = 0.0, device=None, size=None
-    ):
+    def __init__(self, spec: PipelineSpec, samples=None, *, random_erase: float = 0.0, device=None, size=None):
         """`size`: --progressive's `TrainSize`, the size a batch is resized to (a pipeline per size)."""
         self.spec, self.samples, self.size = spec, samples, size
-        self.mixup, self.random_erase = mixup, random_erase
+        self.random_erase = random_erase
         self.device = torch.device(device or "cpu")
         self.policy = Replacement(replace=samples is not None)
         self._pipe, self._sized = None, {}  # the pipeline of the size in force; the others made so far
@@ -252,8 +253,9 @@ class DaliStage:
                 images = torch.empty(0, device=self.device)
             for later in queued:  # the batches scheduled behind the failed one died with the old pipeline
                 self._feed(later)
+        if self.random_erase > 0:
+            self._erase(images, batch.seeds)
         labels = batch.labels.to(self.device)
-        images, labels = seeded(batch.seed, lambda: self._augment(images, labels), self.device)
         indices = torch.from_numpy(batch.indices)
         return Batch(images, labels, indices, batch.failed)
 
@@ -266,45 +268,50 @@ class DaliStage:
         feed_ndarray(tensor, images, cuda_stream=stream)
         return images
 
-    def _augment(self, images: torch.Tensor, labels: torch.Tensor):
-        if self.random_erase > 0:
-            from timm.data.random_erasing import RandomErasing
+    def _erase(self, images: torch.Tensor, seeds: np.ndarray) -> None:
+        """timm's random erasing of each image in place, under the sample's own seed (the same in any batch)."""
+        from timm.data.random_erasing import RandomErasing
 
-            images = RandomErasing(self.random_erase, mode="pixel", device=str(self.device))(images)
-        if self.mixup is not None:
-            images, labels = self.mixup(images, labels)
-        return images, labels
+        erase = RandomErasing(self.random_erase, mode="pixel", device=str(self.device))
+        with kept_generators(self.device):
+            for image, seed in zip(images, seeds.tolist(), strict=True):
+                reseed(seed, self.device)
+                erase(image)
 
     def _repair(self, batch: EncodedBatch) -> EncodedBatch:
         """The batch with each sample DALI cannot decode replaced by the `Replacement` policy (or, without samples to
         replace it from, left out and listed in `failed`)."""
         encoded, windows, flips, labels = list(batch.encoded), batch.windows.copy(), batch.flips.copy(), batch.labels
+        seeds = batch.seeds.copy()
         labels, keep, failed = labels.clone(), [], dict(batch.failed)
         for j in range(len(batch)):
             own = {"encoded": encoded[j], "window": windows[j], "flip": flips[j], "label": labels[j].tolist()}
+            own["seed"] = int(seeds[j])
             row = self.policy.first_readable(self._candidates(batch, j, own), f"index {batch.indices[j]}")
             if isinstance(row, Failed):
                 failed[row.path] = row.reason
                 continue
             keep.append(j)
-            encoded[j], windows[j], flips[j], labels[j] = (
+            encoded[j], windows[j], flips[j], labels[j], seeds[j] = (
                 row["encoded"],
                 row["window"],
                 row["flip"],
                 torch.as_tensor(row["label"], dtype=labels.dtype),
+                row["seed"],
             )
-        repaired = EncodedBatch(encoded, windows, flips, labels, batch.indices, batch.paths, batch.seed, failed)
+        repaired = EncodedBatch(encoded, windows, flips, labels, batch.indices, batch.paths, seeds, failed)
         return repaired.take(keep)
 
     def _candidates(self, batch: EncodedBatch, j: int, own: dict):
-        """Sample j of the batch as it is, then its neighbours (each drawn under its own seed), checked by DALI."""
+        """Sample j of the batch as it is, then its neighbours (each drawn under its own seed by `samples`), checked by
+        DALI."""
         yield lambda: self._checked(own, batch.paths[j])
         if self.samples is None:
             return
         neighbours = self.policy.neighbours(self.samples, int(batch.indices[j]))
         next(neighbours)  # the sample itself: yielded above, as the batch holds it
-        for k, fetch in enumerate(neighbours, start=1):
-            yield lambda k=k, fetch=fetch: self._checked(seeded(batch.seed + j + k, fetch))
+        for fetch in neighbours:
+            yield lambda fetch=fetch: self._checked(fetch())
 
     def _checked(self, row: dict, path: str | None = None) -> dict:
         """`row` if DALI decodes its window, else UnreadableImage (the pipeline it stopped is set aside)."""
@@ -317,7 +324,7 @@ class DaliStage:
                     torch.zeros(1, dtype=torch.long),
                     np.zeros(1, np.int64),
                     [""],
-                    0,
+                    np.zeros(1, np.int64),
                 )
             )
             self._pipeline().outputs()

@@ -2,9 +2,10 @@
 
 Every loader of a run is made here, by one function per kind: `train_loader` (map-style data or a stream),
 `eval_loader` (an unshuffled split: validation, `trainer val`, `trainer export`'s check) and `files_loader` (`trainer
-predict`'s image files). Each wires the same pieces: samples (seeded batches, one replacement policy), the backend's
-per-sample transform and collate in the workers, the DataLoader's worker settings, the rank shard (data/shard.py),
-and the backend's stage in the training process (DALI's decode). The loop never knows which backend feeds it.
+predict`'s image files). Each wires the same pieces: samples (each augmented under its own seed, one replacement
+policy), the backend's per-sample transform and collate in the workers, the DataLoader's worker settings, the rank
+shard (data/shard.py), the backend's stage in the training process (DALI's decode) and, for training, mixup/cutmix
+(data/mixing.py). The loop never knows which backend feeds it.
 """
 
 from __future__ import annotations
@@ -22,28 +23,33 @@ from torch.utils.data import DataLoader
 from trainer.config import DataConfig
 from trainer.data import shard as sharding
 from trainer.data.backends import Backend
-from trainer.data.folders import check_image
+from trainer.data.mixing import BatchMixing
 from trainer.data.resolution import TrainSize
-from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededBatches, seeded
+from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededSamples
+from trainer.data.sources.imagecheck import check_image
 from trainer.data.transforms import Augment, Preprocess
 
 
 @dataclass(frozen=True)
 class Loader:
-    """A sharded torch DataLoader and, for DALI, the stage that decodes its batches in this process.
+    """A sharded torch DataLoader and, for DALI, the stage that decodes its batches in this process; for training with
+    --mixup/--cutmix, the mixing of each batch after it.
 
     `batches` is the prepared DataLoader (accelerate's, when there is an accelerator); `len()` counts this rank's
     batches."""
 
     batches: object
     stage: object = None  # dali.DaliStage, or None
+    mixing: BatchMixing | None = None
+    start: int = 0  # the number of the first batch yielded in the epoch (a resumed epoch skipped the others)
     size: TrainSize | None = None  # --progressive: the training size, set by set_epoch
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        return iter(self.batches) if self.stage is None else self.stage.run(self.batches)
+        batches = iter(self.batches) if self.stage is None else self.stage.run(self.batches)
+        return batches if self.mixing is None else self.mixing.run(batches, self.start)
 
     @property
     def num_workers(self) -> int:
@@ -68,15 +74,17 @@ class Loader:
             self.batches.set_epoch(epoch)
         if hasattr(self.batches.dataset, "set_epoch"):
             self.batches.dataset.set_epoch(epoch)
+        if self.mixing is not None:
+            self.mixing.set_epoch(epoch)
 
     def skip(self, accelerator, num_batches: int) -> Loader:
         """This loader without its first `num_batches` (a resumed epoch): those are never read or decoded."""
-        return replace(self, batches=accelerator.skip_first_batches(self.batches, num_batches))
+        return replace(self, batches=accelerator.skip_first_batches(self.batches, num_batches), start=num_batches)
 
 
 def _seed_worker(rank: int, worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator, which is shared by all ranks (it also drives the
-    # shuffle, which must agree across ranks); offset by rank so ranks draw different augmentations.
+    # Augmentation draws under each sample's own seed (samples.SeededSamples); anything else a worker draws differs
+    # by rank, as torch seeds each worker from the loader's generator, which all ranks share.
     seed = (torch.initial_seed() + rank * 1_000_003) % 2**63
     torch.manual_seed(seed)
     random.seed(seed)
@@ -141,6 +149,7 @@ def train_loader(
     stream (this rank's part, `steps` batches per epoch). `batch_size` is per process. `sample_weights` (one per
     sample, --balanced-sampler): draw each epoch's samples in proportion to them instead of shuffling."""
     shard = sharding.Shard.of(accelerator)
+    mixing = BatchMixing(augment.mixup, spec.seed) if augment.mixup is not None else None
     if not hasattr(split, "__len__"):  # a stream
         part = sharding.stream_part(split, shard, seed=spec.seed, buffer_size=spec.shuffle_buffer)
         workers = sharding.stream_workers(split, shard, spec.workers)
@@ -152,10 +161,10 @@ def train_loader(
                 f"process, {shard.world} process(es), {workers} worker(s) per process, shuffle buffer "
                 f"{spec.shuffle_buffer}"
             )
-        return Loader(sharding.shard_loader(accelerator, loader, streamed=True), size=augment.size)
+        return Loader(sharding.shard_loader(accelerator, loader, streamed=True), mixing=mixing, size=augment.size)
     examples = spec.backend.examples(spec.pre, augment)
-    samples = Indexed(split.with_transform(examples))
-    dataset = SeededBatches(Replacing(samples, Replacement(where=f"rank {shard.rank}")), spec.seed)
+    samples = SeededSamples(split, examples, spec.seed)
+    dataset = Replacing(samples, Replacement(where=f"rank {shard.rank}"))
     generator = torch.Generator().manual_seed(spec.seed)  # same on every rank: the shuffle order must agree
     order = dict(shuffle=True, generator=generator)
     if sample_weights is not None:
@@ -166,12 +175,14 @@ def train_loader(
         batch_size=batch_size,
         drop_last=True,
         **order,
-        collate_fn=partial(dataset.collate, spec.backend.collate(examples)),
+        collate_fn=spec.backend.collate(examples),
         **_worker_options(spec.workers, shard.device, shard.rank),
     )
     threads = dali_threads(shard.local_world, spec.workers)
     stage = spec.backend.stage(spec.pre, batch_size, threads, samples, augment)
-    return Loader(sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)), augment.size)
+    return Loader(
+        sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)), mixing, size=augment.size
+    )
 
 
 def eval_loader(accelerator, split, spec: LoaderSpec, batch_size: int) -> Loader:
@@ -185,8 +196,7 @@ def eval_loader(accelerator, split, spec: LoaderSpec, batch_size: int) -> Loader
         Replacing(samples, Replacement(where=f"rank {shard.rank}")),
         batch_size=batch_size,
         shuffle=False,
-        # evaluation draws nothing, but DALI's collate draws the batch's device seed: a fixed one keeps it repeatable
-        collate_fn=partial(_seeded_collate, collate) if spec.backend.name == "dali" else collate,
+        collate_fn=collate,
         **_worker_options(spec.workers, shard.device, rank=0),
     )
     stage = spec.backend.stage(spec.pre, batch_size, dali_threads(shard.local_world, spec.workers), samples)
@@ -213,15 +223,11 @@ def files_loader(paths: list, spec: LoaderSpec, batch_size: int, device) -> tupl
         samples,
         batch_size=batch_size,
         shuffle=False,
-        collate_fn=partial(_seeded_collate, collate) if spec.backend.name == "dali" else collate,
+        collate_fn=collate,
         num_workers=spec.workers,
     )
     stage = spec.backend.stage(spec.pre, batch_size, max(1, spec.workers), None, upright=True)
     return Loader(loader, stage and stage.on(device)), failed
-
-
-def _seeded_collate(collate, examples: list):
-    return seeded(0, lambda: collate(examples))
 
 
 def _device(shard: sharding.Shard):

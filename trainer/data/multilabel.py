@@ -1,21 +1,16 @@
 """Multi-label data: which label columns hold lists, the class names they use, and the one stored form every
 multi-label split takes (`multi_hot`: a fixed-length int8 list per image, `Batch.labels` float (B, C) once
-collated); and the image folder with a `labels.csv` beside its images (`filename,labels`, labels separated by
---label-delimiter, as Kaggle's Planet and fastai's `from_csv` read it).
+collated). Read by the standardisation of every source (`sources.standard`), the splits and the fingerprint; the
+image folder with a `labels.csv` is a source kind of its own (`sources.labels_csv`).
 """
 
 from __future__ import annotations
 
-import csv
 import re
-from pathlib import Path
 
 import numpy as np
 
 from trainer.config import UserError
-
-LABELS_CSV = "labels.csv"
-SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 
 def natural_key(text: str):
@@ -45,7 +40,12 @@ def list_class_names(feature, train_values: list) -> list[str]:
     inner = getattr(feature, "feature", None)
     if isinstance(inner, datasets.ClassLabel):
         return list(inner.names)
-    return sorted({str(v) for row in train_values for v in (row or [])}, key=natural_key)
+    return sorted({_cell(v) for row in train_values for v in (row or [])} - {""}, key=natural_key)
+
+
+def _cell(value) -> str:
+    """A label value as a class name: stripped, so `' big'` and `'big'` are one class; "" (and None): no label."""
+    return "" if value is None else str(value).strip()
 
 
 def multi_hot(split, label_col: str, names: list[str], where: str, split_name: str):
@@ -57,14 +57,30 @@ def multi_hot(split, label_col: str, names: list[str], where: str, split_name: s
     index = {n: i for i, n in enumerate(names)}
     rows = split.with_format("arrow")[label_col].to_pylist()
     table = np.zeros((len(rows), len(names)), dtype=np.int8)
-    unknown = set()
+    unknown, outside = set(), set()
     for r, row in enumerate(rows):
         for value in row or []:
-            k = int(value) if by_index else index.get(str(value))
-            if k is None:
-                unknown.add(str(value))
+            if by_index:  # ClassLabel's -1 is "no label": never an index (table[r, -1] would be the last class)
+                k = int(value)
+                if k == -1:
+                    continue
+                if not 0 <= k < len(names):
+                    outside.add(k)
+                    continue
             else:
-                table[r, k] = 1
+                name = _cell(value)
+                if not name:  # an empty string in a list: no label
+                    continue
+                k = index.get(name)
+                if k is None:
+                    unknown.add(name)
+                    continue
+            table[r, k] = 1
+    if outside:
+        raise UserError(
+            f"--data {where}: split {split_name!r} has label index(es) {', '.join(map(str, sorted(outside)[:5]))} "
+            f"outside its {len(names)} class names (0..{len(names) - 1}, or -1 for no label); fix the label column"
+        )
     if unknown:
         raise UserError(
             f"--data {where}: split {split_name!r} has label(s) {', '.join(sorted(unknown)[:5])} that training "
@@ -92,53 +108,6 @@ def json_labels(splits: dict, label_columns: tuple[str, ...]) -> dict:
         .select_columns([c for c in split.features if c != "json"] + ["labels"])
         for name, split in splits.items()
     }
-
-
-def labels_csv_splits(root: Path) -> dict[str, Path] | None:
-    """{split: labels.csv} of a tagged folder: ROOT/labels.csv (one split), or ROOT/<split>/labels.csv; else None."""
-    if (root / LABELS_CSV).is_file():
-        return {"train": root / LABELS_CSV}
-    found = {name: root / name / LABELS_CSV for name in SPLIT_NAMES if (root / name / LABELS_CSV).is_file()}
-    return found or None
-
-
-def read_labels_csv(path: Path, delimiter: str, where: str) -> tuple[list[str], list[list[str]]]:
-    """(image paths, label lists) of one labels.csv; refuses missing files and empty label cells, naming them."""
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    if rows and [c.strip().lower() for c in rows[0][:2]] in (["filename", "labels"], ["image", "labels"]):
-        rows = rows[1:]
-    if not rows or any(len(r) < 2 for r in rows):
-        raise UserError(f"--data {where}: {path.name} needs two columns, filename,labels, one row per image")
-    folder = path.parent
-    files = [str(folder / r[0].strip()) for r in rows]
-    labels = [[t for t in r[1].strip().split(delimiter) if t] for r in rows]
-    missing = [r[0] for r, file in zip(rows, files, strict=True) if not Path(file).is_file()]
-    if missing:
-        raise UserError(
-            f"--data {where}: {path.relative_to(folder.parent)} names {len(missing)} file(s) that do not exist "
-            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); fix the CSV or add the images"
-        )
-    empty = [r[0] for r, tags in zip(rows, labels, strict=True) if not tags]
-    if empty:
-        raise UserError(
-            f"--data {where}: {path.relative_to(folder.parent)} has {len(empty)} row(s) with no labels "
-            f"({', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}); give each image one label or more"
-        )
-    return files, labels
-
-
-def load_tagged_folder(root: Path, delimiter: str, where: str):
-    """Splits {name: Dataset(image paths, label lists)} of a folder with labels.csv; class names from train."""
-    import datasets
-
-    tags = datasets.List(datasets.Value("string"))
-    features = datasets.Features({"image": datasets.Image(decode=False), "labels": tags})
-    splits = {}
-    for name, path in labels_csv_splits(root).items():
-        files, labels = read_labels_csv(path, delimiter, where)
-        splits[name] = datasets.Dataset.from_dict({"image": files, "labels": labels}, features=features)
-    return splits
 
 
 def label_matrix(dataset) -> np.ndarray:

@@ -1,11 +1,13 @@
 """Samples: which examples make a batch, under which seed, and what takes the place of an unreadable image.
 
 Two policies live here and nowhere else:
-- **One seed per batch** (`batch_seed`): drawn from (--seed, epoch, the batch's identity: its indices for map-style
-  data, rank and position for a stream), never from a running generator. The same batch then gets the same crops,
-  flips and mixup draws whichever process or worker loads it and whatever ran before, so a run resumed mid-epoch
-  (first batches skipped, workers restarted) continues bitwise as if never stopped. `seeded` runs a function under
-  such a seed and restores every generator afterwards.
+- **One seed per sample** (`sample_seed`): drawn from (--seed, epoch, the sample's identity: its index for map-style
+  data, a digest of its bytes for a stream), never from a running generator nor from the batch it lands in. A sample
+  then gets the same crop, flip, erasing and auto-augment draws whichever rank, worker or batch position loads it and
+  whatever ran before: the same at any process count (docs/distributed.md), and a run resumed mid-epoch (first
+  batches skipped, workers restarted) continues bitwise as if never stopped. `seeded` runs a function under a seed
+  and restores every generator afterwards; `SeededSamples` reads a batch in one columnar read and augments each of
+  its samples under that sample's seed.
 - **One replacement for an unreadable image** (`Replacement`): a file that fails to decode mid-run (the up-front
   check catches the usual cases) is replaced by the next readable candidate, so a batch keeps its size and every rank
   its step count: for map-style data the sample NEIGHBOUR_STRIDE places on (wrapping), for a stream the next example.
@@ -15,10 +17,13 @@ Two policies live here and nowhere else:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import random
 import sys
 
+import numpy as np
 import torch
 
 from trainer.data.batch import Failed
@@ -32,33 +37,57 @@ RETRIES = 16
 PASSES = 1000
 
 
-def batch_seed(*key) -> int:
-    """The seed of one batch: a hash of its identity (seed, epoch, and its indices or its rank and position)."""
+def seed_of(*key) -> int:
+    """A seed from a key (seed, epoch, and what is drawn for): the same key gives the same seed in every process."""
     text = "/".join(",".join(map(str, k)) if isinstance(k, list | tuple) else str(k) for k in key)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def seeded(seed: int, fn, device: torch.device | None = None):
-    """`fn()` with Python, NumPy and the CPU generator (and `device`'s, when it is a CUDA device) seeded by `seed`;
-    every stream is restored afterwards, so the training process's own draws (dropout, drop-path) stay untouched
-    when batches load in-process (--workers 0) or augment on the device."""
-    import random
+def sample_seed(seed: int, epoch: int, sample) -> int:
+    """The seed of one sample's augmentation in `epoch`; `sample`: its index (map-style) or `stream_key` (a stream)."""
+    return seed_of(seed, epoch, sample)
 
-    import numpy as np
 
+def stream_key(image) -> str:
+    """A streamed example's identity, the same whichever rank reads it: a digest of its encoded bytes (its path when
+    the stream holds no bytes)."""
+    data = image.get("bytes") if isinstance(image, dict) else image if isinstance(image, bytes) else None
+    if data is None:
+        return str(image.get("path") if isinstance(image, dict) else image)
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+@contextlib.contextmanager
+def kept_generators(device: torch.device | None = None):
+    """Python's, NumPy's and torch's CPU generator (and `device`'s, when it is a CUDA device) as they were before the
+    block, whatever it drew or seeded: the training process's own draws (dropout, drop-path) stay untouched when
+    batches load in-process (--workers 0) or augment on the device."""
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [device.index or 0] if device is not None and device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
         try:
-            return fn()
+            yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def reseed(seed: int, device: torch.device | None = None) -> None:
+    """Seed every generator an augmentation draws from (inside `kept_generators`, which puts them back). Cheap enough
+    per sample: the CPU generator is seeded directly (torch.manual_seed would also seed every CUDA device)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def seeded(seed: int, fn, device: torch.device | None = None):
+    """`fn()` with Python, NumPy and the CPU generator (and `device`'s, when it is a CUDA device) seeded by `seed`;
+    every generator is restored afterwards (`kept_generators`)."""
+    with kept_generators(device):
+        reseed(seed, device)
+        return fn()
 
 
 class Replacement:
@@ -124,6 +153,11 @@ class Replacing(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the samples' seeds (`SeededSamples`), when they have one."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
     def __getitems__(self, indices: list[int]) -> list:
         try:  # one columnar read for the whole batch, as HF datasets serve it
             return self.dataset.__getitems__(indices)
@@ -134,14 +168,16 @@ class Replacing(torch.utils.data.Dataset):
         return self.policy.first_readable(self.policy.neighbours(self.dataset, index), f"index {index}")
 
 
-class SeededBatches(torch.utils.data.Dataset):
-    """Map-style samples fetched a batch at a time, each batch under its own seed (`batch_seed`); `collate` runs
-    under the next seed of the same batch, so mixup/cutmix draws repeat too."""
+class SeededSamples(torch.utils.data.Dataset):
+    """Map-style training samples, read a batch at a time (one columnar read, as HF datasets serve it) and each
+    augmented by `transform` (an HF-style transform of a {column: values} batch) under its own seed: `sample_seed`
+    of (--seed, epoch, its index). Each sample carries its `index`, so a replacement can be fetched for it later (the
+    DALI stage, for a file DALI rejects)."""
 
-    def __init__(self, dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self._batch_seed = 0  # the seed of the batch this process fetched last; its collate runs next
+    def __init__(self, split, transform, seed: int):
+        # Plain Python rows, as `with_transform` hands its transform, whatever format the split was given.
+        self.split = split.with_format(None) if hasattr(split, "with_format") else split
+        self.transform, self.seed = transform, seed
         # Shared memory: persistent DataLoader workers see the epoch the main process sets.
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -149,19 +185,21 @@ class SeededBatches(torch.utils.data.Dataset):
         self.epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.split)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[int]) -> list:
-        self._batch_seed = batch_seed(self.seed, int(self.epoch), list(indices))
-        fetch = getattr(self.dataset, "__getitems__", None)
-        return seeded(self._batch_seed, lambda: fetch(indices) if fetch else [self.dataset[i] for i in indices])
-
-    def collate(self, collate_fn, examples: list):
-        """`collate_fn` under the seed of the batch just fetched (DataLoader collates right after fetching)."""
-        return seeded(self._batch_seed + 1, lambda: collate_fn(examples))
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.split[list(indices)]  # {column: one value per index}
+        epoch = int(self.epoch)
+        samples = []
+        with kept_generators():
+            for j, index in enumerate(indices):
+                reseed(sample_seed(self.seed, epoch, index))
+                out = self.transform({column: [values[j]] for column, values in rows.items()})
+                samples.append({**{column: values[0] for column, values in out.items()}, "index": index})
+        return samples
 
 
 class BalancedSampler(torch.utils.data.Sampler):
@@ -181,7 +219,7 @@ class BalancedSampler(torch.utils.data.Sampler):
         return len(self.weights)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(batch_seed(self.seed, "balanced", self.epoch))
+        generator = torch.Generator().manual_seed(seed_of(self.seed, "balanced", self.epoch))
         drawn = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator)
         return iter(drawn.tolist())
 
@@ -190,8 +228,9 @@ class EpochStream(torch.utils.data.IterableDataset):
     """Exactly `steps` batches per epoch from this rank's part of a stream, re-read (reshuffled) if it runs short.
 
     Batches are made here (DataLoader(batch_size=None)): worker w of W makes batches w, w+W, ..., which the
-    DataLoader hands out in order, so the count is exact for any worker count. Each batch is seeded by
-    `batch_seed(seed, epoch, rank, position)`; an unreadable example is replaced by the next one (`Replacement`).
+    DataLoader hands out in order, so the count is exact for any worker count. Each example is augmented under
+    `sample_seed(seed, epoch, stream_key(image))`, whichever rank reads it; an unreadable example is replaced by the
+    next one (`Replacement`).
     `transform` maps {"image": [...], "label": [...]} to examples and has a `collate`.
     """
 
@@ -213,8 +252,10 @@ class EpochStream(torch.utils.data.IterableDataset):
         index, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         epoch = int(self.epoch)
         rows = self._rows(epoch)  # inside a worker, datasets hands this worker its own shards
-        for batch in range(index, self.steps, workers):
-            yield seeded(batch_seed(self.seed, epoch, self.rank, batch), lambda: self._batch(rows))
+        for _ in range(index, self.steps, workers):
+            with kept_generators():  # not around the yield: the consumer's own draws are no business of ours
+                batch = self._batch(rows, epoch)
+            yield batch
 
     def _rows(self, epoch: int):
         for n in itertools.count():
@@ -226,12 +267,13 @@ class EpochStream(torch.utils.data.IterableDataset):
             if not read:
                 raise RuntimeError(f"rank {self.rank}: its part of the stream is empty; check the shards")
 
-    def _example(self, row) -> dict:
+    def _example(self, row, epoch: int) -> dict:
+        reseed(sample_seed(self.seed, epoch, stream_key(row["image"])))
         out = self.transform({"image": [row["image"]], "label": [row["label"]]})
         return {key: values[0] for key, values in out.items()}
 
-    def _batch(self, rows):
-        candidates = (lambda row=row: self._example(row) for row in rows)
+    def _batch(self, rows, epoch: int):
+        candidates = (lambda row=row: self._example(row, epoch) for row in rows)
         near = f"rank {self.rank}'s stream"
         examples = [self.policy.first_readable(candidates, near) for _ in range(self.batch_size)]
         return self.transform.collate(examples)

@@ -11,8 +11,15 @@ import numpy as np
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import GRAY_MODES, UnreadableImage, decode_image
 from trainer.data.multilabel import is_list_feature, label_matrix
-from trainer.data.sources import check_task, detect_columns, load_source, split_names
-from trainer.data.streams import read_split, standard, stream_source
+from trainer.data.sources import (
+    check_task,
+    detect_columns,
+    load_source,
+    read_split,
+    split_names,
+    standard_stream,
+    stream_source,
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class DataInfo:
     val_split: str = ""  # where validation comes from, in words (recorded in config.yaml)
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out up front
     multilabel: bool = False  # labels are multi-hot rows (Batch.labels float (B, C)), not class indices
+    notes: tuple[str, ...] = ()  # warnings for the run's header (a split not used, a delimiter that looks wrong)
 
     @property
     def task(self) -> str:
@@ -44,8 +52,24 @@ def load_splits(cfg: DataConfig):
     source = load_source(cfg)
     check_task(cfg, source.multilabel)
     train_name, val_name = split_names(list(source.splits), cfg)
+    notes = list(source.notes)
     train = source.splits[train_name]
-    _check_classes(train, source.class_names, cfg.data, source.multilabel)
+    if len(train) and unlabelled(train, source.class_names, cfg.data, train_name, source.multilabel):
+        raise UserError(
+            f"--data {cfg.data}: the training split {train_name!r} has no labels (every label -1 or empty); train on "
+            "a labelled split (--train-split)"
+        )
+    if val_name and unlabelled(source.splits[val_name], source.class_names, cfg.data, val_name, source.multilabel):
+        if cfg.val_split:
+            raise UserError(
+                f"--data {cfg.data}: --val-split {val_name} has no labels (every label -1 or empty), so it cannot "
+                "score a model; name a labelled split, or leave --val-split out to hold out a share of training"
+            )
+        notes.append(
+            f"warning: split {val_name!r} has no labels (every label -1): it is not a validation split; "
+            f"{cfg.val_fraction:g} of {train_name!r} is held out instead"
+        )
+        val_name = ""
     if val_name:
         val, val_desc = source.splits[val_name], f"split {val_name}"
     else:
@@ -59,6 +83,8 @@ def load_splits(cfg: DataConfig):
             ) from e
         how = "at random" if source.multilabel else "stratified"
         val_desc = f"{cfg.val_fraction:g} of {train_name} held out, {how}, --split-seed {cfg.split_seed}"
+    # On the split that trains, after any hold-out: a label only in the held-out rows would train with no positives.
+    _check_classes(train, source.class_names, cfg.data, source.multilabel, held_out=not val_name)
     if len(val) == 0:
         raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
     info = DataInfo(
@@ -71,6 +97,7 @@ def load_splits(cfg: DataConfig):
         val_split=val_desc,
         skipped=source.skipped,
         multilabel=source.multilabel,
+        notes=tuple(notes),
     )
     return {"train": train, "val": val}, info
 
@@ -122,7 +149,7 @@ def _stream_splits(cfg: DataConfig):
         default_hflip=0.5,
         val_split=f"split {val_name}, read once into the datasets cache",
     )
-    return {"train": standard(train, image_col, label_col), "val": val}, info
+    return {"train": standard_stream(train, image_col, label_col), "val": val}, info
 
 
 def load_splits_in_turn(accelerator, cfg: DataConfig):
@@ -176,7 +203,29 @@ def hold_out(train, fraction: float, seed: int, stratify: bool = True):
     return train.select(train_rows), train.select(test_rows)
 
 
-def _check_classes(train, class_names: list[str], where: str, multilabel: bool = False) -> None:
+def unlabelled(split, class_names: list[str], where: str, name: str, multilabel: bool) -> bool:
+    """Whether a split holds no labels at all (ClassLabel's -1 in every row; multi-label: no positive anywhere).
+    Refuses, in one line, a label index outside the class names and a single-label split only partly labelled:
+    a label is never read as an index it is not."""
+    if multilabel:
+        return len(split) > 0 and not label_matrix(split).any()
+    labels = labels_of(split)
+    outside = sorted({int(v) for v in labels[(labels < -1) | (labels >= len(class_names))]})
+    if outside:
+        raise UserError(
+            f"--data {where}: split {name!r} has label(s) {', '.join(map(str, outside[:5]))} outside its "
+            f"{len(class_names)} class names (0..{len(class_names) - 1}, or -1 for no label); fix the label column"
+        )
+    missing = int((labels == -1).sum())
+    if 0 < missing < len(labels):
+        raise UserError(
+            f"--data {where}: split {name!r} has {missing} of {len(labels)} image(s) without a label (-1); remove "
+            "them (dataset.filter(lambda r: r['label'] != -1)) or label them"
+        )
+    return len(labels) > 0 and missing == len(labels)
+
+
+def _check_classes(train, class_names: list[str], where: str, multilabel: bool = False, held_out: bool = False) -> None:
     if len(train) == 0:
         raise UserError(f"--data {where}: no training images")
     if len(class_names) < 2 and not multilabel:
@@ -187,7 +236,13 @@ def _check_classes(train, class_names: list[str], where: str, multilabel: bool =
         counts = np.bincount(labels_of(train), minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
-        raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images")
+        after = (
+            " once the validation share was held out (they are only in held-out images: add images of them, a "
+            "validation split, or another --split-seed)"
+            if held_out
+            else ""
+        )
+        raise UserError(f"--data {where}: class(es) {', '.join(empty[:5])} have no training images{after}")
 
 
 def guess_channels(train, sample: int = 16) -> int:

@@ -65,8 +65,8 @@ def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
 class ImageTransform:
     """The torch backend's per-sample work: stored examples -> decoded, augmented (C, H, W) float tensors + labels.
 
-    `collate` stacks a batch into a `Batch` and, when `mixup` (a timm `Mixup`) is given, mixes it into
-    class-probability targets. Samples that failed and were not replaced (`Failed`) go to `Batch.failed`.
+    `collate` stacks a batch into a `Batch` (mixup/cutmix come later, in the training process: data/mixing.py).
+    Samples that failed and were not replaced (`Failed`) go to `Batch.failed`.
     """
 
     def __init__(
@@ -78,12 +78,10 @@ class ImageTransform:
         *,
         auto_augment: str = "",
         random_erase: float = 0.0,
-        mixup=None,
         size: TrainSize | None = None,
     ):
         """`size`: --progressive's size in force, read at each batch (a transform per size, made when first used)."""
         self.mode = "L" if pre.in_chans == 1 else "RGB"
-        self.mixup = mixup
         self.size = size
         self._options = dict(
             is_training=train,
@@ -130,7 +128,6 @@ class ImageTransform:
             augment.scale,
             auto_augment=augment.auto_augment,
             random_erase=augment.random_erase,
-            mixup=augment.mixup,
             size=augment.size,
         )
 
@@ -148,10 +145,6 @@ class ImageTransform:
         images = torch.stack([e["image"] for e in examples])
         labels = label_tensor([e["label"] for e in examples])
         indices = torch.tensor([e["index"] for e in examples]) if "index" in examples[0] else None
-        if self.mixup is not None:
-            # Label smoothing stays with the loss: F.cross_entropy smooths probability targets exactly as timm's
-            # Mixup would, so the loop's loss is unchanged.
-            images, labels = self.mixup(images, labels)
         return Batch(images, labels, indices, failed)
 
 
@@ -193,14 +186,15 @@ def describe_augmentation(cfg: DataConfig, info: DataInfo) -> str:
 
 
 def train_mixup(cfg: DataConfig, info: DataInfo, per_device_batch_size: int):
-    """timm's `Mixup` for --mixup/--cutmix (None when both are off); both backends mix with it."""
+    """timm's `Mixup` for --mixup/--cutmix (None when both are off); data/mixing.py runs it on both backends' batches.
+    Label smoothing stays with the loss: F.cross_entropy smooths probability targets exactly as timm's Mixup would."""
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
     from timm.data import Mixup
 
     if per_device_batch_size % 2:
         raise UserError(
-            f"--mixup/--cutmix pair images within a batch and need an even per-process batch, "
+            f"--mixup/--cutmix pair neighbouring images of a batch and need an even per-process batch, "
             f"got {per_device_batch_size}; change --batch-size"
         )
     return Mixup(

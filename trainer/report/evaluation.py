@@ -1,6 +1,6 @@
 """Evaluation reports: per-class accuracy tables and the confusion matrix, from gathered validation predictions.
 
-Pure functions on numpy arrays, no rank logic: callers decide who writes (the main process, see tracking.py).
+Pure functions on numpy arrays, no rank logic: callers decide who writes (the main process, see reporter.py).
 Files are written under a temporary name, then renamed into place.
 matplotlib is imported lazily with the headless Agg backend, so importing this module costs nothing.
 """

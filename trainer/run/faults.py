@@ -40,7 +40,7 @@ def error_line(error: BaseException, resume_dir: Path | None = None) -> str | No
                 f"{found[-1].parent} to resume from the one before"
             )
         return f"a safetensors file is damaged or truncated ({first}); write it again or use an intact copy"
-    if _damaged_shard(error):  # passed the up-front check (trainer.data.integrity), broken since
+    if _damaged_shard(error):  # passed the up-front check (trainer.data.sources.shardcheck), broken since
         first = _first_line(error)
         run_dir = resume_dir or joined_run_dir()
         resume = f"trainer train --resume {run_dir}" if run_dir else "the command again"

@@ -1,6 +1,6 @@
 """The names of the files and folders in a run and in its checkpoints. Light: no torch, no data package.
 
-{run}/config.yaml                  the resolved config and the launch's facts (tracking.Reporter.start)
+{run}/config.yaml                  the resolved config and the launch's facts (report.reporter.Reporter.start)
 {run}/results.csv                  one row per epoch
 {run}/weights/last.safetensors     the latest epoch's weights (weights.save_epoch_weights)
 {run}/weights/best.safetensors     the best epoch's (the EMA's when it scored higher)

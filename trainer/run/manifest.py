@@ -142,7 +142,8 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
                 | {n for n in old_shards if new_shards.get(n, old_shards[n]) != old_shards[n]}
             )
             changes.append(f"{what} added, removed or resized: {_names(differ)}")
-    if not changes and old.get("listing", "") != new.get("listing", ""):
+    # A checkpoint without a listing (a labels.csv folder's, before trainer listed its files) cannot tell.
+    if not changes and old.get("listing") and old["listing"] != new.get("listing", ""):
         changes.append("files replaced or rewritten in the folder: sizes or modification times differ")
     return changes
 

@@ -73,12 +73,26 @@ def auto_resume(given: dict[str, dict[str, Any]]) -> tuple[Config, Path | None]:
 def finished(run_dir: Path, epochs: int) -> bool:
     """Whether the newest checkpoint of the run is its last epoch's, or early stopping ended the run there (an
     unreadable one is left to the loader)."""
+    state = _newest_state(run_dir)
+    try:
+        return bool(state) and (state["epoch"] >= epochs or stopped_early(run_dir) > 0)
+    except (KeyError, TypeError):
+        return False
+
+
+def stopped_early(run_dir: Path) -> int:
+    """The epoch --patience ended the run at, by its newest checkpoint; 0 if it did not (or none is readable)."""
+    state = _newest_state(run_dir)
+    stopped = state.get("stopped_epoch", 0) if isinstance(state, dict) else 0
+    return stopped if isinstance(stopped, int) else 0
+
+
+def _newest_state(run_dir: Path) -> dict:
     found = checkpoint_dirs(run_dir)
     try:
-        state = json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text()) if found else {}
-        return bool(found) and (state["epoch"] >= epochs or state.get("stopped_epoch", 0) > 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return json.loads((found[-1] / STATE_FILE.format(rank=0)).read_text()) if found else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def resume_config(run_dir: Path, given: dict[str, dict[str, Any]]) -> Config:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,16 @@ from trainer.run.manifest import RunShape
 from trainer.run.rundirs import RunFolder, create_run_dir, release_run_dir
 from trainer.run.weights import weights_metadata
 from trainer.train import autobatch, distill, finetune, optim, stopping
-from trainer.train.launch import allow_recompiles, build_accelerator, check_fsdp_options, emulated_precision_warning
+from trainer.train.launch import (
+    allow_recompiles,
+    build_accelerator,
+    check_fsdp_options,
+    check_memory,
+    emulated_precision_warning,
+)
 from trainer.train.loop import Loop, fit
-from trainer.train.model import apply_sync_bn, build_model, mark_fsdp_blocks, patch_size, size_kwargs
-from trainer.train.tasks import build_task, describe_task
+from trainer.train.model import SyncBNDecision, apply_sync_bn, build_model, mark_fsdp_blocks, patch_size, size_kwargs
+from trainer.train.tasks import Task, build_task, describe_task
 
 
 def train(cfg: Config, resume_dir: Path | None = None) -> dict:
@@ -40,25 +47,11 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     )
     backend, dataset = load_data(accelerator, cfg, reporter)
     info = dataset.info
-    task = build_task(cfg.train, info.multilabel, len(info.class_names), _train_counts(cfg, dataset))
-    model, sync_bn, pre = build_model_side(accelerator, cfg, info, reporter)
+    cfg, step = build_step(accelerator, cfg, dataset, reporter, resume_dir)
+    model, pre, task, teacher, freeze = step.model, step.pre, step.task, step.teacher, step.freeze
     schedule = data.size_schedule(cfg.data, cfg.train.epochs, patch_size(model))  # None without --progressive
     if schedule is not None and cfg.train.compile:
         allow_recompiles(len(set(schedule.sizes(cfg.train.epochs))) + 1)  # one static graph per size, see there
-    if info.multilabel and cfg.distill.teacher:
-        raise UserError(
-            "--teacher: logit distillation is single-label (a softmax over classes) and this data is "
-            "multi-label; drop --teacher"
-        )
-    teacher = distill.build_teacher(
-        cfg.distill, cfg.data, accelerator.device, accelerator.autocast, info.class_names, pre, resume_dir
-    )
-    cfg, line = autobatch.resolve_config(cfg, accelerator, model, info)  # --batch-size auto -> a number
-    if line:
-        reporter.print_once(line)
-    freeze = finetune.plan_freeze(cfg.train, model, _fsdp(accelerator))  # names of the unwrapped model
-    if freeze is not None:
-        reporter.print_once(finetune.describe(freeze, cfg.train))
     # Loaders first, already sharded: the schedule's length comes from this rank's shard of the data.
     spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
     per_device_batch_size = cfg.train.per_device_batch_size(accelerator.num_processes)
@@ -89,7 +82,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
         imgsz=cfg.data.imgsz,
         coverage=None if info.multilabel or cfg.data.streaming else data.ClassCoverage(dataset.train, info.class_names),
     )
-    record = run_record(cfg, loop, info, pre, sync_bn, steps_per_epoch, backend)
+    record = run_record(cfg, loop, info, pre, step.sync_bn, steps_per_epoch, backend)
     start_run(loop, cfg, record, info, resumed=resume_dir is not None)
     with checkpointer:  # SIGTERM/SIGINT from here on: finish the step, save, exit
         best = fit(loop, cfg.train)
@@ -115,6 +108,43 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     return summary
 
 
+@dataclass
+class Step:
+    """What shapes a training step, built alike for `train` and `lr-find`: the model (SyncBN decided), its
+    preprocessing, the task (loss, class weights), the teacher and what --freeze holds."""
+
+    model: torch.nn.Module
+    sync_bn: SyncBNDecision
+    pre: data.Preprocess
+    task: Task
+    teacher: distill.Teacher | None
+    freeze: finetune.Freeze | None
+
+
+def build_step(accelerator: Accelerator, cfg: Config, dataset, reporter: Reporter, resume_dir: Path | None = None):
+    """(cfg with --batch-size auto resolved, the `Step`): the one way a run's step is built. Every rank."""
+    info = dataset.info
+    task = build_task(cfg.train, info.multilabel, len(info.class_names), _train_counts(cfg, dataset))
+    model, sync_bn, pre = build_model_side(accelerator, cfg, info, reporter)
+    if info.multilabel and cfg.distill.teacher:
+        raise UserError(
+            "--teacher: logit distillation is single-label (a softmax over classes) and this data is "
+            "multi-label; drop --teacher"
+        )
+    teacher = distill.build_teacher(
+        cfg.distill, cfg.data, accelerator.device, accelerator.autocast, info.class_names, pre, resume_dir
+    )
+    cfg, line = autobatch.resolve_config(cfg, accelerator, model, info)  # --batch-size auto -> a number
+    if line:
+        reporter.print_once(line)
+    freeze = finetune.plan_freeze(cfg.train, model, _fsdp(accelerator))  # names of the unwrapped model
+    if freeze is not None:
+        reporter.print_once(finetune.describe(freeze, cfg.train))
+        if not cfg.model.pretrained:
+            reporter.print_once(finetune.RANDOM_BACKBONE)
+    return cfg, Step(model, sync_bn, pre, task, teacher, freeze)
+
+
 def _train_counts(cfg: Config, dataset) -> np.ndarray | None:
     """Images per class of the training split, for --class-weights (a stream is not counted: None)."""
     if cfg.train.class_weights == "none" or cfg.data.streaming:
@@ -129,6 +159,7 @@ def _fsdp(accelerator: Accelerator) -> bool:
 def prepare_launch(cfg: Config, resume_dir: Path | None) -> tuple[Accelerator, Reporter]:
     """The Accelerator (the launch checked), the Reporter and the seeds, before anything is read or written."""
     accelerator = build_accelerator(cfg, resume_dir)
+    check_memory(cfg, accelerator)  # an --imgsz whose first batch cannot fit: one line, before the data loads
     if _fsdp(accelerator):
         check_fsdp_options(cfg)
     reporter = Reporter(accelerator)
@@ -148,6 +179,8 @@ def load_data(accelerator: Accelerator, cfg: Config, reporter: Reporter):
     info = dataset.info
     if info.skipped:
         reporter.print(data.unreadable_warning(info))
+    for note in info.notes:  # legitimate data that is likely not what was meant: said in the header
+        reporter.print(note)
     world = accelerator.num_processes
     per_device_batch_size = cfg.train.per_device_batch_size(world)
     if info.train_size < per_device_batch_size * world:

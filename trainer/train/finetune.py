@@ -28,6 +28,12 @@ import torch
 
 from trainer.config import TrainConfig, UserError
 
+# --freeze without --pretrained: what the header says (a warning, not a refusal: a test of the mechanics is legitimate).
+RANDOM_BACKBONE = (
+    "warning: --freeze without --pretrained holds randomly initialised weights fixed (a probe of random features); "
+    "add --pretrained [PATH] to fine-tune trained ones"
+)
+
 
 @dataclass
 class Freeze:
@@ -68,7 +74,9 @@ def plan_freeze(cfg: TrainConfig, model: torch.nn.Module, fsdp: bool) -> Freeze 
 
 def describe(freeze: Freeze, cfg: TrainConfig) -> str:
     until = f"until epoch {freeze.unfreeze_epoch}" if freeze.unfreeze_epoch else "for the whole run"
-    return f"--freeze {cfg.freeze}: {len(freeze.names)} parameter tensors frozen {until}"
+    counts = cfg.patience and freeze.unfreeze_epoch
+    patience = f"; --patience counts from epoch {freeze.unfreeze_epoch}" if counts else ""
+    return f"--freeze {cfg.freeze}: {len(freeze.names)} parameter tensors frozen {until}{patience}"
 
 
 def _classifier_prefix(model: torch.nn.Module) -> str | None:

@@ -30,7 +30,10 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
     """One Accelerator; the launcher decides processes and precision, --mixed-precision may override it.
 
     `resume_dir`: the run this process is about to continue (None: a new run); every process must agree on it."""
-    group: dict = {"backend": cfg.run.dist_backend} if cfg.run.dist_backend else {}
+    group: dict = {}
+    if cfg.run.dist_backend and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A backend handed to accelerate makes it set up a process group; a plain single process has none to join.
+        group["backend"] = cfg.run.dist_backend
     if cfg.run.dist_timeout:
         # accelerate passes on only values that differ from its own defaults, one of which is 10 minutes (NCCL's):
         # exactly 10 would leave gloo at PyTorch's 30. One second more keeps it.
@@ -188,3 +191,33 @@ def emulated_precision_warning(accelerator: Accelerator) -> str:
         f"warning: {accelerator.mixed_precision} on this CPU ({capability}) is emulated and much slower "
         "than fp32; use --mixed-precision no here"
     )
+
+
+# The first batch's float32 input times this: the images as decoded and resized, the collated batch, its normalised
+# copy on the device, the first layer's output. A floor, not a forecast: a size it refuses cannot run at all.
+FIRST_BATCH_COPIES = 4
+
+
+def check_memory(cfg: Config, accelerator: Accelerator) -> None:
+    """Refuse in one line an --imgsz whose first batch cannot fit in this process's share of memory (host, and the
+    GPU's free memory on CUDA), before any data is read: the kernel would kill the process without a word."""
+    import psutil
+
+    per_device = cfg.train.per_device_batch_size(accelerator.num_processes) if not cfg.train.auto_batch else 8
+    channels = cfg.model.in_chans or 3
+    needed = per_device * channels * cfg.data.imgsz**2 * 4 * FIRST_BATCH_COPIES
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    budgets = {"memory": psutil.virtual_memory().available // max(local, 1)}
+    if accelerator.device.type == "cuda":
+        budgets["GPU memory"] = torch.cuda.mem_get_info(accelerator.device)[0]
+    for where, available in budgets.items():
+        if needed > available:
+            raise UserError(
+                f"--imgsz {cfg.data.imgsz}: a batch of {per_device} images of {channels} x {cfg.data.imgsz} x "
+                f"{cfg.data.imgsz} needs at least {_gib(needed)} and this process has {_gib(available)} of {where}; "
+                "lower --imgsz or --batch-size"
+            )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"

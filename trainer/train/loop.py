@@ -119,7 +119,7 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
             )
         state.epoch, state.batches_in_epoch, state.loss_sum, state.seen = epoch, 0, 0.0, 0.0
         # Collective: every rank saves its part; then all stop together if any of them got a signal.
-        stop_early = stopping.count_epoch(state, epoch, is_best, cfg.patience)  # same on every rank: see there
+        stop_early = stopping.count_epoch(state, epoch, is_best, cfg.patience, cfg.unfreeze_epoch)  # see there
         loop.checkpointer.end_epoch(state, final=epoch == cfg.epochs or stop_early)
         if stop_early:
             reporter.print(stopping.reason(state, cfg.patience))

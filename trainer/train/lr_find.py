@@ -1,7 +1,8 @@
 """`trainer lr-find`: an exponential learning-rate sweep (fastai's lr_find, Lightning's Tuner.lr_find), advisory.
 
-Takes train's data, model and optimizer flags, builds the run's model with its initial weights and its optimizer,
-and trains a throwaway copy for `steps` updates while the lr rises geometrically from `start_lr` to `end_lr`.
+Takes train's flags and builds what a training step is made of through train's own code (trainer.train.engine's
+`build_step`: the model with its initial weights, the task's loss and class weights, a teacher's term, what --freeze
+holds), then trains a throwaway copy for `steps` updates while the lr rises geometrically from `start_lr` to `end_lr`.
 Nothing is saved but the sweep (lr_find.csv, lr_find.png); no run folder of train is touched. The suggestion is the
 lr where the smoothed loss falls fastest (steepest negative slope over log lr), a starting point for --lr, not a
 promise. Runs under accelerate launch / torchrun: each step's loss is the mean over ranks.
@@ -14,15 +15,15 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
 
 from trainer import data
 from trainer.config import Config, RunConfig, UserError
 from trainer.report.evaluation import pyplot
 from trainer.run.rundirs import RunFolder, create_run_dir
 from trainer.run.writes import atomic_file
-from trainer.train import autobatch, optim
-from trainer.train.engine import build_model_side, load_data, prepare_launch
+from trainer.train import finetune, optim
+from trainer.train.engine import Step, build_step, load_data, prepare_launch
+from trainer.train.tasks import describe_task
 
 LR_FIND_PROJECT = "runs/lr_find"
 SMOOTHING = 0.98  # of the loss's exponential moving average (fastai's)
@@ -35,16 +36,20 @@ def lr_find(cfg: Config, steps: int = 200, start_lr: float = 1e-7, end_lr: float
         raise UserError(f"--start-lr {start_lr} must be positive and below --end-lr {end_lr}")
     accelerator, reporter = prepare_launch(cfg, None)
     backend, dataset = load_data(accelerator, cfg, reporter)
-    model, _, pre = build_model_side(accelerator, cfg, dataset.info, reporter)
-    cfg, line = autobatch.resolve_config(cfg, accelerator, model, dataset.info)  # --batch-size auto
-    if line:
-        reporter.print_once(line)
-    spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
+    # train's own step: the task's loss and class weights, the teacher's term, what --freeze holds
+    cfg, step = build_step(accelerator, cfg, dataset, reporter)
+    if step.freeze is not None and step.freeze.unfreeze_epoch:
+        reporter.print_once(f"--unfreeze-epoch {step.freeze.unfreeze_epoch}: the sweep is of epoch 1, still frozen")
+    if step.teacher is not None:
+        reporter.print_once(step.teacher.describe())
+    reporter.print_once(describe_task(step.task, cfg.train.class_weights, cfg.data.balanced_sampler))
+    spec = data.loader_spec(cfg.data, backend, step.pre, seed=cfg.train.seed)
     batch = cfg.train.batch_size // accelerator.num_processes  # one forward per update: no accumulation here
     train_loader, _ = data.build_loaders(accelerator, dataset, cfg.data, spec, max(1, batch))
-    optimizer = optim.build_optimizer(cfg.optim, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    lrs, losses = _sweep(accelerator, model, optimizer, train_loader, cfg, np.geomspace(start_lr, end_lr, steps))
+    optimizer = optim.build_optimizer(cfg.optim, step.model)
+    model, optimizer = accelerator.prepare(step.model, optimizer)
+    finetune.set_epoch(accelerator.unwrap_model(model), step.freeze, 1)  # after prepare, as train's loop does
+    lrs, losses = _sweep(accelerator, model, optimizer, train_loader, step, np.geomspace(start_lr, end_lr, steps))
     smoothed = smooth(losses)
     suggested = suggest(lrs, smoothed)
     folder = RunFolder(
@@ -64,9 +69,11 @@ def lr_find(cfg: Config, steps: int = 200, start_lr: float = 1e-7, end_lr: float
     return {"suggested_lr": suggested, "steps": len(lrs), "run_dir": str(run_dir)}
 
 
-def _sweep(accelerator, model, optimizer, loader, cfg: Config, schedule: np.ndarray) -> tuple[list, list]:
-    """One optimizer update per lr of `schedule` (epochs of the loader repeated as needed); stops on divergence."""
+def _sweep(accelerator, model, optimizer, loader, step: Step, schedule: np.ndarray) -> tuple[list, list]:
+    """One optimizer update per lr of `schedule` (epochs of the loader repeated as needed); stops on divergence.
+    The loss is train's: `step.task`'s, with `step.teacher`'s term mixed in."""
     model.train()
+    finetune.hold_frozen_bn(model)
     lrs: list[float] = []
     losses: list[float] = []
     scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]  # --layer-decay's ratios
@@ -79,7 +86,9 @@ def _sweep(accelerator, model, optimizer, loader, cfg: Config, schedule: np.ndar
             for group, scale in zip(optimizer.param_groups, scales, strict=True):
                 group["lr"] = lr * scale
             logits = model(batch.images)
-            loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=cfg.train.label_smoothing)
+            loss = step.task.loss(logits, batch.labels)
+            if step.teacher is not None:
+                loss = step.teacher.mix(loss, logits, batch.images)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -9,13 +9,18 @@ from __future__ import annotations
 from trainer.run.checkpointer import TrainState
 
 
-def count_epoch(state: TrainState, epoch: int, is_best: bool, patience: int | None) -> bool:
+def count_epoch(state: TrainState, epoch: int, is_best: bool, patience: int | None, unfreeze_epoch: int = 0) -> bool:
     """Advance the count after `epoch`; True when the run stops here (and `state.stopped_epoch` says where).
+
+    With --unfreeze-epoch E no stop comes before E and the count starts over at E: a plateau of the frozen phase
+    says nothing of the whole model, which has not trained yet.
 
     No collective: is_best comes from validation metrics gathered over all ranks (gather_for_metrics), so every rank
     holds the same count and reaches the same decision at the same epoch."""
+    if epoch == unfreeze_epoch:
+        state.epochs_since_best = 0
     state.epochs_since_best = 0 if is_best else state.epochs_since_best + 1
-    if patience is not None and state.epochs_since_best >= patience:
+    if patience is not None and state.epochs_since_best >= patience and epoch >= unfreeze_epoch:
         state.stopped_epoch = epoch
     return bool(state.stopped_epoch)
 

@@ -21,7 +21,7 @@ from trainer.use.inference import TrainedWeights, check_classes, data_config_for
 
 FORMATS = ("onnx", "hf")
 ONNX_GOAL = 1e-4  # max |logit difference| to PyTorch in fp32
-INSTALL_HINT = "pip install 'trainer[export]'"
+INSTALL_HINT = 'pip install -e ".[export]" in the trainer checkout'
 KEPT = "an earlier export there is kept as it was"  # exports are built beside the target, then renamed into place
 
 

@@ -156,13 +156,18 @@ def data_config_for(weights: TrainedWeights, data: str | None) -> DataConfig | N
 
 def _recorded_source(config_file: Path) -> str:
     """`dataset.source` as the run wrote it (`folder:pets`, `hub:user/set`, ...); "" when it says nothing."""
+    return str(recorded_dataset(config_file).get("source", ""))
+
+
+def recorded_dataset(config_file: Path) -> dict:
+    """The `dataset:` record of a run's config.yaml (source, sizes, where validation came from); {} without one."""
     import yaml
 
     try:
-        record = yaml.safe_load(config_file.read_text()) or {}
-        return str((record.get("dataset") or {}).get("source", ""))
+        record = (yaml.safe_load(config_file.read_text()) or {}).get("dataset") or {}
+        return record if isinstance(record, dict) else {}
     except (OSError, yaml.YAMLError, AttributeError):
-        return ""
+        return {}
 
 
 def check_classes(weights: TrainedWeights, class_names: list[str], data_name: str) -> None:

@@ -88,6 +88,11 @@ def predict(
     from accelerate import Accelerator
 
     trained = read_weights(weights)
+    if threshold is not None and not trained.multilabel:
+        raise UserError(
+            f"--threshold applies to multi-label weights and {weights} are single-label (a softmax, ranked by "
+            "--topk); drop --threshold"
+        )
     paths, failed = find_images(sources)
     # Names that are not UTF-8 (bytes from another system's encoding) fit no CSV, JSON or Arrow text: listed, skipped.
     failed += [
@@ -186,13 +191,22 @@ def write_csv(results: list[Prediction], k: int, path: Path) -> None:
 
 
 def write_labels_csv(results: list[Prediction], path: Path) -> None:
-    """Multi-label: one row per file: path, labels above the threshold (space-separated), their probabilities,
-    error."""
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+    """Multi-label: one row per file: path, the labels above the threshold as a JSON list (most probable first),
+    their probabilities as a JSON list, error. JSON because a label name may hold any delimiter (a space, a comma):
+    `json.loads` gives the names back exactly (`read_labels_csv`)."""
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "labels", "probs", "error"])
         for r in results:
-            writer.writerow([r.path, " ".join(r.classes), " ".join(f"{p:.6f}" for p in r.probabilities), r.error])
+            probs = [round(p, 6) for p in r.probabilities]
+            writer.writerow([r.path, json.dumps(r.classes, ensure_ascii=False), json.dumps(probs), r.error])
+
+
+def read_labels_csv(path: Path) -> dict[str, list[tuple[str, float]]]:
+    """A multi-label predictions.csv back: per classified file its (label, probability) pairs, most probable first."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.DictReader(f) if not row["error"]]
+    return {row["path"]: list(zip(json.loads(row["labels"]), json.loads(row["probs"]), strict=True)) for row in rows}
 
 
 def write_json_file(results: list[Prediction], weights: Path, path: Path) -> None:

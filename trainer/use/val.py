@@ -15,11 +15,12 @@ from trainer import data
 from trainer.config import Config, RunConfig, UserError
 from trainer.report import evaluation
 from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
+from trainer.run.layout import CONFIG_FILE
 from trainer.run.rundirs import RunFolder, create_run_dir
 from trainer.run.writes import atomic_file
 from trainer.train.launch import build_accelerator
 from trainer.train.loop import evaluate
-from trainer.use.inference import check_classes, data_config_for, load_model, read_weights
+from trainer.use.inference import check_classes, data_config_for, load_model, read_weights, recorded_dataset, run_dir_of
 from trainer.use.tta import with_tta
 
 VAL_FOLDER = RunFolder("runs/val")  # --project runs/val --name exp
@@ -61,6 +62,7 @@ def validate(
         raise UserError(f"--split {split}: {info.source} has splits {', '.join(dataset.splits)}")
     if not hasattr(dataset.splits[split], "__len__"):  # a --streaming run's training split is a stream
         raise UserError(f"--split {split}: {info.source} streams its {split} split; evaluate --split val")
+    warning = moved_hold_out(trained, info, data_name, split)
     world = accelerator.num_processes
     spec = data.loader_spec(data_cfg, backend, trained.pre)
     batches = data.eval_loader(accelerator, dataset.splits[split], spec, math.ceil(batch_size / world))  # sharded
@@ -80,6 +82,7 @@ def validate(
         "num_processes": world,
         "loader": backend.name,
         "tta": tta or "",
+        **({"warning": warning} if warning else {}),
     }
     if accelerator.is_main_process:
         write_report(run_dir, summary, preds, trained.class_names, trained.describe())
@@ -87,6 +90,24 @@ def validate(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def moved_hold_out(trained, info, data_name: str | None, split: str) -> str:
+    """A warning when `split` is the run's own held-out validation and its data no longer holds what the run split:
+    the hold-out is drawn anew from what is there now, so some of its images were trained on. "" otherwise."""
+    run_dir = run_dir_of(trained)
+    if data_name is not None or split != "val" or run_dir is None:
+        return ""
+    record = recorded_dataset(run_dir / CONFIG_FILE)
+    sizes = (record.get("train_size"), record.get("val_size"))
+    recorded = all(isinstance(n, int) for n in sizes) and "held out" in str(record.get("val_split", ""))
+    if not recorded or sizes == (info.train_size, info.val_size):
+        return ""
+    return (
+        f"warning: the run held out its validation from {sum(sizes)} images ({sizes[1]} val) and the data now has "
+        f"{info.train_size + info.val_size} ({info.val_size} val): the hold-out is drawn anew, so some of these "
+        "images were trained on and the metrics read high; evaluate on a fixed val/ folder or split"
+    )
 
 
 def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], model: str):
@@ -102,6 +123,8 @@ def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], mo
         summary["val/ece"] = evaluation.save_reliability_png(preds, run_dir / "reliability.png")
     with atomic_file(run_dir / "metrics.json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
+    if summary.get("warning"):
+        print(summary["warning"])
     print(
         f"{model} on {summary['data']} {summary['split']} ({summary['images']} images), "
         f"{summary['num_processes']} process(es), {summary['imgsz']} px"

@@ -1,6 +1,8 @@
-"""Streams (--streaming): which stream `--data` names (`stream_source`), its size without reading it, and the
-columns every source has (`standard`). A stream's training split is a `datasets.IterableDataset`, never
-materialised; its validation split is read once into the datasets cache (`read_split`) and served as map-style data.
+"""Streams (--streaming): which stream `--data` names (`stream_source`: Parquet/WebDataset shards found and checked
+as the map-style loaders find and check them, or a hub id) and its size without reading it. A stream's training split
+is a `datasets.IterableDataset`, never materialised, its columns standardised as every source's
+(`standard.standard_stream`); its validation split is read once into the datasets cache (`read_split`) and served as
+map-style data.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import DataConfig, UserError
-from trainer.data.integrity import check_shards, parquet_rows, tar_samples
-from trainer.data.sources import BUILTIN, DataFiles, data_files
+from trainer.data.sources.builtin import BUILTIN
+from trainer.data.sources.datafiles import DataFiles, data_files
+from trainer.data.sources.hub import hub_description
+from trainer.data.sources.shardcheck import check_shards, parquet_rows, tar_samples
+from trainer.data.sources.standard import standard_stream
 
 
 @dataclass(frozen=True)
@@ -93,18 +98,8 @@ def stream_source(cfg: DataConfig) -> StreamSource:
         tuple(splits) or ("train",),
         {name: s.num_examples for name, s in splits.items() if s.num_examples},
         None,
-        f"stream:hub:{spec}" + (f"/{cfg.data_config}" if cfg.data_config else ""),
+        f"stream:{hub_description(spec, cfg.data_config)}",
     )
-
-
-def standard(stream, image_col: str, label_col: str):
-    """Columns `image` (undecoded: decoding belongs to ImageTransform) and `label`, as every other source has."""
-    import datasets
-
-    stream = stream.select_columns([image_col, label_col]).cast_column(image_col, datasets.Image(decode=False))
-    if image_col != "image":
-        stream = stream.rename_column(image_col, "image")
-    return stream.rename_column(label_col, "label") if label_col != "label" else stream
 
 
 def read_split(source: StreamSource, split: str, image_col: str, label_col: str, names: list[str]):
@@ -132,4 +127,4 @@ def read_split(source: StreamSource, split: str, image_col: str, label_col: str,
 
 
 def _split_rows(source: StreamSource, split: str, columns: tuple[str, str], stamp: str):
-    yield from standard(source.open(split), *columns)
+    yield from standard_stream(source.open(split), *columns)
