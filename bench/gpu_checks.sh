@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run on a GPU machine, in under 10 minutes; figures as JSON.
+# Every GPU check of the project in one run on a GPU machine, in about 10 minutes; figures as JSON.
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT, else ./gpu-out
 #   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # without a GPU: every part tiny, to see none is broken
@@ -24,7 +24,7 @@
 # -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
 # in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (allow 700 s: the parts' limits below sum to 680 s; each part usually ends well inside its own).
+# (allow 660 s: the parts' limits below sum to 650 s; each part usually ends well inside its own).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()
@@ -56,7 +56,7 @@ part distill_step 60 python3 bench/distill_step.py "${smoke[@]}" --model resnet1
   --in-chans 3 --batch-size 128 --mixed-precision bf16 --channels-last --out "$out/distill_step.json"
 part gpu_tests 80 python3 -m pytest tests/gpu -q -p no:cacheprovider
 part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
-part progressive_sizes 90 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
+part progressive_sizes 60 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform

@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="--epochs of both runs; 0: the default (5)")
     parser.add_argument("--gpu-sizes", action="store_true", help="resnet50 img/s at 160, 192, 224 px instead")
     parser.add_argument("--cpu-smoke", action="store_true", help="--gpu-sizes tiny, on the CPU")
-    parser.add_argument("--images", type=int, default=4000, help="--gpu-sizes: generated JPEGs")
+    parser.add_argument("--images", type=int, default=2000, help="--gpu-sizes: generated JPEGs")
     parser.add_argument("--out", default="")
     parser.add_argument("extra", nargs="*", help="more `trainer train` flags for both runs (after --)")
     args = parser.parse_args()
