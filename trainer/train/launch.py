@@ -44,7 +44,7 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     # prepare() compiles the model after wrapping it; without --compile a launcher's dynamo config still applies.
     # --progressive: static shapes, one graph per size (a bounded set, see allow_recompiles) rather than dynamo's
-    # switch to one dynamic-shape graph at the second size.
+    # switch to one dynamic-shape graph at the second size (its kernels ran 1.3-1.4x slower: docs/training.md).
     dynamic = False if cfg.data.progressive else None
     dynamo = (
         TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode, dynamic=dynamic)
