@@ -18,13 +18,16 @@
 #                      eager) fed generated JPEGs by the loader of a --progressive 160 ramp (DALI, else torch)
 #   autobatch.json     bench/autobatch.py: --batch-size auto's probe on resnet50 and vit_base at 224 px (bf16): the
 #                      size found, its 90 %, the probe's seconds, and a real AdamW step's peak memory at that size
+#   tensorrt.json      bench/tensorrt_speed.py: resnet50 224, TensorRT fp16 (the engine `trainer export --format
+#                      engine --half` builds, run by trainer's runtime) vs torch.compile fp16, batch 1 and 32; with
+#                      --cpu-smoke: the engine refused in one line without a GPU. Needs tensorrt-cu13 (else skipped)
 # Each part has its own time limit and a failing part never stops the others.
 #
 # Needs torch, timm, accelerate and torchvision, plus `datasets`, pytest and the DALI wheel (nvidia-dali-cuda120 or
 # -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
 # in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (allow 660 s: the parts' limits below sum to 650 s; each part usually ends well inside its own).
+# (the parts' limits below sum to 700 s; each part usually ends well inside its own: allow 600 s, 750 s to be safe).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()
@@ -56,7 +59,8 @@ part distill_step 60 python3 bench/distill_step.py "${smoke[@]}" --model resnet1
   --in-chans 3 --batch-size 128 --mixed-precision bf16 --channels-last --out "$out/distill_step.json"
 part gpu_tests 80 python3 -m pytest tests/gpu -q -p no:cacheprovider
 part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
-part progressive_sizes 60 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
+part tensorrt 60 python3 bench/tensorrt_speed.py "${smoke[@]}" --out "$out/tensorrt.json"
+part progressive_sizes 50 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform
@@ -64,7 +68,7 @@ import torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
 if torch.cuda.is_available():
     info["gpu"] = torch.cuda.get_device_name()
-for name in ("timm", "accelerate", "datasets", "nvidia.dali"):
+for name in ("timm", "accelerate", "datasets", "nvidia.dali", "tensorrt", "onnxruntime"):
     try:
         info[name] = __import__(name, fromlist=["__version__"]).__version__
     except Exception as e:  # a missing package is a finding, not a failure of the summary

@@ -1,4 +1,5 @@
-"""Command line: argv (+ --config YAML) -> Config -> a command (train, lr-find, val, predict, export, data).
+"""Command line: argv (+ --config YAML) -> Config -> a command (train, lr-find, val, predict, export, benchmark,
+data).
 With trainer/flags.py (the flags made from the config dataclasses), the only modules that know argparse.
 
 Precedence: dataclass defaults < --config YAML < flags given on the command line.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from trainer import __version__
 from trainer.config import LOADERS, Config, RunConfig, UserError, build_config
-from trainer.flags import Parser, add_config_flags, given_values, positive_int
+from trainer.flags import Parser, add_benchmark_flags, add_config_flags, add_export_flags, given_values, positive_int
 from trainer.run.faults import error_line, leave_process_group, plain
 from trainer.run.peers import lost_peer
 from trainer.run.resume import AUTO, LATEST, auto_resume, find_run_dir, finished, resume_config, stopped_early
@@ -67,6 +68,18 @@ def _add_lr_find(commands) -> None:
 
 
 TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
+CAM_METHODS = (  # trainer.report.heatmaps.METHODS
+    *("gradcam", "gradcam++", "hirescam", "xgradcam"),
+    *("layercam", "eigencam", "eigengradcam", "gradcamelementwise"),
+)
+
+
+def _add_cam(command, what: str) -> None:
+    """--cam and --cam-method (trainer.report.heatmaps's methods, without importing torch for --help)."""
+    command.add_argument("--cam", action="store_true", help=f"class-activation heatmaps (grad-cam) {what}")
+    command.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam", help="with --cam (default: gradcam)")
+
+
 TTA_HELP = (
     "test-time augmentation: average the logits over the image and its flip (flip; a bare --tta), or over ten crops "
     "(crops)"
@@ -86,8 +99,12 @@ def bare_tta(argv: list[str]) -> list[str]:
 
 
 def _add_use_commands(commands) -> None:
-    """val, predict, export: each with its own small set of flags."""
-    weights = dict(metavar="PATH", required=True, help="a weights file written by trainer train (.safetensors)")
+    """val, predict, export, benchmark: each with its own small set of flags."""
+    weights = dict(
+        metavar="PATH",
+        required=True,
+        help="a weights file written by trainer train (.safetensors), or a model trainer export wrote (val, predict)",
+    )
     folder = "run folder {project}/{name}, incremented (exp, exp2, ...) unless --exist-ok"
 
     val = commands.add_parser(
@@ -105,6 +122,7 @@ def _add_use_commands(commands) -> None:
         "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
     )
     val.add_argument("--tta", **TTA_FLAG)
+    _add_cam(val, "of the top losses: top_losses_cam.png")
     val.add_argument("--project", default="runs/val", help=folder)
     val.add_argument("--name", default="exp", help=folder)
     val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
@@ -128,30 +146,37 @@ def _add_use_commands(commands) -> None:
         "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
     )
     predict.add_argument("--tta", **TTA_FLAG)
+    _add_cam(predict, "of each image's top class: one overlay per image in {run}/cam/")
     predict.add_argument("--project", default="runs/predict", help=folder)
     predict.add_argument("--name", default="exp", help=folder)
     predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
 
     export = commands.add_parser(
         "export",
-        help="export trained weights to ONNX or a timm hub folder",
-        description="Export trained weights. The .safetensors file itself loads in plain timm (see docs/use.md).",
+        help="export trained weights (TorchScript, ONNX, OpenVINO, int8, TensorRT, CoreML, timm hub), verified",
+        description="Export trained weights beside them, then check the export through its own runtime on the run's "
+        "validation images against PyTorch (top-1 or mAP); an export beyond its bound is not written.",
     )
     export.add_argument("--weights", **weights)
-    export.add_argument("--format", choices=("onnx", "hf"), default="onnx", help="onnx (default) or hf (timm hub)")
-    export.add_argument("--output", metavar="PATH", help="default: beside the weights (best.onnx, best_hf/)")
-    export.add_argument("--data", help="data for the ONNX check (default: the run's own validation images)")
-    export.add_argument("--check-images", type=positive_int, default=64, help="images in the ONNX check")
-    export.add_argument(
-        "--push-to-hub", metavar="REPO_ID", help="with --format hf: also upload to the HF hub (needs credentials)"
+    add_export_flags(export)
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="export every format that runs here, validate and time each: one table",
+        description="Export trained weights to each format, validate each on the run's validation images, time "
+        "batch-1 latency and batched throughput; print one table and write benchmark.csv to a run folder.",
     )
-    for command in (val, predict, export):
+    benchmark.add_argument("--weights", **weights)
+    add_benchmark_flags(benchmark)
+    for command in (val, predict, export, benchmark):
         command.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
 
 
 def _add_data_commands(commands) -> None:
-    """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards."""
-    data = commands.add_parser("data", help="data tools: convert a dataset to WebDataset or Parquet shards")
+    """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards; `trainer data audit`:
+    label issues, duplicates and outliers from K-fold out-of-sample predictions (trainer.audit)."""
+    data = commands.add_parser(
+        "data", help="data tools: convert a dataset to shards; audit it for label issues, duplicates, outliers"
+    )
     tools = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     convert = tools.add_parser(
         "convert",
@@ -172,16 +197,69 @@ def _add_data_commands(commands) -> None:
     convert.add_argument("--data-config", default="", help="configuration (subset) name of a hub dataset")
     convert.add_argument("--allow-download", action="store_true", help="allow reading a hub id from the HF hub")
     convert.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
+    audit = tools.add_parser(
+        "audit",
+        help="find label issues, near duplicates (train/val leaks) and outliers: K-fold training + cleanlab",
+        description="Train --folds models with the run's own recipe (train's flags), each holding out one fold of the "
+        "training split, so every image gets probabilities from a model that never saw it; then cleanlab finds label "
+        "issues, near duplicates within and across train and val, and outliers. Writes label_issues.csv, "
+        "duplicates.csv, outliers.csv, summary.txt and image grids to runs/audit/exp. Runs plainly or under "
+        "accelerate launch / torchrun; a stopped audit continues with --resume.",
+    )
+    audit.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
+    audit.add_argument("--folds", type=positive_int, default=None, help="folds K, each one training (default: 5)")
+    audit.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the audit in RUN_DIR (e.g. runs/audit/exp): finished folds are skipped, a half-done one "
+        "continues from its checkpoint",
+    )
+    add_config_flags(audit)
 
 
-def run_data_command(args: argparse.Namespace) -> None:
-    """`trainer data convert`: prints what it wrote."""
+def run_data_command(args: argparse.Namespace, dests: dict) -> None:
+    """`trainer data convert`: prints what it wrote; `trainer data audit`: the audit (trainer.audit.command)."""
+    if args.data_command == "audit":
+        run_audit(args, dests)
+        return
     _stay_offline(not args.allow_download, wandb=False)
     from trainer.data.convert import convert
 
     counts = convert(args.src, args.dst, args.format, args.shard_size, data_config=args.data_config)
     written = ", ".join(f"{split} {n}" for split, n in counts.items())
     print(f"trainer: wrote {args.format} shards to {args.dst} ({written} samples)", flush=True)
+
+
+def run_audit(args: argparse.Namespace, dests: dict) -> None:
+    """`trainer data audit`: a new audit, or `--resume RUN_DIR` with its stored recipe and fold count."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume {args.resume}: not an audit folder (no config.yaml); give e.g. runs/audit/exp")
+        cfg = resume_config(run_dir, given_values(args, dests))
+    else:
+        cfg, run_dir = resolve_config(args, dests), None
+    _stay_offline(not cfg.run.allow_download, "wandb" in cfg.run.trackers())
+    from trainer.audit.command import DEFAULT_FOLDS, audit, stored_folds
+    from trainer.run.checkpointer import Stopped
+
+    folds = args.folds or DEFAULT_FOLDS
+    if run_dir is not None:
+        folds = stored_folds(run_dir)
+        if args.folds and args.folds != folds:
+            raise UserError(f"--resume: --folds {args.folds} differs from the audit's {folds}; drop --folds")
+    try:
+        audit(cfg, folds, run_dir)
+    except Stopped as e:  # raised in a fold: {audit}/folds/foldK
+        raise AuditStopped(str(e), e.signum, e.run_dir.parent.parent) from e
+
+
+class AuditStopped(Exception):
+    """A signal stopped an audit's fold after its checkpoint: the audit continues with --resume."""
+
+    def __init__(self, message: str, signum: int, run_dir: Path):
+        super().__init__(message)
+        self.signum, self.run_dir = signum, run_dir
 
 
 def resolve_config(args: argparse.Namespace, dests: dict) -> Config:
@@ -211,8 +289,8 @@ def _stay_offline(offline: bool, wandb: bool) -> None:
 
 
 def run_use_command(args: argparse.Namespace) -> None:
-    """val, predict or export; heavy imports only now, so `trainer train` never loads onnx or onnxruntime."""
-    _stay_offline(not getattr(args, "push_to_hub", None), wandb=False)
+    """val, predict, export or benchmark; heavy imports only now, so `trainer train` never loads onnx or openvino."""
+    _stay_offline(not getattr(args, "push_to_hub", None), wandb=getattr(args, "tracker", "none") == "wandb")
     if args.command == "val":
         from trainer.use.val import validate
 
@@ -225,6 +303,7 @@ def run_use_command(args: argparse.Namespace) -> None:
             loader=args.loader,
             folder=RunFolder(args.project, args.name, args.exist_ok),
             tta=args.tta,
+            cam=args.cam_method if args.cam else "",
         )
     elif args.command == "predict":
         from trainer.use.predict import predict
@@ -240,18 +319,18 @@ def run_use_command(args: argparse.Namespace) -> None:
             write_json=args.json,
             threshold=args.threshold,
             tta=args.tta,
+            cam=args.cam_method if args.cam else "",
         )
-    else:
-        from trainer.use.export import export
+    elif args.command == "export":
+        from trainer.use.export.command import export
 
-        export(
-            args.weights,
-            fmt=args.format,
-            output=args.output,
-            data_name=args.data,
-            check_images=args.check_images,
-            push_to_hub=args.push_to_hub,
-        )
+        options = {k: getattr(args, k) for k in ("output", "check_images", "push_to_hub", "half", "int8", "bf16")}
+        export(args.weights, args.format, data_name=args.data, calib_images=args.calib_images, **options)
+    else:
+        from trainer.use.export.benchmark import benchmark
+
+        options = {k: getattr(args, k) for k in ("check_images", "batch_size", "rounds", "calib_images", "tracker")}
+        benchmark(args.weights, args.formats, args.data, RunFolder(args.project, args.name, args.exist_ok), **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         parser, dests = build_parser()
         args = parser.parse_args(bare_tta(argv))
         if args.command == "data":
-            run_data_command(args)
+            try:
+                run_data_command(args, dests)
+            except AuditStopped as e:
+                _say(f"trainer: audit {e}; continue with: trainer data audit --resume {e.run_dir}")
+                return 128 + e.signum
             return 0
         if args.command == "lr-find":
             cfg = resolve_config(args, dests)

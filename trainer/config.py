@@ -112,6 +112,9 @@ class DataConfig:
     cache; the validation split is read once into the cache. Every rank runs the same number of steps per epoch."""
     train_samples: int = 0
     """--streaming: samples per epoch; 0 reads the count from the data (dataset info, Parquet footers, tar headers)."""
+    exclude: str = ""
+    """A list of files to leave out of the data (one path per line, or a CSV with a `file` column, such as trainer
+    data audit's label_issues.csv); the rest keep their split. Recorded in config.yaml and the data fingerprint."""
     shuffle_buffer: int = 10000
     """--streaming: examples held in the shuffle buffer (shard order is shuffled too); larger mixes better, costs
     memory."""
@@ -168,6 +171,10 @@ class DataConfig:
         )
         _check(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _check(len(self.label_delimiter) == 1, f"--label-delimiter must be one character, got {self.label_delimiter!r}")
+        _check(
+            not (self.exclude and self.streaming),
+            "--exclude leaves files out of map-style data and a stream is read as it comes; drop --streaming",
+        )
         _check(self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
         if self.auto_augment:
             _check(
@@ -521,8 +528,8 @@ class Config:
         }
 
 
-# Facts a run writes into its config.yaml next to the settings; not settings themselves.
-RECORD_SECTIONS = ("launch", "dataset", "teacher")
+# Facts a run writes into its config.yaml next to the settings; not settings themselves (`audit`: trainer data audit's).
+RECORD_SECTIONS = ("launch", "dataset", "teacher", "audit")
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 

@@ -164,3 +164,52 @@ def given_values(args: argparse.Namespace, dests: dict) -> dict[str, dict[str, A
             flag = "--" + name.replace("_", "-")
             values.setdefault(section, {})[name] = coerce_value(f, getattr(args, name), flag)
     return values
+
+
+EXPORT_FORMATS = ("torchscript", "onnx", "openvino", "engine", "coreml", "hf")  # trainer.use.export.artifacts'
+
+
+def add_export_flags(export: argparse.ArgumentParser) -> None:
+    """`trainer export`'s own flags (--weights is the use commands' common one)."""
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="onnx",
+        help="onnx (default), torchscript, openvino, engine (TensorRT, GPU), coreml, hf (timm hub folder)",
+    )
+    export.add_argument(
+        "--output", metavar="PATH", help="default: beside the weights (best.onnx, best_int8.onnx, best_openvino/, ...)"
+    )
+    export.add_argument("--data", help="data to check (and calibrate --int8) on (default: the run's own)")
+    export.add_argument(
+        "--check-images", type=positive_int, help="validation images the export is checked on (default: all)"
+    )
+    export.add_argument("--int8", action="store_true", help="onnx/openvino: int8, calibrated on training images")
+    export.add_argument(
+        "--calib-images", type=positive_int, default=300, help="training images --int8 calibrates on (300)"
+    )
+    export.add_argument(
+        "--half", action="store_true", help="fp16: onnx and engine on a GPU; openvino: fp16 weights (runs f32)"
+    )
+    export.add_argument("--bf16", action="store_true", help="openvino: run with the bf16 precision hint")
+    export.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="with --format hf: also upload to the HF hub (needs credentials)"
+    )
+
+
+def add_benchmark_flags(benchmark: argparse.ArgumentParser) -> None:
+    """`trainer benchmark`'s own flags."""
+    benchmark.add_argument(
+        "--formats",
+        help="comma-separated; default torchscript,onnx,onnx-int8,openvino,openvino-bf16,openvino-int8 (+engine-fp16 "
+        "on a GPU); also openvino-fp16, coreml, engine",
+    )
+    benchmark.add_argument("--data", help="data to validate on (default: the run's own)")
+    benchmark.add_argument("--check-images", type=positive_int, help="validation images per format (default: all)")
+    benchmark.add_argument("--batch-size", type=positive_int, default=32, help="batch of the throughput figure (32)")
+    benchmark.add_argument("--rounds", type=positive_int, default=5, help="timed rounds; medians are reported (5)")
+    benchmark.add_argument("--calib-images", type=positive_int, default=300, help="for the int8 formats (300)")
+    benchmark.add_argument("--tracker", choices=("none", "wandb"), default="none", help="also log the table to wandb")
+    benchmark.add_argument("--project", default="runs/benchmark", help="run folder {project}/{name}")
+    benchmark.add_argument("--name", default="exp", help="run folder {project}/{name}, incremented unless --exist-ok")
+    benchmark.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")

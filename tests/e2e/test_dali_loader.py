@@ -82,7 +82,7 @@ def test_dali_reaches_the_torch_loaders_accuracy_on_a_jpeg_folder(workdir: Path)
     root = _shapes(workdir / "shapes")
     good = (root / "train" / "class0" / "0.jpg").read_bytes()
     (root / "train" / "class0" / "broken.jpg").write_bytes(good[:600] + bytes(range(256)) * 8 + b"\xff\xd9")
-    args = ("--data", str(root), "--imgsz", "32", "--epochs", "4", "--batch-size", "32", "--model", "test_resnet")
+    args = ("--data", str(root), "--imgsz", "32", "--epochs", "6", "--batch-size", "32", "--model", "test_resnet")
     args += ("--tracker", "none", "--lr", "0.005", "--seed", "1")
     top1 = {}
     for loader in ("torch", "dali"):

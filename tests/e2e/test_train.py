@@ -89,6 +89,9 @@ def test_two_ranks_accelerate_launch_wandb_and_sync_bn(workdir: Path):
         "images/plots/val_predictions_",
         "table/val/predictions_",
         "table/val/confusion_matrix_table_",
+        "images/plots/top_losses_",
+        "table/val/top_losses_",
+        "table/val/most_confused_",
     ):
         assert any(p.startswith(f"media/{media}") for p in wandb_run.files), (media, wandb_run.files)
     for path in wandb_run.files:

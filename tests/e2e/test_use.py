@@ -84,6 +84,20 @@ def test_val_reproduces_training_metric_at_any_process_count(run_dir: Path):
     assert (val1 / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "top1_acc" in one.stdout and f"top1 {m1['val/top1']:.4f}" in one.stdout
 
+    # The worst mistakes: the same files in the same order at either process count (losses gathered in dataset order).
+    top1, top2 = (list(csv.DictReader((d / "top_losses.csv").read_text().splitlines())) for d in (val1, val2))
+    assert len(top1) == 16 and [r["index"] for r in top1] == [r["index"] for r in top2]
+    assert [float(r["loss"]) for r in top1] == pytest.approx([float(r["loss"]) for r in top2], rel=1e-4)
+    losses = [float(r["loss"]) for r in top1]
+    assert losses == sorted(losses, reverse=True) and losses[0] > -np.log(0.5)  # a mistake, not a hesitation
+    assert (val1 / "most_confused.csv").read_text() == (val2 / "most_confused.csv").read_text()
+    confused = list(csv.DictReader((val1 / "most_confused.csv").read_text().splitlines()))
+    wrong = sum(int(r["images"]) * (1 - float(r["top1"])) for r in rows[:-1])
+    assert sum(int(r["count"]) for r in confused) == round(wrong)  # every mistake counted once, in some pair
+    assert all(r["true"] != r["predicted"] for r in confused)
+    assert (val1 / "top_losses.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "top_losses.png").is_file() and (run_dir / "most_confused.csv").is_file()  # training's too
+
 
 def test_predict_folder_with_corrupt_file_matches_plain_timm(
     in_process: Path, run_dir: Path, image_folder: Path, capsys
@@ -124,6 +138,38 @@ def test_predict_folder_with_corrupt_file_matches_plain_timm(
         assert [p["probability"] for p in image["predictions"]] == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
+def _vit_weights(path: Path) -> Path:
+    """An untrained test_vit (patch 16) at 32 px for digits' 10 classes, saved as trainer saves weights."""
+    from trainer.config import ModelConfig
+    from trainer.data import Preprocess
+    from trainer.run.weights import save_weights, weights_metadata
+    from trainer.train.model import build_model
+
+    model = build_model(ModelConfig(model="test_vit"), 10, 1, imgsz=32)
+    pre = Preprocess(imgsz=32, in_chans=1, mean=(0.5,), std=(0.5,), interpolation="bilinear", crop_pct=1.0)
+    save_weights(model.state_dict(), path, weights_metadata("test_vit", [str(i) for i in range(10)], pre))
+    return path
+
+
+def test_cam_heatmaps_for_a_resnet_and_a_vit(in_process: Path, run_dir: Path, image_folder: Path, capsys):
+    """predict --cam: one overlay per readable image (resnet10t's last stage whose map is 2x2 or more, a ViT's last
+    block with its class token removed); val --cam: the top losses' heatmaps."""
+    from PIL import Image
+
+    vit = _vit_weights(in_process / "vit.safetensors")
+    for name, weights in (("cam_resnet", run_dir / "weights" / "best.safetensors"), ("cam_vit", vit)):
+        assert main(["predict", "--weights", str(weights), str(image_folder), "--cam", "--name", name]) == 0
+        cam = in_process / "runs" / "predict" / name / "cam"  # own names: other tests look for runs/predict/exp
+        assert sorted(p.name for p in cam.iterdir()) == sorted(f"digit{i:02d}.png" for i in range(12))
+        with Image.open(cam / "digit00.png") as picture:
+            assert picture.size == (128, 128) and picture.mode == "RGB"
+            assert len(np.unique(np.asarray(picture).reshape(-1, 3), axis=0)) > 4  # a heatmap, not one colour
+    assert main(["val", "--weights", str(run_dir / "weights" / "best.safetensors"), "--cam", "--name", "cam"]) == 0
+    with Image.open(in_process / "runs" / "val" / "cam" / "top_losses_cam.png") as picture:
+        assert picture.format == "PNG" and picture.width >= 400
+    capsys.readouterr()
+
+
 def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys):
     """The ONNX file has a dynamic batch axis and gives PyTorch's logits within 1e-4 on real validation images."""
     import onnxruntime as ort
@@ -135,8 +181,8 @@ def test_export_onnx_matches_onnxruntime(in_process: Path, run_dir: Path, capsys
     weights = run_dir / "weights" / "best.safetensors"
     assert main(["export", "--weights", str(weights), "--check-images", "32"]) == 0
     out = capsys.readouterr().out
-    reported = float(re.search(r"max \|logit diff\| (\S+) vs PyTorch", out).group(1))
-    assert reported <= 1e-4 and "on 32 validation images" in out
+    reported = float(re.search(r"max \|logit diff\| (\S+)", out).group(1))
+    assert reported <= 1e-4 and "checked on 32 validation images" in out
 
     session = ort.InferenceSession(str(run_dir / "weights" / "best.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 1, 16, 16]

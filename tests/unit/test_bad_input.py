@@ -68,6 +68,7 @@ def _existing_run(root: Path) -> None:
         for n in range(10):
             (root / "accents" / name / f"{n}.png").write_bytes(PNG_1PX)
     _teacher_files(root)
+    _inspect_files(root)
 
 
 def _teacher_files(root: Path) -> None:
@@ -80,6 +81,25 @@ def _teacher_files(root: Path) -> None:
         meta = {"model_name": "test_resnet", "num_classes": str(classes), "imgsz": str(imgsz)}
         save_file(state, str(root / f"{name}.safetensors"), metadata=meta)
     torch.save(state, root / "resnet.pth")
+
+
+def _inspect_files(root: Path) -> None:
+    """For audit and --cam: a folder with 3 images per class (too few for 5 folds), weights of a model whose stages
+    are no spatial map (test_mambaout: channels last)."""
+    from trainer.config import ModelConfig
+    from trainer.data import Preprocess
+    from trainer.run.weights import save_weights, weights_metadata
+    from trainer.train.model import build_model
+
+    for split, count in (("train", 3), ("val", 1)):
+        for label in ("a", "b"):
+            (root / "tiny" / split / label).mkdir(parents=True)
+            for i in range(count):
+                (root / "tiny" / split / label / f"{i}.png").write_bytes(PNG_1PX)
+    model = build_model(ModelConfig(model="test_mambaout"), 10, 1, imgsz=32)
+    pre = Preprocess(imgsz=32, in_chans=1, mean=(0.5,), std=(0.5,), interpolation="bilinear", crop_pct=1.0)
+    names = [str(i) for i in range(10)]
+    save_weights(model.state_dict(), root / "mambaout.safetensors", weights_metadata("test_mambaout", names, pre))
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -180,6 +200,9 @@ CASES = [
     (["--imgsz", "100000"], "--imgsz 100000: a batch of 64 images of 3 x 100000 x 100000 needs at least"),
     (["--resume", "runs/train/exp"], "step-25 (random_states_0.pkl missing); start the run again without --resume"),
     (["--data-changed", "maybe"], "--data-changed must be ok (or empty), got 'maybe'"),
+    (["--exclude", "missing.txt"], "--exclude missing.txt: no such file; give a list of files"),
+    (["--exclude", "typo.yaml"], "the images of --data digits are stored without file names to match"),
+    (["--exclude", "typo.yaml", "--streaming"], "--exclude leaves files out of map-style data and a stream"),
 ]
 
 
@@ -202,3 +225,42 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, monkeypatch,
     assert "Traceback" not in out + err
     assert _snapshot(tmp_path) == before  # nothing written, nothing overwritten
     assert not (tmp_path / "pwned").exists()  # the pickled payload never ran
+
+
+# Other commands' mistakes (trainer data audit, --cam): the same rules.
+COMMAND_CASES = [
+    (["data", "audit", *FAST, "--folds", "1"], "--folds 1: cross-validation needs at least 2 folds (5 is usual)"),
+    (
+        ["data", "audit", "--data", "tiny", "--imgsz", "16", "--batch-size", "2", "--folds", "5"],
+        "--folds 5: every class needs at least 5 training images (one per fold) and a (3), b (3) have fewer",
+    ),
+    (["data", "audit", "--resume", "norun"], "--resume norun: not an audit folder (no config.yaml)"),
+    (
+        ["val", "--weights", "mambaout.safetensors", "--data", "digits", "--cam"],
+        "--cam: test_mambaout has no stage with a spatial map that grad-cam can use",
+    ),
+    (
+        ["predict", "--weights", "mambaout.safetensors", "tiny/train/a/0.png", "--cam"],
+        "--cam: test_mambaout has no stage with a spatial map that grad-cam can use",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), COMMAND_CASES, ids=[" ".join(a) for a, _ in COMMAND_CASES])
+def test_bad_input_of_other_commands(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    _existing_run(tmp_path)
+    before = _snapshot(tmp_path)
+
+    assert main(args) == 2
+
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("trainer: error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    assert _snapshot(tmp_path) == before

@@ -55,6 +55,8 @@ def data_fingerprint(cfg: DataConfig, data) -> dict:
         on_disk += _disk_paths(dataset)
     if "listing" not in found and on_disk:  # images read from files (a labels.csv folder): list them as a scan does
         found["listing"] = _stat_listing(on_disk)
+    if info.excluded:  # --exclude: which files were left out (a changed list changes the data)
+        found["excluded"] = {"files": len(info.excluded), "digest": _names_digest(info.excluded)}
     found["images_per_class"] = per_class
     found["class_files"] = class_files  # split -> class -> digest of its file names, in the split's order
     files = data_files(cfg.data) if cfg.data not in BUILTIN else None
@@ -70,6 +72,13 @@ def _class_digests(paths: list[str], labels, class_names: list[str]) -> dict[str
         name = f"{os.path.basename(path)}\n".encode("utf-8", "surrogateescape")
         digests.setdefault(class_names[label], hashlib.sha1()).update(name)
     return {name: digest.hexdigest()[:16] for name, digest in sorted(digests.items())}
+
+
+def _names_digest(paths) -> str:
+    digest = hashlib.sha1()
+    for path in paths:
+        digest.update(f"{path}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
 
 
 def _rows_digest(paths: list[str], rows) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import GRAY_MODES, UnreadableImage, decode_image
+from trainer.data.exclude import describe_exclusion, exclude_files
 from trainer.data.multilabel import is_list_feature, label_matrix
 from trainer.data.sources import (
     check_task,
@@ -33,6 +34,8 @@ class DataInfo:
     source: str
     default_hflip: float
     val_split: str = ""  # where validation comes from, in words (recorded in config.yaml)
+    excluded: tuple[str, ...] = ()  # --exclude: the paths left out (sorted); `exclusion` says it in words
+    exclusion: str = ""
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable files left out up front
     multilabel: bool = False  # labels are multi-hot rows (Batch.labels float (B, C)), not class indices
     notes: tuple[str, ...] = ()  # warnings for the run's header (a split not used, a delimiter that looks wrong)
@@ -85,6 +88,12 @@ def load_splits(cfg: DataConfig):
         val_desc = f"{cfg.val_fraction:g} of {train_name} held out, {how}, --split-seed {cfg.split_seed}"
     # On the split that trains, after any hold-out: a label only in the held-out rows would train with no positives.
     _check_classes(train, source.class_names, cfg.data, source.multilabel, held_out=not val_name)
+    excluded, exclusion = (), ""
+    if cfg.exclude:  # after the split: the other images keep theirs, with --exclude or without
+        before = {"train": train, "val": val}
+        after, excluded = exclude_files(before, cfg)
+        train, val, exclusion = after["train"], after["val"], describe_exclusion(cfg, before, after)
+        _check_classes(train, source.class_names, f"{cfg.data} --exclude {cfg.exclude}", source.multilabel)
     if len(val) == 0:
         raise UserError(f"--data {cfg.data}: the validation split {val_name!r} has no images")
     info = DataInfo(
@@ -97,6 +106,8 @@ def load_splits(cfg: DataConfig):
         val_split=val_desc,
         skipped=source.skipped,
         multilabel=source.multilabel,
+        excluded=excluded,
+        exclusion=exclusion,
         notes=tuple(notes),
     )
     return {"train": train, "val": val}, info

@@ -59,6 +59,7 @@ def dataset_record(cfg: DataConfig, info: DataInfo, pre: Preprocess) -> dict:
         "mean": list(pre.mean),
         "std": list(pre.std),
         "skipped_files": len(info.skipped),
+        **({"excluded_files": len(info.excluded), "exclusion": info.exclusion} if info.excluded else {}),
     }
 
 

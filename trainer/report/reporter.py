@@ -17,10 +17,10 @@ import yaml
 from accelerate import Accelerator
 
 from trainer.config import RunConfig, UserError
-from trainer.report import evaluation
+from trainer.report import evaluation, mistakes
 from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.report.progress import Progress
-from trainer.report.trackers import log_wandb_media, start_tensorboard, start_wandb
+from trainer.report.trackers import log_wandb_media, log_wandb_tables, start_tensorboard, start_wandb
 from trainer.run.layout import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.run.writes import append_text, atomic_file, disk_errors
 
@@ -120,11 +120,28 @@ class Reporter:
             else:
                 with atomic_file(run_dir / RESULTS_FILE) as tmp, open(tmp, "w", newline="") as f:
                     csv.writer(f).writerow(self.columns)
+        self.start_trackers(run_dir, record, run, resume)
+
+    def start_trackers(self, run_dir: Path, record: dict[str, Any], run: RunConfig, resume: bool = False) -> None:
+        """Start the trackers for `run_dir` with `record` as their config (main process only; `start` calls it)."""
+        self.run_dir, self.record = run_dir, record
+        if not self.is_main:
+            return
         trackers = run.trackers()
         if "wandb" in trackers:
             self._guard("wandb", lambda: start_wandb(self, run, resume))
         if "tensorboard" in trackers:
             self._guard("tensorboard", lambda: start_tensorboard(self, run))
+
+    def log_tables(self, tables: dict[str, tuple[list[str], list[list]]]) -> None:
+        """wandb tables (name -> (columns, rows); numpy or PIL images become wandb images), then the trackers end.
+        Main process only; for commands without a training loop (trainer data audit)."""
+        wandb_tracker = self._tracker("wandb")
+        if self.is_main and wandb_tracker is not None:
+            self._guard("wandb", lambda: log_wandb_tables(wandb_tracker.run, tables))
+        for tracker in list(self.accelerator.trackers):
+            self._guard(tracker.name, tracker.finish)
+        self.accelerator.trackers.clear()
 
     def keep_results(self, epochs: int) -> None:
         """On resume: keep the results.csv rows of the first `epochs` epochs; later ones are trained again."""
@@ -232,12 +249,13 @@ class Reporter:
 
     # ---- end -----------------------------------------------------------------------------------------------
 
-    def finish(self, summary: dict[str, Any], val_split=None) -> None:
+    def finish(self, summary: dict[str, Any], val_split=None, end: bool = True) -> None:
         """Every rank calls this. The main process writes the final reports and media and closes the trackers.
 
         Args:
             summary: best/val_top1, best/epoch, time_s and run_dir from the engine.
             val_split: the raw validation dataset (an "image" per row, dataset order) for the prediction grid.
+            end: end the process group too (False: another training follows in this process).
         """
         failed = None
         if self.is_main:
@@ -257,7 +275,8 @@ class Reporter:
         # Collective: ranks leave together, after the main process has written everything (a rank that tears
         # the gloo group down while rank 0 still works was seen to abort it).
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        if end:
+            self.accelerator.end_training()
         if failed is not None:
             raise failed
 
@@ -282,6 +301,7 @@ class Reporter:
         what = f"AP and scores at threshold {preds.threshold:g}" if multilabel else "accuracy"
         print(f"per-class {what} at {which}{more}:\n{evaluation.format_per_class(shown)}", flush=True)
         written.append("per_class.csv")
+        written += mistakes.write_mistakes(self.run_dir, preds, names, val_split)  # top losses, most confused
         if multilabel:
             evaluation.save_pr_curves_png(preds, names, self.run_dir / "pr_curve.png")
             return [*written, "pr_curve.png"]

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import RunConfig
-from trainer.report import evaluation
+from trainer.report import evaluation, mistakes
 from trainer.report.metrics import MultiLabelPredictions
 from trainer.run.layout import BEST_WEIGHTS, WEIGHTS
 
 WANDB_ID_FILE = "wandb_id.txt"
 ID_ALPHABET = string.ascii_lowercase + string.digits
-PLOTS = ("results.png", "confusion_matrix.png", "val_predictions.png")  # the run folder's plots, sent at the end
+# the run folder's plots, sent at the end
+PLOTS = ("results.png", "confusion_matrix.png", "val_predictions.png", mistakes.TOP_LOSSES_PNG)
 
 
 def wandb_has_credentials() -> bool:
@@ -128,6 +129,12 @@ def log_wandb_media(reporter, run, summary: dict[str, Any], val_split) -> None:
                 image = wandb.Image(decoded)
                 table.add_data(int(i), image, names[true], names[pred], confidence, true == pred)
             media["val/predictions"] = table
+    if reporter.best is not None:
+        names = reporter.record["dataset"]["class_names"]
+        pairs = [list(p) for p in mistakes.most_confused(reporter.best[1], names)]
+        media["val/most_confused"] = wandb.Table(columns=["true", "predicted", "count"], data=pairs)
+        if val_split is not None:
+            media["val/top_losses"] = top_losses_table(reporter.best[1], names, val_split)
     run.log(media)
     best_weights = reporter.run_dir / WEIGHTS / BEST_WEIGHTS
     if best_weights.exists():
@@ -142,3 +149,50 @@ def log_wandb_media(reporter, run, summary: dict[str, Any], val_split) -> None:
         )
         artifact.add_file(str(best_weights))
         run.log_artifact(artifact, aliases=["best", f"epoch-{summary.get('best/epoch')}"])
+
+
+def log_table_to_wandb(run_dir: Path, project: str, table: str, rows: list[dict[str, Any]], config: dict) -> str:
+    """A one-off wandb run in `run_dir` holding `rows` as the table `table` (`trainer benchmark`): online with
+    credentials, else offline. Returns what was done, for the console."""
+    import wandb
+
+    offline = not os.environ.get("WANDB_MODE") and not wandb_has_credentials()
+    run = wandb.init(
+        project=project, dir=str(run_dir), name=run_dir.name, config=config, mode="offline" if offline else None
+    )
+    columns = list(rows[0])
+    run.log({table: wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])})
+    run.finish()
+    if offline:
+        return f"wandb: logged offline; upload with: wandb sync {_shorter(Path(run.settings.sync_dir))}"
+    return f"wandb: logged to {run.url}"
+
+
+def top_losses_table(preds, class_names: list[str], val_split):
+    """The top losses as a wandb table: image, file, true, predicted, probability, loss."""
+    import wandb
+
+    table = wandb.Table(columns=["rank", "image", "file", "true", "predicted", "probability", "loss"])
+    found = mistakes.top_losses(preds, class_names, mistakes.file_names(val_split))
+    index, images = evaluation.readable_images(val_split, [m.index for m in found])
+    decoded = dict(zip(index.tolist(), images, strict=True))
+    for rank, m in enumerate(found, start=1):
+        if m.index in decoded:
+            table.add_data(rank, wandb.Image(decoded[m.index]), m.file, m.true, m.predicted, m.probability, m.loss)
+    return table
+
+
+def log_wandb_tables(run, tables: dict[str, tuple[list[str], list[list]]]) -> None:
+    """Tables on wandb, one per name; numpy arrays and PIL images in cells become wandb images."""
+    import numpy as np
+    import wandb
+
+    def cell(value):
+        return wandb.Image(value) if isinstance(value, np.ndarray) or hasattr(value, "getpixel") else value
+
+    run.log(
+        {
+            name: wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])
+            for name, (columns, rows) in tables.items()
+        }
+    )

@@ -142,6 +142,9 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
                 | {n for n in old_shards if new_shards.get(n, old_shards[n]) != old_shards[n]}
             )
             changes.append(f"{what} added, removed or resized: {_names(differ)}")
+    if (old.get("excluded") or {}) != (new.get("excluded") or {}):
+        counts = [(f.get("excluded") or {}).get("files", 0) for f in (old, new)]
+        changes.append(f"--exclude left out other files ({counts[0]} -> {counts[1]})")
     # A checkpoint without a listing (a labels.csv folder's, before trainer listed its files) cannot tell.
     if not changes and old.get("listing") and old["listing"] != new.get("listing", ""):
         changes.append("files replaced or rewritten in the folder: sizes or modification times differ")

@@ -36,8 +36,11 @@ from trainer.train.model import SyncBNDecision, apply_sync_bn, build_model, mark
 from trainer.train.tasks import Task, build_task, describe_task
 
 
-def train(cfg: Config, resume_dir: Path | None = None) -> dict:
-    """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary."""
+def train(cfg: Config, resume_dir: Path | None = None, *, select=None, last: bool = True) -> dict:
+    """Run one training job from a validated Config, or continue the run in `resume_dir`. Returns the summary.
+
+    For callers that train several times in one process (trainer.audit's folds): `select` turns the loaded
+    `data.Data` into the splits to train and validate on; `last=False` keeps the process group for the next one."""
     start = time.time()
     accelerator, reporter = prepare_launch(cfg, resume_dir)
     # A misspelt --model or a size it cannot take fails before minutes of data preparation (classes and channels
@@ -45,7 +48,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     size_kwargs(
         cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz, sizes=other_sizes(cfg)
     )
-    backend, dataset = load_data(accelerator, cfg, reporter)
+    backend, dataset = load_data(accelerator, cfg, reporter, select)
     info = dataset.info
     cfg, step = build_step(accelerator, cfg, dataset, reporter, resume_dir)
     model, pre, task, teacher, freeze = step.model, step.pre, step.task, step.teacher, step.freeze
@@ -103,7 +106,7 @@ def train(cfg: Config, resume_dir: Path | None = None) -> dict:
     if state.stopped_epoch:
         summary["early_stop/epoch"] = state.stopped_epoch
         summary["early_stop/reason"] = stopping.reason(state, cfg.train.patience)
-    reporter.finish(summary, val_split=dataset.val)
+    reporter.finish(summary, val_split=dataset.val, end=last)
     release_run_dir(run_dir)
     return summary
 
@@ -170,15 +173,20 @@ def prepare_launch(cfg: Config, resume_dir: Path | None) -> tuple[Accelerator, R
     return accelerator, reporter
 
 
-def load_data(accelerator: Accelerator, cfg: Config, reporter: Reporter):
-    """The backend that decodes and the data: (data.Backend, data.Data: splits + what the run learns). Every rank."""
+def load_data(accelerator: Accelerator, cfg: Config, reporter: Reporter, select=None):
+    """The backend that decodes and the data: (data.Backend, data.Data: splits + what the run learns), `select`ed
+    when given (see train). Every rank."""
     backend = data.choose_backend(cfg.data, accelerator.device.type)  # --loader dali without DALI: refused up front
     if backend.note:
         reporter.print_once(backend.note)
     dataset = data.load_data(accelerator, cfg.data)  # Collective: every rank
+    if select is not None:
+        dataset = select(dataset)
     info = dataset.info
     if info.skipped:
         reporter.print(data.unreadable_warning(info))
+    if info.exclusion:
+        reporter.print(info.exclusion)
     for note in info.notes:  # legitimate data that is likely not what was meant: said in the header
         reporter.print(note)
     world = accelerator.num_processes

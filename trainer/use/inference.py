@@ -2,7 +2,8 @@
 
 A weights file written by a run carries its own description in the safetensors metadata (model name, classes,
 preprocessing); the run's config.yaml beside it (RUN/weights/best.safetensors -> RUN/config.yaml) says which data
-it was trained and validated on.
+it was trained and validated on. An exported model (best.onnx, best_openvino/, best.torchscript, ...) carries the
+same description inside it (trainer.use.export.artifacts) and loads into its own runtime (trainer.use.export.runtimes).
 """
 
 from __future__ import annotations
@@ -55,8 +56,13 @@ class TrainedWeights:
         """The `train.tasks.Task` these weights were trained for (its validation loss, metrics and threshold)."""
         return Task(multilabel=self.multilabel, num_classes=self.num_classes, threshold=self.threshold)
 
+    @property
+    def exported(self) -> str:
+        """The export format ("onnx", "openvino", ...) of an exported model; "" for a .safetensors file."""
+        return self.metadata.get("export_format", "")
+
     def describe(self) -> str:
-        """`resnet10t, epoch 4 (val/top1 0.9840)` as far as the metadata tells."""
+        """`resnet10t, epoch 4 (val/top1 0.9840)` as far as the metadata tells (`, as onnx int8` for an export)."""
         text = self.model_name
         if "epoch" in self.metadata:
             text += f", epoch {self.metadata['epoch']}"
@@ -64,26 +70,38 @@ class TrainedWeights:
             text += f" (recorded val/top1 {float(self.metadata['val_top1']):.4f})"
         elif "val_map" in self.metadata:
             text += f" (recorded val/map {float(self.metadata['val_map']):.4f})"
+        if self.exported:
+            text += f", as {self.exported} {self.metadata.get('precision', '')}".rstrip()
         return text
 
 
 def read_weights(path: str | Path) -> TrainedWeights:
-    """Read and check the metadata of a weights file written by `trainer train`."""
-    from safetensors import SafetensorError, safe_open
+    """Read and check the metadata of a weights file written by `trainer train`, or of a model exported from one."""
+    from trainer.use.export.artifacts import artifact_kind, read_artifact_metadata
 
     file = Path(path)
+    kind = artifact_kind(file)
+    if kind != "safetensors":
+        return weights_from_metadata(file, read_artifact_metadata(file, kind))
     if not file.is_file():
         raise UserError(f"--weights {path}: no such file")
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"--weights {path}: not a readable .safetensors file ({e})".split("\n")[0]) from e
+    return weights_from_metadata(file, meta)
+
+
+def weights_from_metadata(file: Path, meta: dict[str, str]) -> TrainedWeights:
+    """Check the metadata trainer writes (into weights files and exported models) and parse it."""
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise UserError(
-            f"--weights {path}: lacks trainer metadata ({', '.join(missing)}); pass a weights file written by "
-            "trainer train (RUN/weights/best.safetensors)"
+            f"--weights {file}: lacks trainer metadata ({', '.join(missing)}); pass a weights file written by "
+            "trainer train (RUN/weights/best.safetensors) or a model trainer export wrote"
         )
     try:
         pre = Preprocess(
@@ -96,12 +114,17 @@ def read_weights(path: str | Path) -> TrainedWeights:
         )
         class_names = [str(c) for c in json.loads(meta["class_names"])]
     except (ValueError, TypeError) as e:
-        raise UserError(f"--weights {path}: damaged metadata ({e})") from e
+        raise UserError(f"--weights {file}: damaged metadata ({e})") from e
     return TrainedWeights(file, meta["model_name"], class_names, pre, meta)
 
 
 def load_model(weights: TrainedWeights) -> torch.nn.Module:
-    """The timm model of a weights file, with those weights, in eval mode on the CPU."""
+    """The timm model of a weights file, with those weights, in eval mode on the CPU; for an exported model, a module
+    that runs it through its own runtime (onnxruntime, OpenVINO, TorchScript, TensorRT), logits out."""
+    if weights.exported:
+        from trainer.use.export.runtimes import load_runtime
+
+        return load_runtime(weights.path, weights.metadata)
     from safetensors.torch import load_file
 
     from trainer.config import ModelConfig
@@ -124,10 +147,14 @@ def load_model(weights: TrainedWeights) -> torch.nn.Module:
 
 
 def run_dir_of(weights: TrainedWeights) -> Path | None:
-    """RUN for RUN/weights/X.safetensors when RUN/config.yaml exists."""
+    """RUN for RUN/weights/X.safetensors when RUN/config.yaml exists; for a model exported elsewhere, the run it
+    records as its source."""
     run_dir = weights.path.resolve().parent.parent
     if weights.path.resolve().parent.name == WEIGHTS and (run_dir / CONFIG_FILE).is_file():
         return run_dir
+    source = weights.metadata.get("source_run")
+    if source and (Path(source) / CONFIG_FILE).is_file():
+        return Path(source)
     return None
 
 

@@ -19,6 +19,7 @@ import torch
 from trainer import data
 from trainer.config import DataConfig, UserError
 from trainer.data.decode import IMAGE_EXTENSIONS
+from trainer.report import heatmaps
 from trainer.run.rundirs import RunFolder, make_run_dir
 from trainer.run.writes import atomic_file
 from trainer.use.inference import load_model, read_weights
@@ -82,9 +83,11 @@ def predict(
     write_json: bool = False,
     threshold: float | None = None,
     tta: str | None = None,
+    cam: str = "",
 ) -> tuple[Path, list[Prediction]]:
     """Classify every image in `sources`; print a table; write predictions.csv (and .json) to a run folder.
-    Multi-label weights list every label above `threshold` (default: the one they were trained with)."""
+    Multi-label weights list every label above `threshold` (default: the one they were trained with). `cam`: a
+    grad-cam method; one heatmap overlay per image in cam/, of its top class."""
     from accelerate import Accelerator
 
     trained = read_weights(weights)
@@ -115,6 +118,8 @@ def predict(
     results: list[Prediction] = []
     backend = data.choose_backend(DataConfig(loader=loader), accelerator.device.type)
     batches, unreadable = data.files_loader(paths, data.LoaderSpec(backend, trained.pre, workers), batch_size, device)
+    drawer = cam_drawer(trained, cam, device) if cam else None  # refused here, before the run folder exists
+    run_dir = make_run_dir(folder)
     results += [Prediction(path, error=reason) for path, reason in unreadable.items()]
     for batch in batches:
         results += [Prediction(path, error=reason) for path, reason in batch.failed.items()]
@@ -128,12 +133,16 @@ def predict(
         probs, classes = logits.softmax(dim=1).topk(k, dim=1)
         for i, p, c in zip(batch.labels.tolist(), probs.tolist(), classes.tolist(), strict=True):
             results.append(Prediction(str(paths[i]), [trained.class_names[j] for j in c], c, p))
+        if drawer is not None:
+            top = logits.argmax(dim=1).tolist()  # multi-label: the most probable label
+            save_heatmaps(drawer, batch.images.to(device), top, [paths[i] for i in batch.labels.tolist()], run_dir)
+    if drawer is not None:
+        drawer.close()
     seconds = time.time() - start
     order = {str(p): n for n, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])
     results += failed
 
-    run_dir = make_run_dir(folder)
     if trained.multilabel:
         write_labels_csv(results, run_dir / "predictions.csv")
         k = max([len(r.classes) for r in results] + [1])
@@ -148,6 +157,23 @@ def predict(
         f"({done / max(seconds, 1e-9):.0f} img/s on {accelerator.device.type}). Results saved to {run_dir}"
     )
     return run_dir, results
+
+
+def cam_drawer(trained, method: str, device) -> heatmaps.Heatmaps:
+    """--cam: the heatmaps of a plain copy of the model (no TTA); refused in one line for a model no rule fits."""
+    return heatmaps.Heatmaps(load_model(trained).to(device), trained.model_name, trained.pre, method)
+
+
+def save_heatmaps(drawer: heatmaps.Heatmaps, images: torch.Tensor, classes: list[int], paths: list, run_dir: Path):
+    """cam/{file name}.png per image (`_2`, `_3`, ... when two files share a name)."""
+    (run_dir / "cam").mkdir(exist_ok=True)
+    for path, picture in zip(paths, drawer.overlays(images, classes), strict=True):
+        target = run_dir / "cam" / f"{Path(path).stem}.png"
+        n = 1
+        while target.exists():
+            n += 1
+            target = run_dir / "cam" / f"{Path(path).stem}_{n}.png"
+        heatmaps.save_overlay(picture, target)
 
 
 def labels_above(probs: torch.Tensor, paths: list[str], trained, threshold: float) -> list[Prediction]:

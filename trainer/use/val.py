@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+from accelerate.utils import DistributedType
+
 from trainer import data
-from trainer.config import Config, RunConfig, UserError
-from trainer.report import evaluation
+from trainer.config import Config, DataConfig, RunConfig, UserError
+from trainer.report import evaluation, heatmaps, mistakes
 from trainer.report.metrics import MultiLabelPredictions, multilabel_rows
 from trainer.run.layout import CONFIG_FILE
 from trainer.run.rundirs import RunFolder, create_run_dir
@@ -36,9 +39,11 @@ def validate(
     loader: str = "auto",
     folder: RunFolder = VAL_FOLDER,
     tta: str | None = None,
+    cam: str = "",
 ) -> dict:
     """Evaluate `weights` on `split` of their run's data (or `data_name`); print the metrics and the per-class
-    table; write per_class.csv, confusion_matrix.png and metrics.json to a run folder. Every rank calls this."""
+    table; write per_class.csv, confusion_matrix.png, the top losses, most_confused.csv and metrics.json to a run
+    folder (`cam`: a grad-cam method, the top losses' heatmaps too). Every rank calls this."""
     trained = read_weights(weights)
     data_cfg = data_config_for(trained, data_name)
     if data_cfg is None:
@@ -66,6 +71,8 @@ def validate(
     world = accelerator.num_processes
     spec = data.loader_spec(data_cfg, backend, trained.pre)
     batches = data.eval_loader(accelerator, dataset.splits[split], spec, math.ceil(batch_size / world))  # sharded
+    if cam:  # refused before the evaluation: FSDP shards, or a model no CAM rule fits
+        check_cam(accelerator, trained)
     model = accelerator.prepare(with_tta(load_model(trained), tta))  # --tta: averaged logits, see trainer.use.tta
     # Collective (gather_for_metrics inside): every rank gets the whole set's predictions.
     metrics, preds = evaluate(accelerator, model, batches, trained.num_classes, trained.task())
@@ -85,11 +92,33 @@ def validate(
         **({"warning": warning} if warning else {}),
     }
     if accelerator.is_main_process:
-        write_report(run_dir, summary, preds, trained.class_names, trained.describe())
+        overlays = partial(top_loss_overlays, trained, dataset.splits[split], cam) if cam else None
+        write_report(run_dir, summary, preds, trained.class_names, trained.describe(), dataset.splits[split], overlays)
     # Collective: leave together; a rank that tears down while the main process still writes can abort gloo.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def check_cam(accelerator, trained) -> None:
+    """--cam: refused in one line under FSDP (the heatmaps need the whole model) or for a model no rule fits."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError("--cam needs the whole model and FSDP shards it; run trainer val --cam without FSDP")
+    heatmaps.grad_cam_module()
+    heatmaps.target_layers(load_model(trained), trained.model_name, trained.pre.imgsz, trained.pre.in_chans)
+
+
+def top_loss_overlays(trained, split, method: str, found: list) -> list:
+    """The top losses' heatmaps (of the predicted class; multi-label: the worst label), in their order. Main process,
+    on the plain model (no TTA, not wrapped)."""
+    pre = trained.pre
+    spec = data.LoaderSpec(data.choose_backend(DataConfig(loader="torch"), "cpu"), pre, 0)
+    batch = next(iter(data.eval_loader(None, split.select([m.index for m in found]), spec, len(found))))
+    drawer = heatmaps.Heatmaps(load_model(trained), trained.model_name, pre, method)
+    try:
+        return drawer.overlays(batch.images, [m.target for m in found])
+    finally:
+        drawer.close()
 
 
 def moved_hold_out(trained, info, data_name: str | None, split: str) -> str:
@@ -110,11 +139,13 @@ def moved_hold_out(trained, info, data_name: str | None, split: str) -> str:
     )
 
 
-def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], model: str):
-    """Main process only: the console report and the files of a val run."""
+def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], model: str, split=None, cam=None):
+    """Main process only: the console report and the files of a val run (`split`: the images evaluated, for the top
+    losses; `cam`: their heatmaps, see write_mistakes)."""
     multilabel = isinstance(preds, MultiLabelPredictions)
     rows = multilabel_rows(preds, class_names) if multilabel else evaluation.per_class_rows(preds, class_names)
     evaluation.save_per_class_csv(rows, run_dir / "per_class.csv")
+    mistakes.write_mistakes(run_dir, preds, class_names, split, cam)
     if multilabel:
         evaluation.save_pr_curves_png(preds, class_names, run_dir / "pr_curve.png")
     else:
