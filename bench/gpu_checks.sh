@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run on a GPU machine, in under 10 minutes; figures as JSON.
+# Every GPU check of the project in one run on a GPU machine, in about 10 minutes; figures as JSON.
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT, else ./gpu-out
 #   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # without a GPU: every part tiny, to see none is broken
@@ -14,6 +14,8 @@
 #                      224 px, batch 128, channels-last), and the teacher's forward alone
 #   gpu_tests.log      pytest tests/gpu (SyncBN on two ranks sharing the GPU, bf16; SyncBN's 2 ranks training like 1
 #                      process, fp32; the DALI mixed decoder)
+#   progressive_sizes.json  bench/progressive.py --gpu-sizes: resnet50 img/s at 160, 192 and 224 px (bf16, batch 256,
+#                      eager) fed generated JPEGs by the loader of a --progressive 160 ramp (DALI, else torch)
 #   autobatch.json     bench/autobatch.py: --batch-size auto's probe on resnet50 and vit_base at 224 px (bf16): the
 #                      size found, its 90 %, the probe's seconds, and a real AdamW step's peak memory at that size
 #   tensorrt.json      bench/tensorrt_speed.py: resnet50 224, TensorRT fp16 (the engine `trainer export --format
@@ -25,7 +27,7 @@
 # -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
 # in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (the parts' limits below sum to 650 s; each part usually ends well inside its own: allow 600 s, 700 s to be safe).
+# (the parts' limits below sum to 700 s; each part usually ends well inside its own: allow 600 s, 750 s to be safe).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()
@@ -58,6 +60,7 @@ part distill_step 60 python3 bench/distill_step.py "${smoke[@]}" --model resnet1
 part gpu_tests 80 python3 -m pytest tests/gpu -q -p no:cacheprovider
 part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
 part tensorrt 60 python3 bench/tensorrt_speed.py "${smoke[@]}" --out "$out/tensorrt.json"
+part progressive_sizes 50 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform

@@ -65,7 +65,17 @@ class DataConfig:
     """Label column; empty: `label`, `labels`, `fine_label`, `class`, or the only ClassLabel (strings become
     classes)."""
     imgsz: int = 32
-    """Square image size in pixels fed to the model."""
+    """Square image size in pixels fed to the model (with --progressive: the size the ramp ends at)."""
+    progressive: int = 0
+    """Progressive resizing: train at START_PX pixels first and ramp up to --imgsz, a function of the epoch, in steps
+    the model takes (its patch size for ViTs; 32 px for CNNs from --imgsz 128, smaller below). Validation stays at
+    --test-imgsz (or --imgsz); the batch size stays the same at every size. 0: off."""
+    progressive_ramp: tuple[float, ...] = ()
+    """--progressive: the epochs `A,B` where the ramp starts and ends (START_PX up to epoch A, --imgsz from epoch B
+    on, linear between); empty: 40 % and 80 % of --epochs, so the last epochs train at full size."""
+    test_imgsz: int = 0
+    """Image size of evaluation (FixRes: testing above the training size often gains accuracy): validation during
+    training uses it, and the weights record it, so `val`, `predict` and `export` use it too. 0: --imgsz."""
     workers: int = -1
     """DataLoader worker processes per rank; -1 picks from the CPU count, 0 loads in the training process."""
     loader: str = "auto"
@@ -112,6 +122,29 @@ class DataConfig:
     def __post_init__(self):
         _check(bool(self.data.strip()), "--data must name a dataset, a folder, a file or a hub id")
         _check(self.imgsz >= 8, f"--imgsz must be at least 8 pixels, got {self.imgsz}")
+        _check(
+            self.progressive == 0 or 8 <= self.progressive < self.imgsz,
+            f"--progressive {self.progressive} must be at least 8 px and below --imgsz {self.imgsz} (where the ramp "
+            "ends); lower it, raise --imgsz, or drop --progressive",
+        )
+        _check(
+            not self.progressive_ramp or self.progressive > 0,
+            "--progressive-ramp sets the epochs of the --progressive ramp; add --progressive START_PX or drop it",
+        )
+        _check(
+            not self.progressive_ramp
+            or (
+                len(self.progressive_ramp) == 2
+                and all(float(e).is_integer() for e in self.progressive_ramp)
+                and 1 <= self.progressive_ramp[0] <= self.progressive_ramp[1]
+            ),
+            "--progressive-ramp takes two epochs A,B with 1 <= A <= B, got "
+            + ",".join(f"{e:g}" for e in self.progressive_ramp),
+        )
+        _check(
+            self.test_imgsz == 0 or self.test_imgsz >= 8,
+            f"--test-imgsz must be at least 8 pixels, got {self.test_imgsz}",
+        )
         _check(self.workers >= -1, f"--workers must be -1 (auto), 0 or more, got {self.workers}")
         _check(self.loader in LOADERS, f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         _check(
@@ -148,6 +181,17 @@ class DataConfig:
                 self.auto_augment.split("-")[0] in ("rand", "augmix", "original", "originalr", "v0", "v0r"),
                 f"--auto-augment {self.auto_augment!r} is not a timm policy; e.g. rand-m9-mstd0.5, augmix-m5, v0",
             )
+
+    def ramp_epochs(self, epochs: int) -> tuple[int, int]:
+        """--progressive: (A, B), the epochs where the ramp starts and ends (given, or 40 % and 80 % of `epochs`)."""
+        if self.progressive_ramp:
+            return int(self.progressive_ramp[0]), int(self.progressive_ramp[1])
+        return max(1, round(0.4 * epochs)), max(1, epochs - round(0.2 * epochs))
+
+    @property
+    def eval_imgsz(self) -> int:
+        """The size validation, `val`, `predict` and `export` see: --test-imgsz, else --imgsz."""
+        return self.test_imgsz or self.imgsz
 
 
 @dataclass(frozen=True)
@@ -464,6 +508,14 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        ramp = self.data.progressive_ramp
+        _check(
+            not ramp or ramp[1] <= self.train.epochs,
+            f"--progressive-ramp {int(ramp[0]) if ramp else 0},{int(ramp[1]) if ramp else 0} ends after the last epoch "
+            f"({self.train.epochs}); give epochs between 1 and --epochs",
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists) for YAML and trackers."""

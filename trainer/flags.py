@@ -22,6 +22,7 @@ from trainer.config import (
 
 # Second names users of timm's train.py already type.
 ALIASES = {"label_smoothing": ("--smoothing",)}
+METAVARS = {"progressive": "START_PX", "progressive_ramp": "A,B"}  # where the type alone says too little
 
 
 class BoolFlag(argparse.Action):
@@ -139,7 +140,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, da
                     f.name, LOADERS
                 )
             else:
-                kwargs["metavar"] = "MIN,MAX" if isinstance(f.default, tuple) else _metavar(f)
+                kwargs["metavar"] = METAVARS.get(f.name) or ("MIN,MAX" if isinstance(f.default, tuple) else _metavar(f))
             group.add_argument(flag, *ALIASES.get(f.name, ()), **kwargs)
             dests[f.name] = (section, f)
     return dests

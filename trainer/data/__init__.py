@@ -15,6 +15,7 @@
 - `mixing`: mixup/cutmix of the training batches in the training process, one draw per global batch
   (`BatchMixing`), so the same at any process count;
 - `batch`: what loaders yield (`Batch`; `EncodedBatch` between DALI's halves);
+- `resolution`: the training size of each epoch (--progressive, `SizeSchedule`), shared with the workers (`TrainSize`);
 - `labels`: checks on the labels every source must pass (class names told apart in any Unicode spelling);
 - `coverage`: every class of the train split still reaches the model (`ClassCoverage`: stop when one lost every
   image);
@@ -30,7 +31,7 @@ loaders (`build_loaders`), already sharded.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trainer.config import DataConfig
 from trainer.data.backends import Backend, choose_backend
@@ -39,6 +40,7 @@ from trainer.data.coverage import ClassCoverage, present
 from trainer.data.decode import UnreadableImage, decode_image
 from trainer.data.labels import check_class_names
 from trainer.data.loaders import Loader, LoaderSpec, eval_loader, files_loader, num_workers, train_loader
+from trainer.data.resolution import SizeSchedule, TrainSize, size_schedule, size_step
 from trainer.data.sources import BUILTIN
 from trainer.data.splits import (
     DataInfo,
@@ -82,17 +84,27 @@ def load_data(accelerator, cfg: DataConfig) -> Data:
     return loaded
 
 
-def build_loaders(accelerator, data: Data, cfg: DataConfig, spec: LoaderSpec, per_device_batch_size: int):
+def build_loaders(
+    accelerator,
+    data: Data,
+    cfg: DataConfig,
+    spec: LoaderSpec,
+    per_device_batch_size: int,
+    schedule: SizeSchedule | None = None,
+):
     """(train, val) Loaders of this rank, already sharded: the training split shuffled and augmented (steps per epoch
-    equal on every rank, streams included), validation unshuffled at twice the batch."""
+    equal on every rank, streams included), at the size `schedule` gives each epoch (--progressive; else
+    `spec.pre.imgsz`); validation unshuffled at twice the batch, at --test-imgsz (or --imgsz)."""
     world = accelerator.num_processes if accelerator is not None else 1
-    augment = resolve_augment(cfg, data.info, per_device_batch_size)
+    size = TrainSize(schedule) if schedule is not None else None
+    augment = resolve_augment(cfg, data.info, per_device_batch_size, size)
     steps = data.info.train_size // (world * per_device_batch_size)
     weights = balanced_weights(data.train, data.info) if cfg.balanced_sampler else None
     train = train_loader(
         accelerator, data.train, spec, augment, per_device_batch_size, steps=steps, sample_weights=weights
     )
-    val = eval_loader(accelerator, data.val, spec, per_device_batch_size * 2)
+    at_test_size = replace(spec, pre=replace(spec.pre, imgsz=cfg.eval_imgsz))
+    val = eval_loader(accelerator, data.val, at_test_size, per_device_batch_size * 2)
     return train, val
 
 
@@ -113,6 +125,7 @@ __all__ = [
     "Loader",
     "LoaderSpec",
     "Preprocess",
+    "SizeSchedule",
     "UnreadableImage",
     "build_loaders",
     "choose_backend",
@@ -128,5 +141,7 @@ __all__ = [
     "num_workers",
     "present",
     "resolve_preprocess",
+    "size_schedule",
+    "size_step",
     "unreadable_warning",
 ]

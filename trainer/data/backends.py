@@ -50,7 +50,7 @@ class Backend:
         spec = dali.PipelineSpec(batch_size, pre, threads, upright=upright)
         if augment is None:
             return dali.DaliStage(spec, samples)
-        return dali.DaliStage(spec, samples, random_erase=augment.random_erase)
+        return dali.DaliStage(spec, samples, random_erase=augment.random_erase, size=augment.size)
 
 
 def dali_missing() -> str:

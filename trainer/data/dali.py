@@ -173,12 +173,13 @@ class DaliStage:
     and listed in `Batch.failed`.
     """
 
-    def __init__(self, spec: PipelineSpec, samples=None, *, random_erase: float = 0.0, device=None):
-        self.spec, self.samples = spec, samples
+    def __init__(self, spec: PipelineSpec, samples=None, *, random_erase: float = 0.0, device=None, size=None):
+        """`size`: --progressive's `TrainSize`, the size a batch is resized to (a pipeline per size)."""
+        self.spec, self.samples, self.size = spec, samples, size
         self.random_erase = random_erase
         self.device = torch.device(device or "cpu")
         self.policy = Replacement(replace=samples is not None)
-        self._pipe = None
+        self._pipe, self._sized = None, {}  # the pipeline of the size in force; the others made so far
         # Pipelines stopped by a decode error stay referenced: a crash (SIGSEGV) was seen in runs after such an error,
         # and destroying one is the step we could not rule out. Rare, and small.
         self._stopped_pipelines: list = []
@@ -186,7 +187,7 @@ class DaliStage:
     def on(self, device) -> DaliStage:
         """The same stage decoding onto `device` (the prepared loader's), with a pipeline of its own."""
         new = DaliStage.__new__(DaliStage)
-        new.__dict__.update(self.__dict__, device=torch.device(device), _pipe=None)
+        new.__dict__.update(self.__dict__, device=torch.device(device), _pipe=None, _sized={})
         return new
 
     def run(self, inner):
@@ -213,12 +214,15 @@ class DaliStage:
             yield self._finish(queued)
 
     def _pipeline(self):
-        if self._pipe is None:
-            self._pipe = build_pipeline(self.spec, self.device)
+        px = self.spec.pre.imgsz if self.size is None else int(self.size)
+        if px not in self._sized:
+            self._sized[px] = build_pipeline(self.spec, self.device, px)
+        self._pipe = self._sized[px]
         return self._pipe
 
     def _discard_pipeline(self) -> None:
         self._stopped_pipelines.append(self._pipe)
+        self._sized = {px: pipe for px, pipe in self._sized.items() if pipe is not self._pipe}
         self._pipe = None
 
     def _feed(self, batch: EncodedBatch) -> None:
@@ -330,8 +334,9 @@ class DaliStage:
             raise UnreadableImage(path or row["path"], f"DALI: {str(e).splitlines()[0]}") from e
 
 
-def build_pipeline(spec: PipelineSpec, device: torch.device):
-    """A stateless DALI pipeline: ROI decode of each window, resize to imgsz, flip, normalise to CHW float."""
+def build_pipeline(spec: PipelineSpec, device: torch.device, imgsz: int = 0):
+    """A stateless DALI pipeline: ROI decode of each window, resize to `imgsz` (0: spec.pre.imgsz), flip, normalise
+    to CHW float."""
     from nvidia.dali import fn, pipeline_def, types
 
     pre = spec.pre
@@ -370,7 +375,7 @@ def build_pipeline(spec: PipelineSpec, device: torch.device):
         )
         images = fn.resize(
             images,
-            size=[pre.imgsz, pre.imgsz],
+            size=[imgsz or pre.imgsz] * 2,
             roi_start=roi_start,
             roi_end=roi_end,
             roi_relative=False,

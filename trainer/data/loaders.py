@@ -24,6 +24,7 @@ from trainer.config import DataConfig
 from trainer.data import shard as sharding
 from trainer.data.backends import Backend
 from trainer.data.mixing import BatchMixing
+from trainer.data.resolution import TrainSize
 from trainer.data.samples import BalancedSampler, EpochStream, Indexed, Replacement, Replacing, SeededSamples
 from trainer.data.sources.imagecheck import check_image
 from trainer.data.transforms import Augment, Preprocess
@@ -41,6 +42,7 @@ class Loader:
     stage: object = None  # dali.DaliStage, or None
     mixing: BatchMixing | None = None
     start: int = 0  # the number of the first batch yielded in the epoch (a resumed epoch skipped the others)
+    size: TrainSize | None = None  # --progressive: the training size, set by set_epoch
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -57,9 +59,17 @@ class Loader:
     def dataset(self):
         return self.batches.dataset
 
+    @property
+    def imgsz(self) -> int | None:
+        """The training size in force under --progressive (None: the size the loader was made for)."""
+        return None if self.size is None else int(self.size)
+
     def set_epoch(self, epoch: int) -> None:
         """Shuffle order and augmentation seeds of `epoch` (accelerate passes set_epoch on to the dataset only when it
-        runs one process). An unsharded loader (no accelerator) reshuffles from its generator instead."""
+        runs one process). An unsharded loader (no accelerator) reshuffles from its generator instead. Under
+        --progressive also the epoch's image size, before any of its batches is drawn (workers read it per batch)."""
+        if self.size is not None:
+            self.size.set_epoch(epoch)
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(epoch)
         if hasattr(self.batches.dataset, "set_epoch"):
@@ -151,7 +161,7 @@ def train_loader(
                 f"process, {shard.world} process(es), {workers} worker(s) per process, shuffle buffer "
                 f"{spec.shuffle_buffer}"
             )
-        return Loader(sharding.shard_loader(accelerator, loader, streamed=True), mixing=mixing)
+        return Loader(sharding.shard_loader(accelerator, loader, streamed=True), mixing=mixing, size=augment.size)
     examples = spec.backend.examples(spec.pre, augment)
     samples = SeededSamples(split, examples, spec.seed)
     dataset = Replacing(samples, Replacement(where=f"rank {shard.rank}"))
@@ -170,7 +180,9 @@ def train_loader(
     )
     threads = dali_threads(shard.local_world, spec.workers)
     stage = spec.backend.stage(spec.pre, batch_size, threads, samples, augment)
-    return Loader(sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)), mixing)
+    return Loader(
+        sharding.shard_loader(accelerator, loader), stage and stage.on(_device(shard)), mixing, size=augment.size
+    )
 
 
 def eval_loader(accelerator, split, spec: LoaderSpec, batch_size: int) -> Loader:

@@ -13,6 +13,7 @@ import torch
 from trainer.config import DataConfig, UserError
 from trainer.data.batch import Batch, Failed, label_tensor
 from trainer.data.decode import decode_image
+from trainer.data.resolution import TrainSize
 
 if TYPE_CHECKING:
     from trainer.data.splits import DataInfo
@@ -78,27 +79,45 @@ class ImageTransform:
         *,
         auto_augment: str = "",
         random_erase: float = 0.0,
+        size: TrainSize | None = None,
     ):
+        """`size`: --progressive's size in force, read at each batch (a transform per size, made when first used)."""
+        self.mode = "L" if pre.in_chans == 1 else "RGB"
+        self.size = size
+        self._options = dict(
+            is_training=train,
+            scale=scale,
+            hflip=hflip,
+            color_jitter=None,  # colour jitter on digits and scans does more harm than good; off by default
+            auto_augment=auto_augment or None,
+            re_prob=random_erase,
+            re_mode="pixel",
+            interpolation=pre.interpolation,
+            mean=pre.mean,
+            std=pre.std,
+            crop_pct=pre.crop_pct,
+        )
+        self.in_chans = pre.in_chans
+        self.tf = self._create(pre.imgsz)
+        self._sized = {pre.imgsz: self.tf}
+
+    def _create(self, imgsz: int):
         from timm.data import create_transform
 
-        self.mode = "L" if pre.in_chans == 1 else "RGB"
         try:
-            self.tf = create_transform(
-                input_size=(pre.in_chans, pre.imgsz, pre.imgsz),
-                is_training=train,
-                scale=scale,
-                hflip=hflip,
-                color_jitter=None,  # colour jitter on digits and scans does more harm than good; off by default
-                auto_augment=auto_augment or None,
-                re_prob=random_erase,
-                re_mode="pixel",
-                interpolation=pre.interpolation,
-                mean=pre.mean,
-                std=pre.std,
-                crop_pct=pre.crop_pct,
-            )
+            return create_transform(input_size=(self.in_chans, imgsz, imgsz), **self._options)
         except (AssertionError, KeyError, ValueError) as e:  # timm's reaction to a malformed policy string
-            raise UserError(f"--auto-augment {auto_augment!r}: not a valid timm policy ({e})") from e
+            policy = self._options["auto_augment"]
+            raise UserError(f"--auto-augment {policy!r}: not a valid timm policy ({e})") from e
+
+    def _transform(self):
+        """The transform of the size in force (--progressive), else the one of `pre.imgsz`."""
+        if self.size is None:
+            return self.tf
+        px = int(self.size)
+        if px not in self._sized:
+            self._sized[px] = self._create(px)
+        return self._sized[px]
 
     @classmethod
     def training(cls, pre: Preprocess, augment: Augment) -> ImageTransform:
@@ -110,12 +129,13 @@ class ImageTransform:
             augment.scale,
             auto_augment=augment.auto_augment,
             random_erase=augment.random_erase,
+            size=augment.size,
         )
 
     def __call__(self, batch: dict) -> dict:
         return {
             **batch,
-            "image": [self.tf(decode_image(value).convert(self.mode)) for value in batch["image"]],
+            "image": [self._transform()(decode_image(value).convert(self.mode)) for value in batch["image"]],
         }
 
     def collate(self, examples: list) -> Batch:
@@ -196,14 +216,19 @@ class Augment:
     auto_augment: str = ""
     random_erase: float = 0.0
     mixup: object = None  # timm Mixup for --mixup/--cutmix, or None
+    size: TrainSize | None = None  # --progressive: the training size in force (None: pre.imgsz throughout)
 
 
-def resolve_augment(cfg: DataConfig, info: DataInfo, per_device_batch_size: int) -> Augment:
-    """The augmentation flags as they apply to this data and batch (defaults resolved, mixup built)."""
+def resolve_augment(
+    cfg: DataConfig, info: DataInfo, per_device_batch_size: int, size: TrainSize | None = None
+) -> Augment:
+    """The augmentation flags as they apply to this data and batch (defaults resolved, mixup built); `size`: the
+    training size in force under --progressive."""
     return Augment(
         resolve_hflip(cfg, info),
         resolve_scale(cfg),
         auto_augment=cfg.auto_augment,
         random_erase=cfg.random_erase,
         mixup=train_mixup(cfg, info, per_device_batch_size),
+        size=size,
     )

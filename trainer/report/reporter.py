@@ -24,9 +24,19 @@ from trainer.report.trackers import log_wandb_media, log_wandb_tables, start_ten
 from trainer.run.layout import BEST_WEIGHTS, CONFIG_FILE, LAST_WEIGHTS, RESULTS_FILE, WEIGHTS
 from trainer.run.writes import append_text, atomic_file, disk_errors
 
-RESULTS_COLUMNS = ("epoch", "train/loss", "val/loss", "val/top1", "val/top5", "val/macro_f1", "val/balanced_acc", "lr")
+RESULTS_COLUMNS = (
+    "epoch",
+    "imgsz",
+    "train/loss",
+    "val/loss",
+    "val/top1",
+    "val/top5",
+    "val/macro_f1",
+    "val/balanced_acc",
+    "lr",
+)
 EMA_COLUMNS = ("val/loss_ema", "val/top1_ema", "val/top5_ema")  # appended when the run keeps a weight EMA
-MULTI_LABEL_COLUMNS = ("epoch", "train/loss", "val/loss", "val/map", "val/micro_f1", "val/macro_f1", "lr")
+MULTI_LABEL_COLUMNS = ("epoch", "imgsz", "train/loss", "val/loss", "val/map", "val/micro_f1", "val/macro_f1", "lr")
 MULTI_LABEL_EMA_COLUMNS = ("val/loss_ema", "val/map_ema", "val/macro_f1_ema")
 PRINTED_CLASSES = 40  # larger per-class tables print the worst classes; per_class.csv has them all
 GRID_IMAGES = 25
@@ -47,6 +57,11 @@ EPOCH_LINE = (  # (metric, its name on the epoch line), printed when the epoch h
 
 def _scores(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name} {metrics[key]:.4f}" for key, name in EPOCH_LINE if key in metrics)
+
+
+def _header(path: Path) -> tuple[str, ...]:
+    with open(path, newline="") as f:
+        return tuple(next(csv.reader(f), ()))
 
 
 class Reporter:
@@ -100,7 +115,9 @@ class Reporter:
             if not resume:
                 with atomic_file(run_dir / CONFIG_FILE) as tmp, open(tmp, "w") as f:
                     yaml.safe_dump(record, f, sort_keys=False)
-            if not (resume and (run_dir / RESULTS_FILE).exists()):
+            if resume and (run_dir / RESULTS_FILE).exists():
+                self.columns = _header(run_dir / RESULTS_FILE) or self.columns  # a run begun before a new column
+            else:
                 with atomic_file(run_dir / RESULTS_FILE) as tmp, open(tmp, "w", newline="") as f:
                     csv.writer(f).writerow(self.columns)
         self.start_trackers(run_dir, record, run, resume)
@@ -221,8 +238,10 @@ class Reporter:
         csv.writer(line).writerow([row[0], *(f"{v:.6g}" for v in row[1:])])
         with disk_errors(self.run_dir / RESULTS_FILE, KEPT):
             append_text(self.run_dir / RESULTS_FILE, line.getvalue())
+        size = f"  {metrics['imgsz']} px" if "imgsz" in metrics else ""
         print(
-            f"epoch {epoch}/{epochs}  train/loss {metrics['train/loss']:.4f}  val/loss {metrics['val/loss']:.4f}  "
+            f"epoch {epoch}/{epochs}{size}  train/loss {metrics['train/loss']:.4f}  "
+            f"val/loss {metrics['val/loss']:.4f}  "
             f"{_scores(metrics)}  lr {metrics['lr']:.2e}  "
             f"{seconds:.1f}s  {imgs_per_sec:.0f} img/s{'  *best' if best else ''}",
             flush=True,

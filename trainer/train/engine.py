@@ -24,9 +24,15 @@ from trainer.run.manifest import RunShape
 from trainer.run.rundirs import RunFolder, create_run_dir, release_run_dir
 from trainer.run.weights import weights_metadata
 from trainer.train import autobatch, distill, finetune, optim, stopping
-from trainer.train.launch import build_accelerator, check_fsdp_options, check_memory, emulated_precision_warning
+from trainer.train.launch import (
+    allow_recompiles,
+    build_accelerator,
+    check_fsdp_options,
+    check_memory,
+    emulated_precision_warning,
+)
 from trainer.train.loop import Loop, fit
-from trainer.train.model import SyncBNDecision, apply_sync_bn, build_model, mark_fsdp_blocks, size_kwargs
+from trainer.train.model import SyncBNDecision, apply_sync_bn, build_model, mark_fsdp_blocks, patch_size, size_kwargs
 from trainer.train.tasks import Task, build_task, describe_task
 
 
@@ -39,20 +45,26 @@ def train(cfg: Config, resume_dir: Path | None = None, *, select=None, last: boo
     accelerator, reporter = prepare_launch(cfg, resume_dir)
     # A misspelt --model or a size it cannot take fails before minutes of data preparation (classes and channels
     # do not change whether a size fits).
-    size_kwargs(cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz)
+    size_kwargs(
+        cfg.model.model, num_classes=2, in_chans=cfg.model.in_chans or 3, imgsz=cfg.data.imgsz, sizes=other_sizes(cfg)
+    )
     backend, dataset = load_data(accelerator, cfg, reporter, select)
     info = dataset.info
     cfg, step = build_step(accelerator, cfg, dataset, reporter, resume_dir)
     model, pre, task, teacher, freeze = step.model, step.pre, step.task, step.teacher, step.freeze
+    schedule = data.size_schedule(cfg.data, cfg.train.epochs, patch_size(model))  # None without --progressive
+    if schedule is not None and cfg.train.compile:
+        allow_recompiles(len(set(schedule.sizes(cfg.train.epochs))) + 1)  # one static graph per size, see there
     # Loaders first, already sharded: the schedule's length comes from this rank's shard of the data.
     spec = data.loader_spec(cfg.data, backend, pre, seed=cfg.train.seed)
     per_device_batch_size = cfg.train.per_device_batch_size(accelerator.num_processes)
-    train_loader, val_loader = data.build_loaders(accelerator, dataset, cfg.data, spec, per_device_batch_size)
+    train_loader, val_loader = data.build_loaders(accelerator, dataset, cfg.data, spec, per_device_batch_size, schedule)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.grad_accum)
     model, optimizer, scheduler, ema = build_optimization(accelerator, cfg, model, steps_per_epoch)
     shape = RunShape(cfg.train.epochs, len(train_loader), cfg.train.grad_accum)
     checkpointer, state = open_run(accelerator, cfg, resume_dir, ema, data_fingerprint(cfg.data, dataset), shape)
     run_dir = checkpointer.run_dir
+    test_size = {"test_imgsz": cfg.data.test_imgsz} if cfg.data.test_imgsz else {}  # val/predict/export use it
     loop = Loop(
         accelerator=accelerator,
         model=model,
@@ -65,11 +77,12 @@ def train(cfg: Config, resume_dir: Path | None = None, *, select=None, last: boo
         val_loader=val_loader,
         ema=ema,
         run_dir=run_dir,
-        metadata=weights_metadata(cfg.model.model, info.class_names, pre, **task.weights_metadata()),
+        metadata=weights_metadata(cfg.model.model, info.class_names, pre, **task.weights_metadata(), **test_size),
         num_classes=len(info.class_names),
         teacher=teacher,
         task=task,
         freeze=freeze,
+        imgsz=cfg.data.imgsz,
         coverage=None if info.multilabel or cfg.data.streaming else data.ClassCoverage(dataset.train, info.class_names),
     )
     record = run_record(cfg, loop, info, pre, step.sync_bn, steps_per_epoch, backend)
@@ -189,7 +202,9 @@ def load_data(accelerator: Accelerator, cfg: Config, reporter: Reporter, select=
 def build_model_side(accelerator: Accelerator, cfg: Config, info, reporter: Reporter):
     """The timm model (SyncBN decided and applied, FSDP blocks marked), the SyncBN decision, its preprocessing."""
     in_chans = cfg.model.in_chans or info.channels
-    model = build_model(cfg.model, num_classes=len(info.class_names), in_chans=in_chans, imgsz=cfg.data.imgsz)
+    model = build_model(
+        cfg.model, num_classes=len(info.class_names), in_chans=in_chans, imgsz=cfg.data.imgsz, sizes=other_sizes(cfg)
+    )
     # SyncBN before the optimizer and prepare(), so both see the final layer types.
     model, sync_bn = apply_sync_bn(model, cfg.model.sync_bn, accelerator.num_processes, accelerator.device.type)
     if cfg.model.sync_bn and not sync_bn.applied:
@@ -200,6 +215,12 @@ def build_model_side(accelerator: Accelerator, cfg: Config, info, reporter: Repo
         )
     pre = data.resolve_preprocess(cfg.data, model, in_chans)
     return model, sync_bn, pre
+
+
+def other_sizes(cfg: Config) -> dict[int, str]:
+    """The sizes besides --imgsz the model must take, each with the flag that asks for it."""
+    flags = {"--progressive": cfg.data.progressive, "--test-imgsz": cfg.data.test_imgsz}
+    return {px: f"{flag} {px}" for flag, px in flags.items() if px}
 
 
 def build_optimization(accelerator: Accelerator, cfg: Config, model, steps_per_epoch: int):
@@ -258,6 +279,11 @@ def start_run(loop: Loop, cfg: Config, record: dict, info, resumed: bool) -> Non
         f"{cfg.train.grad_accum}, precision {accelerator.mixed_precision}"
     )
     reporter.print(data.describe_augmentation(cfg.data, info))
+    size = loop.train_loader.size
+    if size is not None:
+        reporter.print(size.schedule.describe(cfg.train.epochs))
+    if cfg.data.test_imgsz:
+        reporter.print(f"evaluation at --test-imgsz {cfg.data.test_imgsz} px (training at {cfg.data.imgsz} px)")
     if loop.teacher is not None:
         reporter.print(loop.teacher.describe())
     if loop.task is not None:
@@ -295,6 +321,10 @@ def run_record(cfg: Config, loop: Loop, info, pre, sync_bn, steps_per_epoch: int
         "loader_reason": backend.reason,
     }
     record["dataset"] = data.dataset_record(cfg.data, info, pre)
+    size = loop.train_loader.size
+    if size is not None:
+        record["dataset"]["imgsz_per_epoch"] = size.schedule.sizes(cfg.train.epochs)
+    record["dataset"]["eval_imgsz"] = cfg.data.eval_imgsz
     if loop.teacher is not None:
         record["teacher"] = loop.teacher.record
     return record

@@ -43,7 +43,14 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
     if cfg.train.freeze:  # frozen parameters get no gradient until --unfreeze-epoch (trainer.train.finetune)
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     # prepare() compiles the model after wrapping it; without --compile a launcher's dynamo config still applies.
-    dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode) if cfg.train.compile else None
+    # --progressive: static shapes, one graph per size (a bounded set, see allow_recompiles) rather than dynamo's
+    # switch to one dynamic-shape graph at the second size (its kernels ran 1.3-1.4x slower: docs/training.md).
+    dynamic = False if cfg.data.progressive else None
+    dynamo = (
+        TorchDynamoPlugin(backend="inductor", mode=cfg.train.compile_mode, dynamic=dynamic)
+        if cfg.train.compile
+        else None
+    )
     try:
         accelerator = Accelerator(
             # Without a GPU, cpu=True makes torchrun/launch ranks join one gloo group instead of each
@@ -68,6 +75,16 @@ def build_accelerator(cfg: Config, resume_dir: Path | None = None) -> Accelerato
         ) from e
     check_launch(accelerator, resume_dir)
     return accelerator
+
+
+def allow_recompiles(sizes: int) -> None:
+    """Let torch.compile keep a graph per image size (--progressive): each size in training mode, the evaluation
+    size in eval mode and its last, smaller batch, with room to spare; past dynamo's limit (8) it would fall back to
+    eager for the rest of the run."""
+    import torch._dynamo
+
+    needed = 2 * (sizes + 1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
 
 
 def check_launch(accelerator: Accelerator, resume_dir: Path | None = None) -> None:

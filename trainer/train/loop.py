@@ -59,6 +59,7 @@ class Loop:
     task: Task | None = None  # the loss and the best metric (trainer.train.tasks); None: single-label defaults
     freeze: finetune.Freeze | None = None  # --freeze: what is frozen until which epoch
     coverage: data.ClassCoverage | None = None  # single-label map-style data: stop when a class lost every image
+    imgsz: int = 0  # the training size (--imgsz); under --progressive the train loader's size of the epoch
 
 
 def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
@@ -91,7 +92,8 @@ def fit(loop: Loop, cfg: TrainConfig) -> tuple[float, int]:
             ema_metrics, ema_preds = evaluate(accelerator, ema.module, val_loader, loop.num_classes, task)
             metrics |= {f"{k}_ema": v for k, v in ema_metrics.items()}
         scheduler.end_epoch(epoch, best.plateau_value(metrics[best.key]))
-        metrics = {"train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
+        imgsz = train_loader.imgsz or loop.imgsz  # the epoch's training size (--progressive: the schedule's)
+        metrics = {"imgsz": imgsz, "train/loss": stats.loss, **metrics, "lr": scheduler.get_last_lr()[0]}
         use_ema = ema is not None and best.better(metrics[f"{best.key}_ema"], metrics[best.key])
         source = "ema" if use_ema else "model"
         value = metrics[f"{best.key}_ema" if use_ema else best.key]

@@ -17,12 +17,15 @@ class SyncBNDecision:
     reason: str
 
 
-def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, imgsz: int | None = None) -> torch.nn.Module:
+def build_model(
+    cfg: ModelConfig, num_classes: int, in_chans: int, imgsz: int | None = None, sizes: dict[int, str] | None = None
+) -> torch.nn.Module:
     """Create `cfg.model` from timm with our class count and input channels, optionally from pretrained weights.
 
     `imgsz`: the input size the model will see. Models built for a fixed size (ViT, DeiT, Swin, EVA, BEiT, ...) are
-    created for it (timm's `img_size`; timm resamples pretrained position embeddings), or refused in one line."""
-    model = _create(cfg, num_classes, in_chans, size_kwargs(cfg.model, num_classes, in_chans, imgsz))
+    created for it (timm's `img_size`; timm resamples pretrained position embeddings), or refused in one line.
+    `sizes`: other sizes it must take too, each with the flag that asks for it (see `size_kwargs`)."""
+    model = _create(cfg, num_classes, in_chans, size_kwargs(cfg.model, num_classes, in_chans, imgsz, sizes))
     if cfg.grad_checkpointing:
         try:
             model.set_grad_checkpointing(True)
@@ -32,36 +35,70 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, imgsz: int | 
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def size_kwargs(name: str, num_classes: int, in_chans: int, imgsz: int | None) -> dict:
-    """`{"img_size": imgsz}` for a model built for a fixed input size other than `imgsz`, else `{}`.
+def size_kwargs(
+    name: str, num_classes: int, in_chans: int, imgsz: int | None, sizes: dict[int, str] | None = None
+) -> dict:
+    """`{"img_size": imgsz}` for a model built for a fixed input size other than `imgsz`, else `{}`; with `sizes`
+    ({px: the flag asking for it}: --progressive, --test-imgsz) also `dynamic_img_size` for such a model.
 
     The size is tried first on a weightless (meta-device) copy, in eval mode, with one image: a model that cannot
     take it (no `img_size` argument, a size its patches, windows or stages do not fit) is refused in one line
     before any real weights are allocated or loaded."""
-    import timm
     from timm.models import get_pretrained_cfg
 
     check_model_name(name)
     pretrained_cfg = get_pretrained_cfg(name)
-    if imgsz is None or pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+    sizes = {px: flag for px, flag in (sizes or {}).items() if px and px != imgsz}
+    fixed = pretrained_cfg is not None and pretrained_cfg.fixed_input_size
+    if sizes and imgsz is not None:
+        # Every size, convolutional nets included: a net's stages can run out of pixels at a small START_PX.
+        kwargs = ({"img_size": imgsz} if imgsz != pretrained_cfg.input_size[-1] else {}) if fixed else {}
+        if fixed:
+            kwargs["dynamic_img_size"] = True  # timm's ViTs: position embeddings resampled to each size
+        _probe(name, num_classes, in_chans, kwargs, {**sizes, imgsz: f"--imgsz {imgsz}"})
+        return kwargs
+    if imgsz is None or not fixed:
         return {}  # convolutional nets pool whatever size they get
     default = pretrained_cfg.input_size[-1]
     if imgsz == default:
         return {}
     kwargs = {"img_size": imgsz}
+    hint = (
+        f"is built for {default} px and cannot take --imgsz {imgsz}",
+        f"use --imgsz {default} or a size its patches fit",
+    )
+    _probe(name, num_classes, in_chans, kwargs, {imgsz: ""}, hint)
+    return kwargs
+
+
+def _probe(name: str, num_classes: int, in_chans: int, kwargs: dict, sizes: dict[int, str], said=None) -> None:
+    """Refuse (one line) the first of `sizes` ({px: the flag asking for it}) the model cannot take, found on a
+    weightless copy. `said`: (what, hint) of the message, when the flag alone does not say it."""
+    import timm
+
+    px = 0
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs).eval()
-            probe(torch.empty(1, in_chans, imgsz, imgsz))
+            for px in sizes:
+                probe(torch.empty(1, in_chans, px, px))
     except NotImplementedError:
         pass  # an operator without a meta kernel: nothing learned about the size, the real run will tell
     except Exception as e:  # TypeError (no img_size), AssertionError, RuntimeError (shapes): all mean "not this size"
         why = f"{type(e).__name__}: {e}".split("\n")[0][:160]
-        raise UserError(
-            f"--model {name} is built for {default} px and cannot take --imgsz {imgsz} ({why}); "
-            f"use --imgsz {default} or a size its patches fit"
-        ) from e
-    return kwargs
+        what, hint = said or (
+            f"cannot take {px} px ({sizes.get(px) or 'its size'})",
+            "use a size its patches, windows and stages fit (a multiple of its patch size for a ViT)",
+        )
+        raise UserError(f"--model {name} {what} ({why}); {hint}") from e
+
+
+def patch_size(model: torch.nn.Module) -> int:
+    """The side of the patches a ViT-like model cuts images into (timm's `patch_embed`); 0 for other models."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        return 0
+    return int(patch[0] if isinstance(patch, tuple | list) else patch)
 
 
 def check_model_name(name: str) -> None:

@@ -33,6 +33,12 @@ class TrainedWeights:
     metadata: dict[str, str]
 
     @property
+    def train_imgsz(self) -> int:
+        """The size the model was trained at (at the end of a --progressive ramp); `pre.imgsz` is the size it is
+        evaluated at: the recorded --test-imgsz, else this one."""
+        return int(self.metadata["imgsz"])
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
@@ -99,7 +105,7 @@ def weights_from_metadata(file: Path, meta: dict[str, str]) -> TrainedWeights:
         )
     try:
         pre = Preprocess(
-            imgsz=int(meta["imgsz"]),
+            imgsz=int(meta.get("test_imgsz") or meta["imgsz"]),  # FixRes: the run's --test-imgsz, when it had one
             in_chans=int(meta["in_chans"]),
             mean=tuple(json.loads(meta["mean"])),
             std=tuple(json.loads(meta["std"])),
@@ -125,7 +131,11 @@ def load_model(weights: TrainedWeights) -> torch.nn.Module:
     from trainer.train.model import build_model
 
     model = build_model(
-        ModelConfig(model=weights.model_name), weights.num_classes, weights.pre.in_chans, imgsz=weights.pre.imgsz
+        ModelConfig(model=weights.model_name),
+        weights.num_classes,
+        weights.pre.in_chans,
+        imgsz=weights.train_imgsz,
+        sizes={weights.pre.imgsz: f"its recorded test_imgsz {weights.pre.imgsz}"},
     )
     try:
         model.load_state_dict(load_file(weights.path))

@@ -85,6 +85,7 @@ def validate(
         "epoch": int(trained.metadata.get("epoch", 0)),
         "data": info.source,
         "split": split,
+        "imgsz": trained.pre.imgsz,  # the run's --test-imgsz when it had one (FixRes), else its --imgsz
         "num_processes": world,
         "loader": backend.name,
         "tta": tta or "",
@@ -157,7 +158,8 @@ def write_report(run_dir: Path, summary: dict, preds, class_names: list[str], mo
         print(summary["warning"])
     print(
         f"{model} on {summary['data']} {summary['split']} ({summary['images']} images), "
-        f"{summary['num_processes']} process(es)" + (f", TTA {summary['tta']}" if summary["tta"] else "")
+        f"{summary['num_processes']} process(es), {summary['imgsz']} px"
+        + (f", TTA {summary['tta']}" if summary["tta"] else "")
     )
     print(evaluation.format_per_class(rows))
     if multilabel:

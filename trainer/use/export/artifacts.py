@@ -88,6 +88,8 @@ class Target:
 def artifact_metadata(metadata: dict[str, str], source: Path, target: Target) -> dict[str, str]:
     """The strings every artifact carries: the weights' own description, the format, the precision, the source."""
     meta = {k: metadata[k] for k in COPIED_KEYS if k in metadata}
+    if metadata.get("test_imgsz"):  # --test-imgsz: the graph takes the test size; the training size kept beside it
+        meta["imgsz"], meta["train_imgsz"] = metadata["test_imgsz"], metadata["imgsz"]
     meta.update(export_format=target.fmt, precision=target.precision, source_weights=str(source.resolve()))
     run_dir = source.resolve().parent.parent
     if (run_dir / "config.yaml").is_file():
