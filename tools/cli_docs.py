@@ -61,7 +61,7 @@ def _flag(action: argparse.Action, formatter: argparse.HelpFormatter) -> str:
 
 
 def _help(action: argparse.Action) -> str:
-    text = action.help or ""
+    text = (action.help or "").replace("%%", "%")  # argparse's escape of a literal %
     shown = action.default not in (None, argparse.SUPPRESS, False) and not action.required
     if shown and "default" not in text:
         value = BLANKS.get(action.default, action.default) if isinstance(action.default, str) else action.default

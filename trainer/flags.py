@@ -129,7 +129,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, da
                 else f.default
             )
             kwargs: dict = dict(
-                dest=f.name, default=argparse.SUPPRESS, help=f"{docs.get(f.name, '')} (default: {shown})"
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                help=f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%"),
             )
             if isinstance(f.default, bool):
                 kwargs.update(action=BoolFlag, field=f)
