@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one run on a GPU machine, in about 10 minutes; figures as JSON.
+# Every GPU check of the project in one run on a GPU machine, in under 8 minutes; figures as JSON.
 #
 #   bash bench/gpu_checks.sh [OUT_DIR]              # OUT_DIR defaults to $OUT, else ./gpu-out
 #   bash bench/gpu_checks.sh --cpu-smoke OUT_DIR    # without a GPU: every part tiny, to see none is broken
@@ -27,7 +27,8 @@
 # -cuda130 to match the driver): on a GPU machine without a package registry, install their wheels first (copied
 # in beside the checkout), then run
 #   PYTHONUNBUFFERED=1 bash bench/gpu_checks.sh
-# (the parts' limits below sum to 700 s; each part usually ends well inside its own: allow 600 s, 750 s to be safe).
+# (the parts' limits below sum to 461 s, so the whole run, start-up and wheel installs included, fits one 8-minute
+# device call: give the call timeout_s 540).
 set -u
 cd "$(dirname "$0")/.."
 smoke=()
@@ -53,14 +54,14 @@ part() {  # part NAME SECONDS COMMAND...: run one check under its own limit, not
   echo "== $name: exit $code after $((SECONDS - start)) s"
 }
 
-part gpu_pipeline 270 python3 bench/gpu_pipeline.py "${smoke[@]}" --out "$out/gpu_pipeline.json"
-part fsdp_memory 120 python3 bench/fsdp_memory.py "${smoke[@]}" --case-timeout 38 --out "$out/fsdp_memory.json"
-part distill_step 60 python3 bench/distill_step.py "${smoke[@]}" --model resnet18 --teacher resnet50 --imgsz 224 \
+part gpu_pipeline 180 python3 bench/gpu_pipeline.py "${smoke[@]}" --images 4000 --out "$out/gpu_pipeline.json"
+part fsdp_memory 81 python3 bench/fsdp_memory.py "${smoke[@]}" --case-timeout 27 --out "$out/fsdp_memory.json"
+part distill_step 40 python3 bench/distill_step.py "${smoke[@]}" --model resnet18 --teacher resnet50 --imgsz 224 \
   --in-chans 3 --batch-size 128 --mixed-precision bf16 --channels-last --out "$out/distill_step.json"
-part gpu_tests 80 python3 -m pytest tests/gpu -q -p no:cacheprovider
-part autobatch 60 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
-part tensorrt 60 python3 bench/tensorrt_speed.py "${smoke[@]}" --out "$out/tensorrt.json"
-part progressive_sizes 50 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --out "$out/progressive_sizes.json"
+part gpu_tests 70 python3 -m pytest tests/gpu -q -p no:cacheprovider
+part autobatch 30 python3 bench/autobatch.py "${smoke[@]}" --out "$out/autobatch.json"
+part tensorrt 30 python3 bench/tensorrt_speed.py "${smoke[@]}" --rounds 3 --out "$out/tensorrt.json"
+part progressive_sizes 30 python3 bench/progressive.py --gpu-sizes "${smoke[@]}" --images 1500 --out "$out/progressive_sizes.json"
 
 machine=$(python3 - <<'EOF'
 import json, platform
