@@ -88,7 +88,7 @@ def _plain_bce_map(grids: Path, transform) -> float:
 
 def test_multilabel_training_reaches_plain_bce_map(tagged_run: Path):
     rows = results(tagged_run)
-    assert list(rows[0])[:5] == ["epoch", "train/loss", "val/loss", "val/map", "val/micro_f1"]
+    assert list(rows[0])[:6] == ["epoch", "imgsz", "train/loss", "val/loss", "val/map", "val/micro_f1"]
     trained = max(float(r["val/map"]) for r in rows)
     _, transform, meta = _timm_model(tagged_run / "weights" / "best.safetensors")
     assert (meta["task"], meta["output"], meta["threshold"]) == ("multilabel", "sigmoid", "0.5")
