@@ -1,6 +1,7 @@
-"""Flags from the config dataclasses: one `--flag` per field, named after it, its help from the field's docstring;
-argparse's errors as one line (a misspelled flag names the real ones it could have meant); the values given, typed.
-cli.py builds the commands from these parts."""
+"""The flags of every command: train's from the config dataclasses (one `--flag` per field, named after it, its help
+from the field's docstring), and the small sets of lr-find, val, predict, export, benchmark and `data`; argparse's
+errors as one line (a misspelled flag names the real ones it could have meant); the values given, typed. cli.py
+builds the parser from these parts and runs the command chosen."""
 
 from __future__ import annotations
 
@@ -215,3 +216,169 @@ def add_benchmark_flags(benchmark: argparse.ArgumentParser) -> None:
     benchmark.add_argument("--project", default="runs/benchmark", help="run folder {project}/{name}")
     benchmark.add_argument("--name", default="exp", help="run folder {project}/{name}, incremented unless --exist-ok")
     benchmark.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+
+
+def add_lr_find(commands) -> None:
+    """`trainer lr-find`: train's flags plus the sweep's own (trainer.train.lr_find)."""
+    lr_find = commands.add_parser(
+        "lr-find",
+        help="sweep the learning rate exponentially and suggest one (advisory)",
+        description="Train a throwaway copy of the run's model for --steps updates at exponentially rising learning "
+        "rates; write lr_find.csv and lr_find.png to runs/lr_find/exp and print a suggested --lr. Takes train's "
+        "flags; runs plainly or under accelerate launch / torchrun.",
+    )
+    lr_find.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
+    lr_find.add_argument("--steps", type=positive_int, default=200, help="optimizer updates in the sweep (200)")
+    lr_find.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate (1e-7)")
+    lr_find.add_argument("--end-lr", type=float, default=10.0, help="last learning rate (10)")
+    add_config_flags(lr_find)
+
+
+TTA_MODES = ("flip", "crops")  # trainer.use.tta's, without importing torch for --help
+CAM_METHODS = (  # trainer.report.heatmaps.METHODS
+    *("gradcam", "gradcam++", "hirescam", "xgradcam"),
+    *("layercam", "eigencam", "eigengradcam", "gradcamelementwise"),
+)
+
+
+def add_cam(command, what: str) -> None:
+    """--cam and --cam-method (trainer.report.heatmaps's methods, without importing torch for --help)."""
+    command.add_argument("--cam", action="store_true", help=f"class-activation heatmaps (grad-cam) {what}")
+    command.add_argument("--cam-method", choices=CAM_METHODS, default="gradcam", help="with --cam (default: gradcam)")
+
+
+TTA_HELP = (
+    "test-time augmentation: average the logits over the image and its flip (flip; a bare --tta), or over ten crops "
+    "(crops)"
+)
+TTA_FLAG = dict(nargs="?", const="flip", choices=TTA_MODES, metavar="{flip,crops}", help=TTA_HELP)
+
+
+def bare_tta(argv: list[str]) -> list[str]:
+    """`trainer predict ... --tta a.png`: a bare --tta before the SOURCEs, which argparse would take for its value."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command != "predict":
+        return argv
+    return [
+        "--tta=flip" if a == "--tta" and n + 1 < len(argv) and argv[n + 1] not in TTA_MODES else a
+        for n, a in enumerate(argv)
+    ]
+
+
+def add_use_commands(commands) -> None:
+    """val, predict, export, benchmark: each with its own small set of flags."""
+    weights = dict(
+        metavar="PATH",
+        required=True,
+        help="a weights file written by trainer train (.safetensors), or a model trainer export wrote (val, predict)",
+    )
+    folder = "run folder {project}/{name}, incremented (exp, exp2, ...) unless --exist-ok"
+
+    val = commands.add_parser(
+        "val",
+        help="evaluate trained weights: top-1, top-5, loss, per-class table, confusion matrix",
+        description="Evaluate trained weights on the data of their run (or --data). Runs plainly or under "
+        "accelerate launch / torchrun; any process count gives the same numbers.",
+    )
+    val.add_argument("--weights", **weights)
+    val.add_argument("--data", help="dataset instead of the run's own (default: from RUN/config.yaml)")
+    val.add_argument("--split", choices=("val", "train"), default="val", help="split to evaluate (default: val)")
+    val.add_argument("--batch-size", type=positive_int, default=256, help="GLOBAL batch, split over processes")
+    val.add_argument("--workers", type=int, default=-1, help="DataLoader workers per process; -1 picks")
+    val.add_argument(
+        "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
+    )
+    val.add_argument("--tta", **TTA_FLAG)
+    add_cam(val, "of the top losses: top_losses_cam.png")
+    val.add_argument("--project", default="runs/val", help=folder)
+    val.add_argument("--name", default="exp", help=folder)
+    val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+
+    predict = commands.add_parser(
+        "predict",
+        help="classify images: top-k classes with probabilities",
+        description="Classify image files, folders and glob patterns; prints a table, writes predictions.csv "
+        "(and predictions.json) to a run folder. Unreadable files are listed and skipped.",
+    )
+    predict.add_argument("--weights", **weights)
+    predict.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders or quoted globs")
+    predict.add_argument("--topk", type=positive_int, default=5, help="classes reported per image (default 5)")
+    predict.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
+    predict.add_argument("--workers", type=int, default=-1, help="DataLoader workers; -1 picks from the CPU count")
+    predict.add_argument(
+        "--loader", choices=LOADERS, default="auto", help="input path, as for train: auto (default), torch, dali"
+    )
+    predict.add_argument("--json", action="store_true", help="also write predictions.json")
+    predict.add_argument(
+        "--threshold", type=float, default=None, help="multi-label weights: list labels above this (default: theirs)"
+    )
+    predict.add_argument("--tta", **TTA_FLAG)
+    add_cam(predict, "of each image's top class: one overlay per image in {run}/cam/")
+    predict.add_argument("--project", default="runs/predict", help=folder)
+    predict.add_argument("--name", default="exp", help=folder)
+    predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+
+    export = commands.add_parser(
+        "export",
+        help="export trained weights (TorchScript, ONNX, OpenVINO, int8, TensorRT, CoreML, timm hub), verified",
+        description="Export trained weights beside them, then check the export through its own runtime on the run's "
+        "validation images against PyTorch (top-1 or mAP); an export beyond its bound is not written.",
+    )
+    export.add_argument("--weights", **weights)
+    add_export_flags(export)
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="export every format that runs here, validate and time each: one table",
+        description="Export trained weights to each format, validate each on the run's validation images, time "
+        "batch-1 latency and batched throughput; print one table and write benchmark.csv to a run folder.",
+    )
+    benchmark.add_argument("--weights", **weights)
+    add_benchmark_flags(benchmark)
+    for command in (val, predict, export, benchmark):
+        command.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
+
+
+def add_data_commands(commands) -> None:
+    """`trainer data convert SRC DST`: any source --data reads -> WebDataset or Parquet shards; `trainer data audit`:
+    label issues, duplicates and outliers from K-fold out-of-sample predictions (trainer.audit)."""
+    data = commands.add_parser(
+        "data", help="data tools: convert a dataset to shards; audit it for label issues, duplicates, outliers"
+    )
+    tools = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    convert = tools.add_parser(
+        "convert",
+        help="write any source --data reads (folder, hub id, Parquet, ...) as WebDataset or Parquet shards",
+        description="Convert a dataset once into shards of a chosen size, with its class names and split sizes in "
+        "DST/dataset_info.json; then train with --data DST (or --data DST --streaming). DST must be new or empty.",
+    )
+    convert.add_argument("src", metavar="SRC", help="anything --data accepts: a folder, a hub id, Parquet files, ...")
+    convert.add_argument("dst", metavar="DST", help="a new folder for the shards ({split}-000000.tar, ...)")
+    convert.add_argument(
+        "--format", choices=("webdataset", "parquet"), default="webdataset", help="(default: webdataset)"
+    )
+    convert.add_argument(
+        "--shard-size",
+        default="10000",
+        help="samples per shard (10000) or image bytes per shard (512MB, 1GB) (default: 10000)",
+    )
+    convert.add_argument("--data-config", default="", help="configuration (subset) name of a hub dataset")
+    convert.add_argument("--allow-download", action="store_true", help="allow reading a hub id from the HF hub")
+    convert.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
+    audit = tools.add_parser(
+        "audit",
+        help="find label issues, near duplicates (train/val leaks) and outliers: K-fold training + cleanlab",
+        description="Train --folds models with the run's own recipe (train's flags), each holding out one fold of the "
+        "training split, so every image gets probabilities from a model that never saw it; then cleanlab finds label "
+        "issues, near duplicates within and across train and val, and outliers. Writes label_issues.csv, "
+        "duplicates.csv, outliers.csv, summary.txt and image grids to runs/audit/exp. Runs plainly or under "
+        "accelerate launch / torchrun; a stopped audit continues with --resume.",
+    )
+    audit.add_argument("--config", metavar="YAML", help="run config, as for train; flags override it")
+    audit.add_argument("--folds", type=positive_int, default=None, help="folds K, each one training (default: 5)")
+    audit.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the audit in RUN_DIR (e.g. runs/audit/exp): finished folds are skipped, a half-done one "
+        "continues from its checkpoint",
+    )
+    add_config_flags(audit)

@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
-from trainer.cli import bare_tta, build_parser, main, resolve_config
+from trainer.cli import build_parser, main, resolve_config
 from trainer.config import SECTIONS, Config
+from trainer.flags import bare_tta
 
 
 @pytest.fixture(autouse=True)
