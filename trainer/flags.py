@@ -213,9 +213,7 @@ def add_benchmark_flags(benchmark: argparse.ArgumentParser) -> None:
     benchmark.add_argument("--rounds", type=positive_int, default=5, help="timed rounds; medians are reported (5)")
     benchmark.add_argument("--calib-images", type=positive_int, default=300, help="for the int8 formats (300)")
     benchmark.add_argument("--tracker", choices=("none", "wandb"), default="none", help="also log the table to wandb")
-    benchmark.add_argument("--project", default="runs/benchmark", help="run folder {project}/{name}")
-    benchmark.add_argument("--name", default="exp", help="run folder {project}/{name}, incremented unless --exist-ok")
-    benchmark.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+    add_run_folder(benchmark, "runs/benchmark")
 
 
 def add_lr_find(commands) -> None:
@@ -265,6 +263,14 @@ def bare_tta(argv: list[str]) -> list[str]:
     ]
 
 
+def add_run_folder(command, project: str) -> None:
+    """--project, --name, --exist-ok: where a command that is not `train` writes its run folder."""
+    folder = "run folder {project}/{name}, incremented (exp, exp2, ...) unless --exist-ok"
+    command.add_argument("--project", default=project, help=folder)
+    command.add_argument("--name", default="exp", help=folder)
+    command.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+
+
 def add_use_commands(commands) -> None:
     """val, predict, export, benchmark: each with its own small set of flags."""
     weights = dict(
@@ -272,7 +278,6 @@ def add_use_commands(commands) -> None:
         required=True,
         help="a weights file written by trainer train (.safetensors), or a model trainer export wrote (val, predict)",
     )
-    folder = "run folder {project}/{name}, incremented (exp, exp2, ...) unless --exist-ok"
 
     val = commands.add_parser(
         "val",
@@ -290,9 +295,7 @@ def add_use_commands(commands) -> None:
     )
     val.add_argument("--tta", **TTA_FLAG)
     add_cam(val, "of the top losses: top_losses_cam.png")
-    val.add_argument("--project", default="runs/val", help=folder)
-    val.add_argument("--name", default="exp", help=folder)
-    val.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+    add_run_folder(val, "runs/val")
 
     predict = commands.add_parser(
         "predict",
@@ -314,9 +317,7 @@ def add_use_commands(commands) -> None:
     )
     predict.add_argument("--tta", **TTA_FLAG)
     add_cam(predict, "of each image's top class: one overlay per image in {run}/cam/")
-    predict.add_argument("--project", default="runs/predict", help=folder)
-    predict.add_argument("--name", default="exp", help=folder)
-    predict.add_argument("--exist-ok", action="store_true", help="reuse {project}/{name} if it exists")
+    add_run_folder(predict, "runs/predict")
 
     export = commands.add_parser(
         "export",

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from trainer.config import DataConfig
+from trainer.data.exclude import image_paths
 from trainer.data.multilabel import label_matrix
 from trainer.data.sources import BUILTIN, data_files
 from trainer.data.sources.scancache import stored_listing
@@ -38,7 +39,7 @@ def data_fingerprint(cfg: DataConfig, data) -> dict:
     for split, dataset in data.splits.items():
         if not hasattr(dataset, "with_format") or not hasattr(dataset, "cache_files"):  # a stream: counts only
             continue
-        paths = _paths(dataset)
+        paths = image_paths(dataset)
         if info.multilabel:  # positives per class; one digest of every file name with its label row
             rows = label_matrix(dataset)
             per_class[split] = [int(n) for n in rows.sum(axis=0)]
@@ -110,14 +111,3 @@ def _disk_paths(dataset) -> list[str]:
         return []
     paths, stored = column.field("path").to_pylist(), column.field("bytes").is_null().to_pylist()
     return [p for p, from_file in zip(paths, stored, strict=True) if p and from_file]
-
-
-def _paths(dataset) -> list[str] | None:
-    """The image paths of a split, in its order; None when the images are stored bytes without paths."""
-    column = dataset.with_format("arrow")["image"].combine_chunks()
-    if not hasattr(column, "field"):
-        return None
-    paths = column.field("path")
-    if paths.null_count == len(paths):
-        return None
-    return [p or "" for p in paths.to_pylist()]
