@@ -13,7 +13,7 @@ from trainer.config import UserError
 from trainer.data import Preprocess
 from trainer.run.weights import save_weights, weights_metadata
 from trainer.use.inference import data_config_for, load_model, read_weights
-from trainer.use.predict import find_images, read_labels_csv
+from trainer.use.predict import find_images, read_predictions_csv
 
 PRE = Preprocess(imgsz=24, in_chans=1, mean=(0.449,), std=(0.226,), interpolation="bicubic", crop_pct=0.875)
 CLASSES = ["cat", "dog", "ému"]
@@ -150,7 +150,7 @@ def test_multilabel_predictions_csv_reads_back_names_with_spaces_and_commas(tmp_
     monkeypatch.chdir(tmp_path)
     argv = ["predict", "--weights", "tags.safetensors", "i0.png", "i1.png", "i2.png", "--threshold", "0.001"]
     assert main([*argv, "--json", "--workers", "0"]) == 0
-    back = read_labels_csv(tmp_path / "runs" / "predict" / "exp" / "predictions.csv")
+    back = read_predictions_csv(tmp_path / "runs" / "predict" / "exp" / "predictions.csv")
     report = json.loads((tmp_path / "runs" / "predict" / "exp" / "predictions.json").read_text())
     assert len(back) == 3
     for image in report["images"]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data.exclude import image_paths
 from trainer.report.evaluation import pyplot, readable_images
 from trainer.report.metrics import MultiLabelPredictions
 from trainer.run.writes import atomic_file
@@ -42,8 +43,7 @@ def file_names(split) -> list[str]:
     """Each image's file path in `split` (a map-style dataset), in its order; `#N` (its row) where the images are
     stored bytes without a path."""
     if hasattr(split, "with_format"):  # a datasets.Dataset: the paths read as one Arrow column, no image decoded
-        column = split.with_format("arrow")["image"].combine_chunks()
-        paths = column.field("path").to_pylist() if hasattr(column, "field") else [None] * len(split)
+        paths = image_paths(split) or [None] * len(split)
     else:  # any other sequence of rows
         paths = [row["image"].get("path") if isinstance(row["image"], dict) else None for row in split]
     return [p or f"#{i}" for i, p in enumerate(paths)]

@@ -219,7 +219,7 @@ def write_csv(results: list[Prediction], k: int, path: Path) -> None:
 def write_labels_csv(results: list[Prediction], path: Path) -> None:
     """Multi-label: one row per file: path, the labels above the threshold as a JSON list (most probable first),
     their probabilities as a JSON list, error. JSON because a label name may hold any delimiter (a space, a comma):
-    `json.loads` gives the names back exactly (`read_labels_csv`)."""
+    `json.loads` gives the names back exactly (`read_predictions_csv`)."""
     with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "labels", "probs", "error"])
@@ -228,7 +228,7 @@ def write_labels_csv(results: list[Prediction], path: Path) -> None:
             writer.writerow([r.path, json.dumps(r.classes, ensure_ascii=False), json.dumps(probs), r.error])
 
 
-def read_labels_csv(path: Path) -> dict[str, list[tuple[str, float]]]:
+def read_predictions_csv(path: Path) -> dict[str, list[tuple[str, float]]]:
     """A multi-label predictions.csv back: per classified file its (label, probability) pairs, most probable first."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = [row for row in csv.DictReader(f) if not row["error"]]
